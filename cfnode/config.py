@@ -1,0 +1,185 @@
+"""The one frozen configuration tree, built in `cli.py` and handed down in parts.
+
+Each component receives only its own sub-config (`ModelConfig`, `TrainConfig`, ...). Validation happens in
+`__post_init__` and raises `ConfigError`, whose message names the offending field. This module owns no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from cfnode.errors import ConfigError
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Shape of the LLaMA model and how it is cut into stages.
+
+    Stage 0 holds the embedding, final norm, LM head and loss; stages 1..num_stages hold `layers_per_stage`
+    decoder layers each.
+    """
+
+    preset: str = "custom"
+    vocab_size: int = 4096
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    num_stages: int = 4
+    """L, the number of transformer stages (the swarm has L + 1 stages counting stage 0)."""
+    layers_per_stage: int = 2
+    seq_len: int = 128
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_seed: int = 0
+    """Seed of the initial weights; every node derives its slice from the same seeded full model."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                     "num_stages", "layers_per_stage", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"model.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_stages * self.layers_per_stage
+
+    def config_hash(self) -> str:
+        """A short stable hash of everything that must agree between nodes of one run (not the preset name)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "preset"}
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(preset="tiny", vocab_size=4096, hidden_size=64, intermediate_size=128, num_heads=4,
+                        num_kv_heads=4, num_stages=3, layers_per_stage=1, seq_len=32),
+    "small": ModelConfig(preset="small", vocab_size=4096, hidden_size=256, intermediate_size=688, num_heads=4,
+                         num_kv_heads=4, num_stages=4, layers_per_stage=2, seq_len=128),
+}
+
+
+def preset(name: str, **overrides: object) -> ModelConfig:
+    """Return a preset, optionally with fields replaced (e.g. `num_stages`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    base = PRESETS[name]
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: str | None = None
+    """None: the embedded Shakespeare corpus. A path: local text files. Otherwise a local `datasets` name."""
+    seed: int = 0
+    """Microbatches of step s are a pure function of (seed, s)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    lr: float = 1e-3
+    num_microbatches: int = 4
+    """M, microbatches per optimizer step."""
+    microbatch_size: int = 8
+    max_in_flight: int = 3
+    """How many microbatches stage 0 keeps in the ring at once."""
+    clip_norm: float = 1.0
+    max_steps: int | None = None
+    """Stage 0 stops driving after this many committed steps (None: run until stopped)."""
+    val_every: int = 25
+    """Run validation on the held-out split every this many steps (0 disables)."""
+    val_batches: int = 4
+    step_timeout_s: float = 60.0
+    """Stage 0 aborts a step whose microbatches have not all come back within this time."""
+    retry_backoff_s: float = 0.5
+    num_threads: int = 1
+    """torch intra-op threads of this node's compute thread."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("num_microbatches", "microbatch_size", "max_in_flight", "num_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 0:
+            raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
+        if self.step_timeout_s <= 0:
+            raise ConfigError(f"train.step_timeout_s must be > 0, got {self.step_timeout_s}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkConfig:
+    initial_peers: tuple[str, ...] = ()
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    identity_path: str | None = None
+    request_timeout_s: float = 30.0
+    """Timeout of one forward/backward push (opening the stream and each reply part)."""
+    ping_timeout_s: float = 3.0
+    max_message_bytes: int = 64 * 2**20
+    """Byte cap of one incoming tensor stream; longer streams are rejected while they arrive."""
+    chunk_bytes: int = 2**20
+    startup_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for maddr in self.announce_maddrs:
+            if maddr.rstrip("/").endswith("/tcp/0"):
+                raise ConfigError(f"announce_maddrs needs an explicit port, got {maddr!r}")
+        if self.chunk_bytes > 2**20:
+            raise ConfigError("network.chunk_bytes must be <= 1 MiB")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeartbeatConfig:
+    period_s: float = 2.0
+    """How often a node re-announces its record."""
+    ttl_s: float = 8.0
+    """A record not refreshed for this long expires: its node is considered gone."""
+    claim_jitter_s: float = 1.0
+    """Upper bound of the random wait between writing JOINING and re-reading (ARCHITECTURE §5)."""
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0:
+            raise ConfigError(f"heartbeat period must be > 0, got {self.period_s}")
+        if self.ttl_s <= self.period_s:
+            raise ConfigError(f"heartbeat ttl ({self.ttl_s}) must exceed the period ({self.period_s})")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int | None = None
+    """None: no HTTP exporter. 0: any free port (reported in the ready file)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    run_id: str = "cfnode"
+    stage: int | None = None
+    """None means `auto`: the lowest empty stage, else STANDBY."""
+    model: ModelConfig = field(default_factory=lambda: PRESETS["small"])
+    model_path: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    events_path: str | None = None
+    """Append one JSON line per swarm event (joined, claimed, step aborted, ...) to this file."""
+    ready_file: str | None = None
+    """Write {peer_id, maddrs, metrics_port, ...} as JSON here once the node serves RPCs."""
+
+    def __post_init__(self) -> None:
+        if not self.run_id or ":" in self.run_id:
+            raise ConfigError(f"run_id must be non-empty and contain no ':', got {self.run_id!r}")
+        if self.stage is not None and not 0 <= self.stage <= self.model.num_stages:
+            raise ConfigError(f"--stage must be auto or 0..{self.model.num_stages}, got {self.stage}")
