@@ -1,0 +1,281 @@
+"""The `cfnode` command: bootstrap, join, status, demo. Builds the one frozen NodeConfig; no business logic.
+
+Every flag also reads an environment variable `CFNODE_<COMMAND>_<FLAG>` (click auto_envvar_prefix).
+Exit codes: 0 clean, 2 usage, 3 no peer reachable, 4 identity taken, 5 unrecoverable swarm state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from cfnode.config import (
+    PRESETS,
+    DataConfig,
+    HeartbeatConfig,
+    MetricsConfig,
+    NetworkConfig,
+    NodeConfig,
+    TrainConfig,
+    preset,
+)
+from cfnode.errors import CfnodeError, ConfigError
+from cfnode.logs import setup_logging
+
+logger = logging.getLogger("cfnode.cli")
+_D = NodeConfig()
+_T, _H, _N = _D.train, _D.heartbeat, _D.network
+
+
+def _split_peers(peers: tuple[str, ...]) -> tuple[str, ...]:
+    """Accept repeated --peers, and also comma/space separated values (env vars, pasted hivemind lists)."""
+    out: list[str] = []
+    for item in peers:
+        out.extend(p for p in item.replace(",", " ").split() if p)
+    return tuple(out)
+
+
+def _fail(err: CfnodeError) -> None:
+    click.echo(f"error: {err}", err=True)
+    sys.exit(err.exit_code)
+
+
+def _write_json_atomic(path: str, payload: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+
+
+logging_options = [
+    click.option("--log-level", default="INFO", show_default=True,
+                 type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False)),
+    click.option("--log-format", default="text", show_default=True, type=click.Choice(["text", "json"])),
+]
+
+
+def _with(options: list[Any]) -> Any:
+    def deco(fn: Any) -> Any:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
+
+
+@click.group(context_settings={"auto_envvar_prefix": "CFNODE", "show_default": True,
+                               "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cfnode")
+def main() -> None:
+    """cfnode: train a LLaMA model together on unreliable machines (Hivemind + CheckFree)."""
+
+
+@main.command()
+@click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/31337",),
+              help="Multiaddrs to listen on (repeatable).")
+@click.option("--announce-maddrs", multiple=True, help="Public multiaddrs to advertise (explicit port).")
+@click.option("--identity-path", default="bootstrap.id", help="Persistent identity (created if absent).")
+@_with(logging_options)
+def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], identity_path: str,
+              log_level: str, log_format: str) -> None:
+    """Run a DHT-only entry peer and print the line others paste to join."""
+    from cfnode.bootstrap import run_bootstrap
+
+    setup_logging(log_level, log_format)
+    try:
+        net = NetworkConfig(host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, identity_path=identity_path)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    def announce(lines: list[str]) -> None:
+        for line in lines:
+            click.echo(line)
+        sys.stdout.flush()
+
+    try:
+        run_bootstrap(net, stop, announce)
+    except CfnodeError as e:
+        _fail(e)
+
+
+@main.command()
+@click.option("--peers", "--initial-peers", "peers", multiple=True, required=True,
+              help="Multiaddr of a running peer, e.g. the bootstrap's (repeatable).")
+@click.option("--stage", default="auto", help="auto (lowest empty stage, else STANDBY) or a stage index.")
+@click.option("--run-id", default=_D.run_id, help="Name of the training run (DHT key prefix).")
+@click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)))
+@click.option("--stages", type=int, default=None, help="Override the preset's number of transformer stages.")
+@click.option("--model-path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Local pretrained Llama checkpoint; this node trains its slice of it.")
+@click.option("--data", default=None, help="Local text file/dir/glob or a locally available datasets name.")
+@click.option("--seed", type=int, default=0, help="Data order seed.")
+@click.option("--lr", type=float, default=_T.lr)
+@click.option("--microbatches", type=int, default=_T.num_microbatches, help="Microbatches per step.")
+@click.option("--microbatch-size", type=int, default=_T.microbatch_size)
+@click.option("--max-in-flight", type=int, default=_T.max_in_flight)
+@click.option("--max-steps", type=int, default=None, help="Stage 0 stops driving after this many steps.")
+@click.option("--val-every", type=int, default=_T.val_every, help="Validate every N steps (0: never).")
+@click.option("--val-batches", type=int, default=_T.val_batches)
+@click.option("--step-timeout", type=float, default=_T.step_timeout_s, help="Seconds before stage 0 aborts a step.")
+@click.option("--request-timeout", type=float, default=_N.request_timeout_s, help="Seconds per RPC.")
+@click.option("--threads", type=int, default=_T.num_threads, help="torch threads of this node.")
+@click.option("--identity-path", default=None, help="Persistent identity file (created if absent).")
+@click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/0",))
+@click.option("--announce-maddrs", multiple=True)
+@click.option("--metrics-host", default="127.0.0.1")
+@click.option("--metrics-port", type=int, default=None, help="Serve /metrics here (0: any free port).")
+@click.option("--heartbeat-period", type=float, default=_H.period_s, help="Seconds between heartbeats.")
+@click.option("--heartbeat-ttl", type=float, default=_H.ttl_s, help="Seconds before a silent node is gone.")
+@click.option("--events-file", default=None, help="Append JSON-lines swarm events here.")
+@click.option("--ready-file", default=None, help="Write {peer_id, maddrs, stage, metrics_port} here when ready.")
+@_with(logging_options)
+def join(**kw: Any) -> None:
+    """Join a training run: claim a stage (or wait as a spare) and train it with the neighbours."""
+    setup_logging(kw["log_level"], kw["log_format"])
+    try:
+        config = _join_config(kw)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        _run_join(config)
+    except CfnodeError as e:
+        _fail(e)
+
+
+def _join_config(kw: dict[str, Any]) -> NodeConfig:
+    stage = kw["stage"]
+    if stage != "auto":
+        try:
+            stage = int(stage)
+        except ValueError as e:
+            raise ConfigError(f"--stage must be 'auto' or an integer, got {stage!r}") from e
+    else:
+        stage = None
+    if kw["model_path"]:
+        from cfnode.model.stages import model_config_from_pretrained
+
+        model = model_config_from_pretrained(kw["model_path"], kw["stages"] or PRESETS[kw["preset_name"]].num_stages)
+    else:
+        model = preset(kw["preset_name"], num_stages=kw["stages"])
+    if kw["identity_path"]:
+        from cfnode.bootstrap import ensure_identity
+
+        ensure_identity(kw["identity_path"])
+    return NodeConfig(
+        run_id=kw["run_id"], stage=stage, model=model, model_path=kw["model_path"],
+        data=DataConfig(source=kw["data"], seed=kw["seed"]),
+        train=TrainConfig(lr=kw["lr"], num_microbatches=kw["microbatches"], microbatch_size=kw["microbatch_size"],
+                          max_in_flight=kw["max_in_flight"], max_steps=kw["max_steps"], val_every=kw["val_every"],
+                          val_batches=kw["val_batches"], step_timeout_s=kw["step_timeout"],
+                          num_threads=kw["threads"]),
+        network=NetworkConfig(initial_peers=_split_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
+                              announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
+                              request_timeout_s=kw["request_timeout"]),
+        heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
+                                  claim_jitter_s=min(1.0, kw["heartbeat_period"])),
+        metrics=MetricsConfig(host=kw["metrics_host"], port=kw["metrics_port"]),
+        events_path=kw["events_file"], ready_file=kw["ready_file"],
+    )
+
+
+def _run_join(config: NodeConfig) -> None:
+    from cfnode.bootstrap import join_hint
+    from cfnode.net.dht import create_dht
+
+    dht = create_dht(config.network)  # FIRST: it forks
+    from cfnode.node import Node  # torch-heavy imports after the fork
+
+    def on_ready(info: dict[str, Any]) -> None:
+        click.echo(join_hint(info["maddrs"]))
+        click.echo(f"stage {info['stage']} ONLINE as {info['peer_id']}; metrics port {info['metrics_port']}")
+        sys.stdout.flush()
+        if config.ready_file:
+            _write_json_atomic(config.ready_file, info)
+
+    node = Node(config, dht, on_ready=on_ready)
+
+    async def _main() -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+        loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+        await node.run()
+
+    try:
+        asyncio.run(_main())
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        logger.info("stopped")
+    finally:
+        dht.shutdown()
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: log every asyncio task's stack (diagnosing a stuck node without a debugger)."""
+    import io
+
+    for task in asyncio.all_tasks():
+        buf = io.StringIO()
+        task.print_stack(file=buf)
+        logger.warning("task %s:\n%s", task.get_name(), buf.getvalue())
+
+
+@main.command()
+@click.option("--peers", "--initial-peers", "peers", multiple=True, required=True)
+@click.option("--run-id", default=_D.run_id)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--heartbeat-ttl", type=float, default=_H.ttl_s, help="The run's ttl (for record ages).")
+@_with(logging_options)
+def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: float, log_level: str,
+           log_format: str) -> None:
+    """Show the stage map of a run as read from the DHT."""
+    from cfnode.status import read_status, render_table
+
+    setup_logging("WARNING" if log_level.upper() == "INFO" else log_level, log_format)
+    try:
+        snapshot = read_status(_split_peers(peers), run_id, ttl_s=heartbeat_ttl)
+    except CfnodeError as e:
+        _fail(e)
+        return
+    click.echo(json.dumps(snapshot, indent=2) if as_json else render_table(snapshot))
+
+
+@main.command()
+@click.option("--stages", type=int, default=4, help="Transformer stages L (the demo runs stage 0 plus L).")
+@click.option("--steps", type=int, default=300)
+@click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)))
+@click.option("--workdir", default=None, help="Where logs, events and identities go (default: a temp dir).")
+@click.option("--json-summary", default=None, help="Write a JSON summary of the run here.")
+@click.option("--spares", type=int, default=1, help="Spare nodes to start.")
+@click.option("--microbatches", type=int, default=_T.num_microbatches)
+@click.option("--microbatch-size", type=int, default=_T.microbatch_size)
+@click.option("--lr", type=float, default=_T.lr)
+@click.option("--val-every", type=int, default=_T.val_every)
+@click.option("--heartbeat-period", type=float, default=_H.period_s)
+@click.option("--heartbeat-ttl", type=float, default=_H.ttl_s)
+@_with(logging_options)
+def demo(**kw: Any) -> None:
+    """Start a bootstrap, L+1 stage nodes and a spare on 127.0.0.1 and train on the embedded corpus."""
+    from cfnode.demo import DemoOptions, run_demo
+
+    setup_logging(kw.pop("log_level"), kw.pop("log_format"))
+    try:
+        options = DemoOptions(**kw)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    sys.exit(run_demo(options))
+
+
+if __name__ == "__main__":
+    main()

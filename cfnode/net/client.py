@@ -1,0 +1,135 @@
+"""StageClient: every outgoing call, each with a timeout; the one place hivemind/transport errors become
+cfnode errors (`PeerUnavailableError` retryable, `RejectedError` typed refusal)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any
+
+import torch
+from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.asyncio import aiter_with_timeout
+
+from cfnode.config import NetworkConfig
+from cfnode.deadline import within
+from cfnode.errors import InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.metrics import NodeMetrics
+from cfnode.net.codec import iter_message_parts, pack_metadata, read_message, unpack_metadata
+from cfnode.net.service import StageServicer
+
+_TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, EOFError,
+                     asyncio.IncompleteReadError)
+
+
+async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+def _check_reply(meta: dict[str, Any]) -> dict[str, Any]:
+    if not meta.get("ok", False):
+        raise RejectedError(str(meta.get("reason", "unknown")), str(meta.get("detail", "")))
+    return meta
+
+
+class StageClient:
+    def __init__(self, p2p: P2P, net: NetworkConfig, metrics: NodeMetrics) -> None:
+        self.p2p = p2p
+        self.net = net
+        self.metrics = metrics
+
+    def _stub(self, peer_id: str) -> Any:
+        return StageServicer.get_stub(self.p2p, PeerID.from_base58(peer_id))
+
+    async def _unary(self, method: str, peer_id: str, call: Any, timeout_s: float) -> Any:
+        started = time.perf_counter()
+        try:
+            reply = await within(call, timeout_s)
+        except (TimeoutError, asyncio.TimeoutError) as e:
+            self.metrics.rpc_failures.labels(method=method).inc()
+            raise PeerUnavailableError(f"{method} to {peer_id[:12]} timed out after {timeout_s:.1f}s") from e
+        except _TRANSPORT_ERRORS as e:
+            self.metrics.rpc_failures.labels(method=method).inc()
+            raise PeerUnavailableError(f"{method} to {peer_id[:12]} failed: {type(e).__name__}: {e}") from e
+        self.metrics.rpc_duration.labels(method=method, side="client").observe(time.perf_counter() - started)
+        return reply
+
+    async def push(self, method: str, peer_id: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
+        """rpc_forward / rpc_backward: stream one tensor, wait for the ack."""
+        parts = list(self.iter_parts(meta, [tensor]))
+        stub = self._stub(peer_id)
+        rpc = stub.rpc_forward if method == "forward" else stub.rpc_backward
+        timeout_s = self.net.request_timeout_s
+        reply = await self._unary(method, peer_id, rpc(_aiter(parts), timeout=timeout_s), timeout_s)
+        try:
+            _check_reply(unpack_metadata(reply.metadata))
+        except InvalidPayload as e:
+            raise PeerUnavailableError(f"{method} to {peer_id[:12]}: unreadable reply") from e
+        kind = "activations" if method == "forward" else "gradients"
+        self.metrics.transfer_bytes.labels(direction="sent", kind=kind).inc(tensor.numel() * tensor.element_size())
+
+    def iter_parts(self, meta: dict[str, Any], tensors: list[torch.Tensor]) -> Iterator[runtime_pb2.ExpertRequest]:
+        return iter_message_parts(runtime_pb2.ExpertRequest, meta, tensors, self.net.chunk_bytes)
+
+    async def push_raw(self, method: str, peer_id: str, parts: list[runtime_pb2.ExpertRequest]) -> dict[str, Any]:
+        """Send pre-built parts (used by tests that craft malformed messages); returns the reply metadata."""
+        stub = self._stub(peer_id)
+        rpc = stub.rpc_forward if method == "forward" else stub.rpc_backward
+        timeout_s = self.net.request_timeout_s
+        reply = await self._unary(method, peer_id, rpc(_aiter(parts), timeout=timeout_s), timeout_s)
+        return unpack_metadata(reply.metadata)
+
+    async def commit(self, peer_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+        stub = self._stub(peer_id)
+        timeout_s = self.net.request_timeout_s
+        req = runtime_pb2.ExpertRequest(metadata=pack_metadata(meta))
+        reply = await self._unary("commit", peer_id, stub.rpc_commit(req, timeout=timeout_s), timeout_s)
+        return _check_reply(unpack_metadata(reply.metadata))
+
+    async def abort(self, peer_id: str, meta: dict[str, Any]) -> None:
+        stub = self._stub(peer_id)
+        timeout_s = self.net.ping_timeout_s
+        req = runtime_pb2.ExpertRequest(metadata=pack_metadata(meta))
+        reply = await self._unary("abort", peer_id, stub.rpc_abort(req, timeout=timeout_s), timeout_s)
+        _check_reply(unpack_metadata(reply.metadata))
+
+    async def info(self, peer_id: str) -> dict[str, Any]:
+        """Ping: the peer's {stage, step, state, generation, grad norms, ...} within ping_timeout_s."""
+        stub = self._stub(peer_id)
+        timeout_s = self.net.ping_timeout_s
+        req = runtime_pb2.ExpertUID(uid="info")
+        reply = await self._unary("info", peer_id, stub.rpc_info(req, timeout=timeout_s), timeout_s)
+        try:
+            return unpack_metadata(reply.serialized_info)
+        except InvalidPayload as e:
+            raise PeerUnavailableError(f"info from {peer_id[:12]}: unreadable reply") from e
+
+    async def get_weights(self, peer_id: str, *, max_bytes: int,
+                          timeout_s: float) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Fetch a stage's weights as a stream; each part must arrive within the request timeout."""
+        stub = self._stub(peer_id)
+        started = time.perf_counter()
+        try:
+            stream = await within(stub.rpc_get_weights(runtime_pb2.ExpertUID(uid="weights")),
+                                  self.net.request_timeout_s)
+            meta, tensors = await within(
+                read_message(aiter_with_timeout(stream, self.net.request_timeout_s), max_bytes=max_bytes),
+                timeout_s,
+            )
+        except (TimeoutError, asyncio.TimeoutError) as e:
+            self.metrics.rpc_failures.labels(method="get_weights").inc()
+            raise PeerUnavailableError(f"get_weights from {peer_id[:12]} timed out") from e
+        except _TRANSPORT_ERRORS as e:
+            self.metrics.rpc_failures.labels(method="get_weights").inc()
+            raise PeerUnavailableError(f"get_weights from {peer_id[:12]} failed: {e}") from e
+        _check_reply(meta)
+        names = meta.get("names")
+        if not isinstance(names, list) or len(names) != len(tensors):
+            raise RejectedError("decode", "weight names do not match the tensors sent")
+        self.metrics.rpc_duration.labels(method="get_weights", side="client").observe(time.perf_counter() - started)
+        self.metrics.transfer_bytes.labels(direction="received", kind="weights").inc(
+            sum(t.numel() * t.element_size() for t in tensors))
+        return meta, dict(zip(names, tensors, strict=True))

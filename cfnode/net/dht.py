@@ -1,0 +1,181 @@
+"""The hivemind DHT: creating it safely (watchdog, typed start-up errors) and the few calls cfnode makes.
+
+Traps handled here (reference/p2p.md §9): the DHT forks, so it is created before anything else; a SIGKILL of
+the main process would orphan the DHT child and its p2pd, so a watchdog inside the DHT process exits when its
+parent dies; concurrent DHT calls with large values corrupt the control pipe, so every call goes through one
+asyncio lock and values stay < 4 KB; cached reads are stale, so membership uses `get_many` with
+`sufficient_expiration_time=inf` (the `latest=True` equivalent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from functools import partial
+from typing import Any
+
+from hivemind.dht import DHT, DHTNode
+from hivemind.p2p import P2PDaemonError
+from hivemind.utils import get_dht_time
+
+from cfnode.config import NetworkConfig
+from cfnode.deadline import within
+from cfnode.errors import IdentityTakenError, NoPeerReachableError
+from cfnode.net.records import (
+    MetaRecord,
+    PeerRecord,
+    StageRecord,
+    SwarmView,
+    meta_key,
+    parse_stage_entries,
+    stage_key,
+    standby_key,
+)
+
+logger = logging.getLogger(__name__)
+
+DHT_CALL_TIMEOUT_S = 10.0
+_WATCHDOG_TASKS: set[asyncio.Task[None]] = set()  # keeps the watchdog referenced inside the DHT process
+
+
+async def _exit_when_parent_dies(dht: DHT, node: DHTNode, *, parent_pid: int, poll_s: float = 0.5) -> None:
+    """Runs inside the DHT process: when the node's main process is gone, shut down (p2pd exits with us)."""
+
+    async def _watch() -> None:
+        while os.getppid() == parent_pid:  # noqa: ASYNC110 - polling the parent is the point
+            await asyncio.sleep(poll_s)
+        try:
+            await asyncio.wait_for(node.shutdown(), timeout=3)
+        finally:
+            os._exit(0)
+
+    _WATCHDOG_TASKS.add(asyncio.create_task(_watch()))
+
+
+async def _get_many(dht: DHT, node: DHTNode, *, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Runs inside the DHT process: fresh (non-cached) read of several keys, returned as plain data."""
+    found = await node.get_many(keys, sufficient_expiration_time=math.inf)
+    out: dict[str, Any] = {}
+    for key, item in found.items():
+        if item is None:
+            out[key] = None
+            continue
+        value = item.value
+        if isinstance(value, dict):
+            out[key] = {
+                sub: (getattr(v, "value", None), getattr(v, "expiration_time", None)) for sub, v in value.items()
+            }
+        else:
+            out[key] = ("__plain__", value, item.expiration_time)
+    return out
+
+
+def create_dht(net: NetworkConfig, *, client_mode: bool = False) -> DHT:
+    """Start the DHT process (call this first: it forks) and install the parent-death watchdog.
+
+    Raises NoPeerReachableError (exit 3) or IdentityTakenError (exit 4) with an actionable message.
+    """
+    kwargs: dict[str, Any] = {
+        "host_maddrs": list(net.host_maddrs),
+        "startup_timeout": net.startup_timeout_s,
+        "client_mode": client_mode,
+    }
+    if net.announce_maddrs:
+        kwargs["announce_maddrs"] = list(net.announce_maddrs)
+    if net.identity_path:
+        kwargs["identity_path"] = net.identity_path
+    try:
+        dht = DHT(initial_peers=list(net.initial_peers) or None, start=True, **kwargs)
+    except P2PDaemonError as e:
+        text = str(e)
+        if "already taken" in text:
+            raise IdentityTakenError(
+                f"identity {net.identity_path} is already in use by a running peer (a previous instance may "
+                f"still be alive; stop it or use another --identity-path): {text}"
+            ) from e
+        if "bootstrap" in text or "connect" in text:
+            raise NoPeerReachableError(
+                f"could not reach any of --peers {list(net.initial_peers)}: {text}. Check the address, that the "
+                "peer is running, and that its port is open (try an /ip4 address if IPv6 is not routed)."
+            ) from e
+        raise
+    except Exception as e:  # hivemind raises bare exceptions for unreachable peers in some paths
+        if net.initial_peers and ("bootstrap" in str(e) or "connect" in str(e).lower()):
+            raise NoPeerReachableError(f"could not reach any of --peers {list(net.initial_peers)}: {e}") from e
+        raise
+    dht.run_coroutine(partial(_exit_when_parent_dies, parent_pid=os.getpid()))
+    return dht
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    """This peer's multiaddrs with its /p2p/ id, what others pass to --peers (IPv4 first)."""
+    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    return sorted(maddrs, key=lambda m: (not m.startswith("/ip4/"), m))
+
+
+class SwarmDHT:
+    """Async, serialised access to one run's records. One instance per node, used on the node's loop."""
+
+    def __init__(self, dht: DHT, *, run_id: str, num_stages: int, ttl_s: float) -> None:
+        self.dht = dht
+        self.run_id = run_id
+        self.num_stages = num_stages
+        self.ttl_s = ttl_s
+        self.peer_id = dht.peer_id.to_base58()
+        self._lock = asyncio.Lock()
+
+    async def _call(self, future: Any) -> Any:
+        return await within(future, DHT_CALL_TIMEOUT_S)
+
+    async def store_stage(self, stage_idx: int | None, record: StageRecord, *, ttl_s: float | None = None) -> bool:
+        """Heartbeat: write our record under the stage key (or the standby key when stage_idx is None)."""
+        key = standby_key(self.run_id) if stage_idx is None else stage_key(self.run_id, stage_idx)
+        expiration = get_dht_time() + (ttl_s if ttl_s is not None else self.ttl_s)
+        async with self._lock:
+            fut = self.dht.store(key, record.to_wire(), expiration_time=expiration, subkey=self.peer_id,
+                                 return_future=True)
+            return bool(await self._call(fut))
+
+    async def store_meta(self, meta: MetaRecord, *, ttl_s: float = 3600.0) -> bool:
+        async with self._lock:
+            fut = self.dht.store(meta_key(self.run_id), meta.to_wire(), expiration_time=get_dht_time() + ttl_s,
+                                 return_future=True)
+            return bool(await self._call(fut))
+
+    async def read_meta(self) -> MetaRecord | None:
+        async with self._lock:
+            fut = self.dht.get(meta_key(self.run_id), latest=True, return_future=True)
+            item = await self._call(fut)
+        return None if item is None else MetaRecord.from_wire(item.value)
+
+    async def read_view(self) -> SwarmView:
+        """Fresh view of every stage key and the standby key."""
+        keys = (*(stage_key(self.run_id, i) for i in range(self.num_stages + 1)), standby_key(self.run_id))
+        async with self._lock:
+            fut = self.dht.run_coroutine(partial(_get_many, keys=keys), return_future=True)
+            raw = await self._call(fut)
+        now = get_dht_time()
+        stages = {}
+        for i in range(self.num_stages + 1):
+            stages[i] = parse_stage_entries(_as_entries(raw.get(stage_key(self.run_id, i))), now)
+        standby = parse_stage_entries(_as_entries(raw.get(standby_key(self.run_id))), now)
+        return SwarmView(stages=stages, standby=standby, now=now)
+
+
+class _Entry:
+    __slots__ = ("expiration_time", "value")
+
+    def __init__(self, value: Any, expiration_time: Any) -> None:
+        self.value = value
+        self.expiration_time = expiration_time
+
+
+def _as_entries(raw: Any) -> dict[str, _Entry]:
+    if not isinstance(raw, dict):
+        return {}
+    return {sub: _Entry(v, exp) for sub, (v, exp) in raw.items() if isinstance(sub, str)}
+
+
+__all__ = ["PeerRecord", "SwarmDHT", "create_dht", "visible_maddrs"]

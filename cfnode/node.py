@@ -1,0 +1,451 @@
+"""Node: one cfnode process. Composes the DHT records, the RPC servicer and client, the compute thread and
+(on stage 0) the step driver; owns every long-lived task and tears them all down in one place.
+
+Lifecycle: check the run's model-config hash -> claim a stage (JOINING + jitter + tie-break) or wait as
+STANDBY -> build the stage (seeded init) -> ONLINE -> serve hops; stage 0 also drives training. Threads: the
+asyncio loop (network, heartbeats, membership) and ONE compute thread that owns torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+from hivemind.dht import DHT
+
+from cfnode.config import NodeConfig
+from cfnode.deadline import within
+from cfnode.errors import ConfigMismatchError, InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.logs import EventLog
+from cfnode.metrics import NodeMetrics
+from cfnode.net.client import StageClient
+from cfnode.net.dht import SwarmDHT, visible_maddrs
+from cfnode.net.records import (
+    MetaRecord,
+    StageRecord,
+    StageState,
+    SwarmView,
+    first_empty_stage,
+    is_occupied,
+    keeps_claim,
+)
+from cfnode.net.service import StageServicer
+from cfnode.train.schedule import AttemptKey, next_stage, prev_stage
+from cfnode.train.worker import StageWorker
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Node:
+    def __init__(self, config: NodeConfig, dht: DHT, *,
+                 on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.config = config
+        self.run_id = config.run_id
+        self.dht = dht
+        self.swarm = SwarmDHT(dht, run_id=config.run_id, num_stages=config.model.num_stages,
+                              ttl_s=config.heartbeat.ttl_s)
+        self.peer_id = self.swarm.peer_id
+        self.metrics = NodeMetrics()
+        self.events = EventLog(config.events_path, peer=self.peer_id[:12])
+        self.max_message_bytes = config.network.max_message_bytes
+        self.chunk_bytes = config.network.chunk_bytes
+        self.on_ready = on_ready
+        self.compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfnode-compute")
+        self.stage: int | None = None
+        self.state = StageState.JOINING
+        self.generation = 0
+        self.worker: StageWorker | None = None
+        self.view = SwarmView()
+        self.banned: dict[str, float] = {}
+        self.client: StageClient | None = None
+        self.driver: Any = None
+        self.metrics_port: int | None = None
+        self._view_refreshed_at = 0.0
+        self._heartbeat_now = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopped = asyncio.Event()
+
+    # -- helpers -----------------------------------------------------------------------------------------
+
+    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run torch work on the single compute thread."""
+        return await asyncio.get_running_loop().run_in_executor(self.compute_pool, fn, *args)
+
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def own_record(self) -> StageRecord:
+        w = self.worker
+        return StageRecord(state=self.state, step=w.step if w else 0, generation=self.generation,
+                           grad_norm=w.grad_norm if w else 1.0, grad_norm_raw=w.grad_norm_raw if w else 1.0)
+
+    def serving_stage(self) -> int | None:
+        return self.stage if self.state is StageState.ONLINE and self.worker is not None else None
+
+    def hidden_shape(self) -> tuple[int, ...]:
+        m, t = self.config.model, self.config.train
+        return (t.microbatch_size, m.seq_len, m.hidden_size)
+
+    def expected_sender(self, method: str) -> int:
+        assert self.stage is not None
+        num = self.config.model.num_stages
+        return prev_stage(self.stage, num) if method == "forward" else next_stage(self.stage, num)
+
+    def route(self, stage_idx: int) -> str:
+        """The live ONLINE owner of a stage, or PeerUnavailableError."""
+        owner = self.view.online_owner(stage_idx)
+        if owner is None or self.banned.get(owner.peer_id, 0) > time.time():
+            raise PeerUnavailableError(f"stage {stage_idx} has no live owner")
+        return owner.peer_id
+
+    def ban(self, peer_id: str, reason: str) -> None:
+        """Stop routing to a peer until its current record would expire."""
+        expiry = max((p.expiration_time for ps in self.view.stages.values() for p in ps if p.peer_id == peer_id),
+                     default=time.time() + self.config.heartbeat.ttl_s)
+        if self.banned.get(peer_id, 0) < expiry:
+            self.banned[peer_id] = expiry
+            self.metrics.peer_bans.labels(reason=reason).inc()
+
+    # -- membership --------------------------------------------------------------------------------------
+
+    async def refresh_view(self) -> SwarmView:
+        self.view = await self.swarm.read_view()
+        self._view_refreshed_at = time.monotonic()
+        now = time.time()
+        self.banned = {p: t for p, t in self.banned.items() if t > now}
+        online = sum(1 for i in range(self.config.model.num_stages + 1) if self.view.online_owner(i) is not None)
+        self.metrics.swarm_stages_online.set(online)
+        self.metrics.swarm_standby.set(len(self.view.standby))
+        return self.view
+
+    async def check_sender(self, peer_id: str, stage_idx: int, generation: int) -> None:
+        owner = self.view.online_owner(stage_idx)
+        if (owner is None or owner.peer_id != peer_id) and time.monotonic() - self._view_refreshed_at > 0.3:
+            await self.refresh_view()
+            owner = self.view.online_owner(stage_idx)
+        if owner is None or owner.peer_id != peer_id:
+            raise InvalidPayload("unauthorized", f"sender is not the ONLINE owner of stage {stage_idx}")
+        if owner.record.generation != generation:
+            raise InvalidPayload("generation", f"sender claims generation {generation}, its record says "
+                                               f"{owner.record.generation}")
+
+    async def _membership_loop(self) -> None:
+        period = self.config.heartbeat.period_s
+        while True:
+            try:
+                await self.refresh_view()
+                await self._on_view()
+            except (TimeoutError, asyncio.TimeoutError):
+                logger.warning("membership read timed out; retrying")
+            await asyncio.sleep(period)
+
+    async def _on_view(self) -> None:
+        if self.driver is not None:
+            self.driver.on_view(self.view)
+
+    # -- heartbeat ---------------------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        period = self.config.heartbeat.period_s
+        while True:
+            started = time.monotonic()
+            try:
+                await self.announce()
+            except (TimeoutError, asyncio.TimeoutError):
+                logger.warning("heartbeat store timed out")
+            took = time.monotonic() - started
+            if took > period / 2:
+                logger.warning("heartbeat took %.2fs (period %.2fs)", took, period)
+            self._heartbeat_now.clear()
+            try:
+                await asyncio.wait_for(self._heartbeat_now.wait(), timeout=max(0.0, period - took))
+            except (TimeoutError, asyncio.TimeoutError):
+                pass
+
+    async def announce(self) -> None:
+        record = self.own_record()
+        stage = None if self.state is StageState.STANDBY else self.stage
+        await self.swarm.store_stage(stage, record)
+        self.metrics.last_announce.set(time.time())
+
+    def heartbeat_soon(self) -> None:
+        self._heartbeat_now.set()
+
+    # -- joining -----------------------------------------------------------------------------------------
+
+    async def check_meta(self) -> None:
+        """Refuse a run whose model differs from ours; publish ours if the run has none yet."""
+        mine = MetaRecord(num_stages=self.config.model.num_stages,
+                          model_config_hash=self.config.model.config_hash())
+        theirs = await self.swarm.read_meta()
+        if theirs is not None and theirs.model_config_hash != mine.model_config_hash:
+            raise ConfigMismatchError(
+                f"run {self.run_id!r} trains a model with config hash {theirs.model_config_hash} "
+                f"({theirs.num_stages} stages); this node's is {mine.model_config_hash} "
+                f"({mine.num_stages} stages, preset {self.config.model.preset!r}). Use the same --preset, "
+                "--stages and --model-path as the swarm, or another --run-id."
+            )
+        await self.swarm.store_meta(mine)
+
+    async def claim_stage(self) -> int:
+        """ARCHITECTURE §5: lowest empty stage (or --stage N), JOINING + jitter + tie-break; else STANDBY."""
+        announced_standby = False
+        while True:
+            view = await self.refresh_view()
+            wanted = self.config.stage
+            if wanted is None:
+                target = first_empty_stage(view, self.config.model.num_stages)
+            else:
+                target = None if is_occupied(view.members(wanted), view.now) else wanted
+            if target is None:
+                if not announced_standby:
+                    self.state = StageState.STANDBY
+                    self.metrics.set_state("standby")
+                    await self.announce()
+                    logger.info("no free stage; waiting as STANDBY")
+                    self.events.emit("standby")
+                    announced_standby = True
+                await asyncio.sleep(self.config.heartbeat.period_s)
+                continue
+            self.stage, self.state = target, StageState.JOINING
+            self.generation = view.max_generation(target)
+            self.metrics.set_state("joining")
+            await self.announce()
+            await asyncio.sleep(random.uniform(0.1, max(0.1, self.config.heartbeat.claim_jitter_s)))
+            view = await self.refresh_view()
+            if keeps_claim(view, target, self.peer_id):
+                logger.info("claimed stage %d", target)
+                self.events.emit("claimed", stage=target)
+                return target
+            logger.info("lost the race for stage %d; retrying", target)
+            self.state = StageState.OFFLINE
+            await self.swarm.store_stage(target, self.own_record(), ttl_s=self.config.heartbeat.ttl_s + 1)
+            self.stage = None
+            await asyncio.sleep(random.uniform(0.0, self.config.heartbeat.claim_jitter_s))
+
+    # -- hop handling (the servicer calls these) ---------------------------------------------------------
+
+    async def accept_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
+        key = AttemptKey(meta["step"], meta["attempt"])
+        if meta["kind"] == "train" and not 0 <= meta["mb"] < meta["num_mb"]:
+            raise InvalidPayload("decode", f"microbatch {meta['mb']} of {meta['num_mb']}")
+        if self.stage == 0:
+            assert self.driver is not None
+            self.driver.accept(method, meta, key)  # raises InvalidPayload("stale_step") for a foreign attempt
+        elif meta["kind"] == "train":
+            w = self.worker
+            assert w is not None
+            if w.active is not None and tuple(key) < tuple(w.active):
+                raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {tuple(w.active)}")
+        self.metrics.microbatches_processed.labels(direction=method).inc()
+        self.spawn(self._process_hop(method, meta, tensor), name=f"hop-{method}")
+
+    async def _process_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
+        if self.stage == 0:
+            await self.driver.process(method, meta, tensor)
+            return
+        worker = self.worker
+        assert worker is not None and self.stage is not None
+        key, mb = AttemptKey(meta["step"], meta["attempt"]), meta["mb"]
+        num = self.config.model.num_stages
+        try:
+            if meta["kind"] == "val":
+                out = await self.compute(worker.eval_forward, tensor)
+            elif method == "forward":
+                out = await self.compute(self._forward_train, key, mb, tensor)
+            else:
+                out = await self.compute(self._backward_train, key, mb, tensor)
+        except KeyError:
+            self.metrics.microbatches_dropped.labels(reason="error").inc()
+            logger.debug("dropped %s of %s mb %d: its attempt was superseded", method, tuple(key), mb)
+            return
+        target = next_stage(self.stage, num) if method == "forward" else prev_stage(self.stage, num)
+        await self.send_hop(method, meta, out, target)
+
+    def _forward_train(self, key: AttemptKey, mb: int, x: torch.Tensor) -> torch.Tensor:
+        worker = self.worker
+        assert worker is not None
+        dropped = worker.begin(key)
+        if dropped:
+            self.metrics.microbatches_dropped.labels(reason="reported").inc(dropped)
+        if worker.active != key:
+            raise KeyError(key)
+        return worker.forward(key, mb, x)
+
+    def _backward_train(self, key: AttemptKey, mb: int, g: torch.Tensor) -> torch.Tensor:
+        worker = self.worker
+        assert worker is not None
+        if worker.active != key:
+            raise KeyError(key)
+        return worker.backward(key, mb, g)
+
+    async def send_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor, target: int) -> bool:
+        """Push to the owner of `target`; on failure ban it and tell stage 0 to abort. Returns success."""
+        assert self.stage is not None
+        out_meta = {**meta, "from_stage": self.stage, "to_stage": target, "generation": self.generation}
+        try:
+            peer = self.route(target)
+        except PeerUnavailableError as e:
+            await self.report_failure(meta, f"stage {target} unavailable: {e}")
+            return False
+        try:
+            await self.client.push(method, peer, out_meta, tensor)
+            return True
+        except (PeerUnavailableError, RejectedError) as e:
+            logger.warning("%s to stage %d (%s) failed: %s", method, target, peer[:12], e)
+            if isinstance(e, PeerUnavailableError):
+                self.ban(peer, "rpc_failure")
+                side = "next" if target == next_stage(self.stage, self.config.model.num_stages) else "prev"
+                self.metrics.stage_failures_detected.labels(neighbor=side).inc()
+                self.events.emit("neighbour_unreachable", stage=target, peer=peer[:12], error=str(e)[:200])
+            await self.report_failure(meta, f"{method} to stage {target} failed: {e}")
+            return False
+
+    async def report_failure(self, meta: dict[str, Any], reason: str) -> None:
+        """Fast path: tell stage 0 that this attempt cannot complete (it would time out otherwise)."""
+        if meta.get("kind") != "train":
+            return
+        if self.stage == 0:
+            self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "peer_unavailable", reason)
+            return
+        try:
+            peer0 = self.route(0)
+            await self.client.abort(peer0, {"run": self.run_id, "step": meta["step"], "attempt": meta["attempt"],
+                                            "reason": reason[:300], "from_stage": self.stage,
+                                            "generation": self.generation})
+        except (PeerUnavailableError, RejectedError) as e:
+            logger.debug("could not report the failure to stage 0: %s", e)
+
+    async def accept_commit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
+        worker = self.worker
+        if worker is None or self.stage in (None, 0):
+            raise InvalidPayload("not_ready", "no stage to commit")
+        key = AttemptKey(meta["step"], meta["attempt"])
+        try:
+            norm, raw = await self.compute(worker.commit, key, meta["num_mb"])
+        except ValueError as e:
+            raise InvalidPayload("stale_step", str(e)) from e
+        self.after_commit(norm, raw)
+        return {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
+
+    def after_commit(self, norm: float, raw: float) -> None:
+        w = self.worker
+        assert w is not None
+        self.metrics.training_step.set(w.step)
+        self.metrics.steps_committed.inc()
+        self.metrics.grad_norm.set(norm)
+        self.metrics.grad_norm_raw.set(raw)
+        self.heartbeat_soon()
+
+    async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None:
+        if self.stage != 0 or self.driver is None:
+            raise InvalidPayload("wrong_stage", "only stage 0 takes abort reports")
+        self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "reported",
+                                 f"stage {meta['from_stage']}: {meta['reason']}")
+
+    async def weights_snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        worker = self.worker
+        assert worker is not None
+        state = await self.compute(worker.snapshot)
+        meta = {"stage": self.stage, "step": worker.step, "generation": self.generation,
+                "grad_norm": worker.grad_norm, "grad_norm_raw": worker.grad_norm_raw,
+                "config_hash": self.config.model.config_hash()}
+        return meta, state
+
+    def info(self) -> dict[str, Any]:
+        w = self.worker
+        return {"peer_id": self.peer_id, "stage": self.stage, "state": self.state.value,
+                "step": w.step if w else 0, "generation": self.generation,
+                "grad_norm": w.grad_norm if w else 1.0, "grad_norm_raw": w.grad_norm_raw if w else 1.0,
+                "config_hash": self.config.model.config_hash(), "version": 1}
+
+    # -- run ---------------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from cfnode.model.stages import build_stage  # torch-heavy import after the DHT fork
+        from cfnode.train.driver import Driver
+
+        torch.set_num_threads(self.config.train.num_threads)
+        await self.compute(_warm_up_optimizer)
+        p2p = await self.dht.replicate_p2p()
+        servicer = StageServicer(self)
+        await servicer.add_p2p_handlers(p2p)
+        self.client = StageClient(p2p, self.config.network, self.metrics)
+        if self.config.metrics.port is not None:
+            self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
+        self.metrics.node_info.labels(peer_id=self.peer_id, role="stage", run_id=self.run_id).set(1)
+        try:
+            await self.check_meta()
+            self.spawn(self._heartbeat_loop(), "heartbeat")
+            stage = await self.claim_stage()
+            module = await self.compute(build_stage, self.config.model, stage, self.config.model_path)
+            self.worker = StageWorker(module, stage_idx=stage, lr=self.config.train.lr,
+                                      clip_norm=self.config.train.clip_norm)
+            self.metrics.model_parameters.set(self.worker.num_parameters)
+            self.metrics.learning_rate.set(self.config.train.lr)
+            self.metrics.stage_index.set(stage)
+            self.metrics.stage_generation.set(self.generation)
+            if stage == 0:
+                self.driver = Driver(self)
+                await self.driver.prepare()
+            self.state = StageState.ONLINE
+            self.metrics.set_state("online")
+            await self.announce()
+            self.events.emit("online", stage=stage, generation=self.generation)
+            self.spawn(self._membership_loop(), "membership")
+            self._ready(visible_maddrs(self.dht))
+            if self.driver is not None:
+                await self.driver.run()
+            else:
+                await self.stopped.wait()
+        finally:
+            await self.leave(p2p, servicer)
+
+    def _ready(self, maddrs: list[str]) -> None:
+        info = {"peer_id": self.peer_id, "maddrs": maddrs, "stage": self.stage, "run_id": self.run_id,
+                "metrics_port": self.metrics_port, "generation": self.generation}
+        logger.info("stage %s ONLINE as %s", self.stage, self.peer_id)
+        if self.on_ready is not None:
+            self.on_ready(info)
+
+    async def leave(self, p2p: Any, servicer: StageServicer) -> None:
+        """Graceful exit: announce OFFLINE (best effort), stop tasks and handlers, stop the compute thread."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self.stage is not None or self.state is StageState.STANDBY:
+            self.state = StageState.OFFLINE
+            try:
+                await within(self.swarm.store_stage(
+                    None if self.stage is None else self.stage, self.own_record(),
+                    ttl_s=self.config.heartbeat.ttl_s + 1), 2)
+            except Exception as e:  # noqa: BLE001 - best effort on the way out
+                logger.debug("could not announce OFFLINE: %s", e)
+        try:
+            await within(servicer.remove_p2p_handlers(p2p), 2)
+            await within(p2p.shutdown(), 2)
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            logger.debug("p2p shutdown: %s", e)
+        self.compute_pool.shutdown(wait=False, cancel_futures=True)
+        self.events.emit("left", stage=self.stage)
+
+
+def _warm_up_optimizer() -> None:
+    """The first torch.optim construction takes ~1 s; pay it before claiming a stage."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    torch.optim.Adam([p], lr=1e-3).step()

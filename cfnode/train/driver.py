@@ -1,0 +1,307 @@
+"""Stage 0's step driver (ARCHITECTURE §6): draws the microbatches of step s from (seed, s), keeps several in
+the ring, computes head + loss when activations come back from stage L, runs the embedding backward when
+gradients come back from stage 1, then asks every stage to commit (clip, norms, Adam step).
+
+A failed hop, an abort report, a missing stage or the step timeout aborts the attempt: every partial result is
+dropped (the other stages drop theirs when they see a newer attempt) and the same step is retried with the
+same data once the ring is whole. Accounting: issued == committed + dropped microbatches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cfnode.deadline import within
+from cfnode.errors import AttemptAborted, InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.net.records import SwarmView
+from cfnode.train.schedule import AttemptKey, launch_order, tokens_per_step
+
+if TYPE_CHECKING:
+    from cfnode.node import Node
+
+logger = logging.getLogger(__name__)
+
+
+class Driver:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.cfg = node.config
+        self.attempt: AttemptKey | None = None
+        self._pending: dict[int, asyncio.Future[None]] = {}
+        self._val_pending: dict[int, asyncio.Future[float]] = {}
+        self._val_key: AttemptKey | None = None
+        self._targets: torch.Tensor | None = None
+        self._losses: dict[int, float] = {}
+        self._failure: tuple[str, str] | None = None
+        self._last_attempt_id = 0
+        self._waiting_logged: set[int] = set()
+        self.train_tokens: torch.Tensor | None = None
+        self.val_tokens: torch.Tensor | None = None
+        self.stats = {"issued": 0, "committed": 0, "dropped": 0}
+        self.history: list[dict[str, Any]] = []
+
+    async def prepare(self) -> None:
+        """Load the corpus and tokenize it (cached on disk) on the compute thread."""
+        from cfnode.model.data import TokenData, load_corpus
+        from cfnode.model.tokenizer import load_tokenizer
+
+        def _load() -> tuple[torch.Tensor, torch.Tensor]:
+            data = TokenData.from_corpus(load_corpus(self.cfg.data.source), load_tokenizer())
+            return data.train, data.val
+
+        started = time.perf_counter()
+        self.train_tokens, self.val_tokens = await self.node.compute(_load)
+        logger.info("data ready: %d train / %d validation tokens (%.1fs)", self.train_tokens.numel(),
+                    self.val_tokens.numel(), time.perf_counter() - started)
+
+    def _new_attempt_id(self) -> int:
+        """Attempt ids grow with wall-clock ms, so a replacement stage 0 also outranks the old one's attempts."""
+        self._last_attempt_id = max(self._last_attempt_id + 1, int(time.time() * 1000))
+        return self._last_attempt_id
+
+    # -- incoming ----------------------------------------------------------------------------------------
+
+    def accept(self, method: str, meta: dict[str, Any], key: AttemptKey) -> None:
+        """Synchronous check in the RPC handler: is this hop part of what we are waiting for?"""
+        current = self._val_key if meta["kind"] == "val" else self.attempt
+        if current is None or key != current:
+            raise InvalidPayload("stale_step", f"attempt {tuple(key)} is not in progress")
+        pending = self._val_pending if meta["kind"] == "val" else self._pending
+        if meta["mb"] not in pending or pending[meta["mb"]].done():
+            raise InvalidPayload("stale_step", f"microbatch {meta['mb']} is not in flight")
+
+    async def process(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
+        node, worker = self.node, self.node.worker
+        assert worker is not None
+        key, mb = AttemptKey(meta["step"], meta["attempt"]), meta["mb"]
+        if meta["kind"] == "val":
+            assert self._val_targets is not None
+            loss = await node.compute(worker.eval_loss, tensor, self._val_targets[mb])
+            fut = self._val_pending.get(mb)
+            if fut is not None and not fut.done() and key == self._val_key:
+                fut.set_result(loss)
+            return
+        if key != self.attempt:
+            return
+        if method == "forward":  # activations back from stage L: loss, then gradients into the ring
+            assert self._targets is not None
+            loss, grad = await node.compute(worker.head_backward, key, mb, tensor, self._targets[mb],
+                                            self.cfg.train.num_microbatches)
+            if key != self.attempt:
+                return
+            self._losses[mb] = loss
+            await node.send_hop("backward", meta, grad, self.cfg.model.num_stages)
+        else:  # gradients back from stage 1: embedding backward completes the microbatch
+            try:
+                await node.compute(worker.embed_backward, key, mb, tensor)
+            except KeyError:
+                return
+            fut = self._pending.get(mb)
+            if fut is not None and not fut.done() and key == self.attempt:
+                fut.set_result(None)
+
+    def fail_attempt(self, key: AttemptKey, reason: str, detail: str) -> None:
+        if key != self.attempt or self._failure is not None:
+            return
+        self._failure = (reason, detail)
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(AttemptAborted(f"{reason}: {detail}"))
+
+    def on_view(self, view: SwarmView) -> None:
+        """Membership changed: an attempt cannot finish while a stage has no live owner."""
+        if self.attempt is None:
+            return
+        for idx in range(1, self.cfg.model.num_stages + 1):
+            if view.online_owner(idx) is None:
+                self.fail_attempt(self.attempt, "stage_missing", f"stage {idx} has no live owner")
+                return
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def missing_stages(self) -> list[int]:
+        out = []
+        for idx in range(1, self.cfg.model.num_stages + 1):
+            try:
+                self.node.route(idx)
+            except PeerUnavailableError:
+                out.append(idx)
+        return out
+
+    async def wait_for_ring(self) -> None:
+        """Block (polling the DHT every heartbeat period) until every stage has a live owner."""
+        while True:
+            missing = self.missing_stages()
+            if not missing:
+                if self._waiting_logged:
+                    self.node.events.emit("ring_complete")
+                self._waiting_logged.clear()
+                return
+            for idx in missing:
+                if idx not in self._waiting_logged:
+                    self._waiting_logged.add(idx)
+                    logger.warning("stage %d has no live owner; waiting for a node to take it "
+                                   "(cfnode join --peers <addr>)", idx)
+                    self.node.events.emit("waiting_for_stage", stage=idx)
+            await asyncio.sleep(self.cfg.heartbeat.period_s)
+            await self.node.refresh_view()
+
+    async def run(self) -> None:
+        train = self.cfg.train
+        worker = self.node.worker
+        assert worker is not None
+        self.node.events.emit("training_started", step=worker.step)
+        while train.max_steps is None or worker.step < train.max_steps:
+            await self.wait_for_ring()
+            step = worker.step
+            started = time.perf_counter()
+            try:
+                loss = await self.run_attempt(step)
+            except AttemptAborted as e:
+                await self.node.refresh_view()
+                await asyncio.sleep(train.retry_backoff_s)
+                logger.warning("step %d aborted (%s); retrying with the same data", step, e)
+                continue
+            elapsed = time.perf_counter() - started
+            tokens = tokens_per_step(train.num_microbatches, train.microbatch_size, self.cfg.model.seq_len)
+            m = self.node.metrics
+            m.loss.set(loss)
+            m.step_duration.observe(elapsed)
+            m.tokens_processed.inc(tokens)
+            record: dict[str, Any] = {"step": worker.step, "loss": loss, "step_s": elapsed,
+                                      "tokens_per_s": tokens / elapsed, "grad_norm": worker.grad_norm,
+                                      "time": time.time()}
+            if train.val_every and (worker.step % train.val_every == 0 or worker.step == 1
+                                    or worker.step == train.max_steps):
+                record["val_loss"] = await self.validate()
+            self.history.append(record)
+            self.node.events.emit("step", **record)
+        self.node.events.emit("training_finished", step=worker.step, **self.stats)
+
+    async def run_attempt(self, step: int) -> float:
+        """One try at step `step`; returns the mean loss or raises AttemptAborted (state already dropped)."""
+        train, node = self.cfg.train, self.node
+        worker = node.worker
+        assert worker is not None
+        from cfnode.model.data import batch_for_step
+
+        key = AttemptKey(step, self._new_attempt_id())
+        batch = batch_for_step(self.train_tokens, seed=self.cfg.data.seed, step=step,
+                               num_microbatches=train.num_microbatches, microbatch_size=train.microbatch_size,
+                               seq_len=self.cfg.model.seq_len)
+        loop = asyncio.get_running_loop()
+        await node.compute(worker.begin, key)
+        self.attempt, self._failure, self._losses = key, None, {}
+        self._targets = batch[:, :, 1:]
+        self._pending = {mb: loop.create_future() for mb in range(train.num_microbatches)}
+        self.stats["issued"] += train.num_microbatches
+        node.metrics.microbatches_issued.inc(train.num_microbatches)
+        try:
+            await within(self._drive(key, batch), train.step_timeout_s)
+            await self._commit_all(key)
+        except (AttemptAborted, TimeoutError, asyncio.TimeoutError, PeerUnavailableError, RejectedError) as e:
+            reason = self._failure[0] if self._failure else ("timeout" if isinstance(
+                e, (TimeoutError, asyncio.TimeoutError)) else "peer_unavailable")
+            self._abort(key, reason, str(e) or type(e).__name__)
+            raise AttemptAborted(f"{reason}: {e}") from e
+        finally:
+            self.attempt = None
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.cancel()
+                elif not fut.cancelled():
+                    fut.exception()  # mark retrieved
+        self.stats["committed"] += train.num_microbatches
+        node.metrics.microbatches_committed.inc(train.num_microbatches)
+        return sum(self._losses.values()) / len(self._losses)
+
+    async def _drive(self, key: AttemptKey, batch: torch.Tensor) -> None:
+        """Launch microbatches as slots free up (launch_order) and wait for all of them."""
+        node, worker = self.node, self.node.worker
+        assert worker is not None
+        num_mb = self.cfg.train.num_microbatches
+        for mb, after in launch_order(num_mb, self.cfg.train.max_in_flight):
+            if after is not None:
+                await self._pending[after]
+            if self._failure is not None:
+                raise AttemptAborted(f"{self._failure[0]}: {self._failure[1]}")
+            hidden = await node.compute(worker.embed, key, mb, batch[mb, :, :-1])
+            meta = self._meta(key, mb, "train")
+            if not await node.send_hop("forward", meta, hidden, 1):
+                raise AttemptAborted(self._failure[1] if self._failure else "forward to stage 1 failed")
+        await asyncio.gather(*self._pending.values())
+
+    def _meta(self, key: AttemptKey, mb: int, kind: str) -> dict[str, Any]:
+        return {"run": self.node.run_id, "step": key.step, "attempt": key.attempt, "mb": mb,
+                "num_mb": self.cfg.train.num_microbatches, "generation": self.node.generation,
+                "from_stage": 0, "to_stage": 1, "kind": kind}
+
+    async def _commit_all(self, key: AttemptKey) -> None:
+        """Every stage clips and steps; stage 0 last. A stage that fails to commit is logged, not waited for."""
+        node = self.node
+        worker = node.worker
+        assert worker is not None and node.client is not None
+        meta = {"run": node.run_id, "step": key.step, "attempt": key.attempt,
+                "num_mb": self.cfg.train.num_microbatches, "generation": node.generation}
+        peers = {idx: node.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
+        results = await asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()),
+                                       return_exceptions=True)
+        failed = [(idx, r) for idx, r in zip(peers, results, strict=True) if isinstance(r, BaseException)]
+        if len(failed) == len(peers):
+            raise PeerUnavailableError(f"no stage committed step {key.step}: {failed[0][1]}")
+        for idx, err in failed:
+            logger.warning("stage %d did not commit step %d: %s", idx, key.step, err)
+            node.events.emit("commit_failed", stage=idx, step=key.step, error=str(err)[:200])
+        norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
+        node.after_commit(norm, raw)
+
+    def _abort(self, key: AttemptKey, reason: str, detail: str) -> None:
+        num_mb = self.cfg.train.num_microbatches
+        self.stats["dropped"] += num_mb
+        m = self.node.metrics
+        m.steps_aborted.labels(reason=reason).inc()
+        m.microbatches_dropped.labels(reason=reason).inc(num_mb)
+        self.node.events.emit("step_aborted", step=key.step, attempt=key.attempt, reason=reason,
+                              detail=detail[:300], microbatches_dropped=num_mb)
+
+    # -- validation --------------------------------------------------------------------------------------
+
+    async def validate(self) -> float:
+        """Mean loss over the held-out batches, forward only, in ring order."""
+        from cfnode.model.data import validation_batches
+
+        train, node = self.cfg.train, self.node
+        worker = node.worker
+        assert worker is not None
+        batches = validation_batches(self.val_tokens, num_batches=train.val_batches,
+                                     microbatch_size=train.microbatch_size, seq_len=self.cfg.model.seq_len)
+        key = AttemptKey(worker.step, self._new_attempt_id())
+        loop = asyncio.get_running_loop()
+        self._val_key = key
+        self._val_targets = batches[:, :, 1:]
+        self._val_pending = {i: loop.create_future() for i in range(len(batches))}
+        try:
+            for i in range(len(batches)):
+                hidden = await node.compute(worker.eval_embed, batches[i, :, :-1])
+                if not await node.send_hop("forward", self._meta(key, i, "val"), hidden, 1):
+                    raise AttemptAborted("validation forward failed")
+            losses = await within(asyncio.gather(*self._val_pending.values()), train.step_timeout_s)
+        except (AttemptAborted, TimeoutError, asyncio.TimeoutError) as e:
+            logger.warning("validation at step %d failed: %s", worker.step, e)
+            return math.nan
+        finally:
+            self._val_key = None
+            for fut in self._val_pending.values():
+                fut.cancel()
+        val = float(sum(losses) / len(losses))
+        node.metrics.validation_loss.set(val)
+        logger.info("step %d validation loss %.4f", worker.step, val)
+        return val
+
+    _val_targets: torch.Tensor | None = None

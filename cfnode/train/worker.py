@@ -1,0 +1,146 @@
+"""The torch side of one stage: forward/backward per microbatch, stashes, clip + optimizer step, snapshots.
+
+Every method runs on the node's single compute thread (never on the network loop), so the module and the
+optimizer need no lock. Tensors arrive detached; each hop's autograd graph lives in the stash until its
+backward. Partial state of an aborted attempt is dropped by `begin()` when a newer attempt starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+
+from cfnode.train.schedule import AttemptKey, is_newer
+
+logger = logging.getLogger(__name__)
+
+StashKey = tuple[AttemptKey, int]
+
+
+class StageWorker:
+    def __init__(self, module: nn.Module, *, stage_idx: int, lr: float, clip_norm: float) -> None:
+        self.module = module
+        self.stage_idx = stage_idx
+        self.is_head = stage_idx == 0
+        self.clip_norm = clip_norm
+        self.lr = lr
+        self.optimizer = self._make_optimizer(lr)
+        self.stash: dict[StashKey, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.active: AttemptKey | None = None
+        self.backward_done = 0
+        self.step = 0
+        self.grad_norm = 1.0
+        self.grad_norm_raw = 1.0
+
+    def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.module.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    # -- attempt lifecycle -------------------------------------------------------------------------------
+
+    def begin(self, key: AttemptKey) -> int:
+        """Make `key` the active attempt if it is newer; drop older partial state. Returns stash entries dropped."""
+        if not is_newer(key, self.active):
+            return 0
+        dropped = len(self.stash)
+        self.stash.clear()
+        self.module.zero_grad(set_to_none=True)
+        self.backward_done = 0
+        self.active = key
+        return dropped
+
+    def accepts(self, key: AttemptKey) -> bool:
+        return self.active is not None and key == self.active
+
+    # -- transformer stages ------------------------------------------------------------------------------
+
+    def forward(self, key: AttemptKey, mb: int, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.detach().requires_grad_(True)
+        y = self.module(x)
+        self.stash[(key, mb)] = (x, y)
+        return y.detach()
+
+    def backward(self, key: AttemptKey, mb: int, grad: torch.Tensor) -> torch.Tensor:
+        x, y = self.stash.pop((key, mb))
+        assert y is not None
+        torch.autograd.backward(y, grad)
+        self.backward_done += 1
+        assert x.grad is not None
+        return x.grad
+
+    @torch.no_grad()
+    def eval_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.module(hidden)
+
+    # -- stage 0: embedding, head, loss ------------------------------------------------------------------
+
+    def embed(self, key: AttemptKey, mb: int, ids: torch.Tensor) -> torch.Tensor:
+        out = self.module.embed(ids)
+        self.stash[(key, mb)] = (out, None)
+        return out.detach()
+
+    def head_backward(self, key: AttemptKey, mb: int, hidden: torch.Tensor, targets: torch.Tensor,
+                      num_microbatches: int) -> tuple[float, torch.Tensor]:
+        """Loss of one microbatch and the gradient w.r.t. the last stage's output (head grads accumulate)."""
+        h = hidden.detach().requires_grad_(True)
+        loss = self.module.loss(self.module.head(h), targets)
+        (loss / num_microbatches).backward()
+        assert h.grad is not None
+        return float(loss.detach()), h.grad
+
+    def embed_backward(self, key: AttemptKey, mb: int, grad: torch.Tensor) -> None:
+        out, _ = self.stash.pop((key, mb))
+        torch.autograd.backward(out, grad)
+        self.backward_done += 1
+
+    @torch.no_grad()
+    def eval_embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.module.embed(ids)
+
+    @torch.no_grad()
+    def eval_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+        return float(self.module.loss(self.module.head(hidden), targets))
+
+    # -- commit ------------------------------------------------------------------------------------------
+
+    def commit(self, key: AttemptKey, num_microbatches: int) -> tuple[float, float]:
+        """Clip, record post-clip and raw norms, Adam step. Returns (grad_norm, grad_norm_raw)."""
+        if not self.accepts(key):
+            raise ValueError(f"commit of {tuple(key)} but the active attempt is {self.active}")
+        if self.backward_done != num_microbatches:
+            raise ValueError(f"commit of {tuple(key)} after {self.backward_done}/{num_microbatches} backward passes")
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        raw = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
+        post = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        if not math.isfinite(raw):
+            self.module.zero_grad(set_to_none=True)
+            raise ValueError(f"non-finite gradient norm at step {key.step}")
+        self.optimizer.step()
+        self.module.zero_grad(set_to_none=True)
+        self.stash.clear()
+        self.step = key.step + 1
+        self.grad_norm, self.grad_norm_raw = post, raw
+        self.active = None
+        return post, raw
+
+    # -- weights -----------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A consistent copy of the stage's weights (taken between compute tasks, so never mid-update)."""
+        return {name: t.detach().clone() for name, t in self.module.state_dict().items()}
+
+    def install(self, state: dict[str, torch.Tensor], *, step: int, lr: float) -> None:
+        """Load rebuilt weights with a fresh optimizer at `lr` (CheckFree: no optimizer state is recovered)."""
+        self.module.load_state_dict(state, strict=True)
+        self.lr = lr
+        self.optimizer = self._make_optimizer(lr)
+        self.stash.clear()
+        self.active = None
+        self.backward_done = 0
+        self.step = step
