@@ -128,6 +128,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--val-batches", type=int, default=_T.val_batches)
 @click.option("--step-timeout", type=float, default=_T.step_timeout_s, help="Seconds before stage 0 aborts a step.")
 @click.option("--request-timeout", type=float, default=_N.request_timeout_s, help="Seconds per RPC.")
+@click.option("--max-message-bytes", type=int, default=_N.max_message_bytes,
+              help="Byte cap of one incoming tensor stream.")
 @click.option("--threads", type=int, default=_T.num_threads, help="torch threads of this node.")
 @click.option("--identity-path", default=None, help="Persistent identity file (created if absent).")
 @click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/0",))
@@ -180,7 +182,8 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                           num_threads=kw["threads"]),
         network=NetworkConfig(initial_peers=_split_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
-                              request_timeout_s=kw["request_timeout"]),
+                              request_timeout_s=kw["request_timeout"],
+                              max_message_bytes=kw["max_message_bytes"]),
         heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
                                   claim_jitter_s=min(1.0, kw["heartbeat_period"])),
         metrics=MetricsConfig(host=kw["metrics_host"], port=kw["metrics_port"]),
@@ -211,6 +214,7 @@ def _run_join(config: NodeConfig) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
+        loop.set_exception_handler(_quiet_disconnects)
         await node.run()
 
     try:
@@ -219,6 +223,16 @@ def _run_join(config: NodeConfig) -> None:
         logger.info("stopped")
     finally:
         dht.shutdown()
+
+
+def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """hivemind's control client leaves a task failing with ConnectionResetError when p2pd goes away at
+    shutdown; that is expected, so log it at DEBUG instead of as an error with a traceback."""
+    exc = context.get("exception")
+    if isinstance(exc, (ConnectionResetError, BrokenPipeError)):
+        logger.debug("connection closed: %s", context.get("message"))
+        return
+    loop.default_exception_handler(context)
 
 
 def _dump_tasks() -> None:

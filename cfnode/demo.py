@@ -82,10 +82,14 @@ class Swarm:
         return proc
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every process group we started, then SIGKILL what is left; reap all."""
+        """SIGTERM every main process we started (a graceful leave: OFFLINE record, DHT and p2pd shut down by
+        their owner), then SIGKILL each whole process group for anything left; reap all."""
         for proc in self.procs:
             if proc.alive():
-                _signal_group(proc.popen.pid, signal.SIGTERM)
+                try:
+                    proc.popen.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
         deadline = time.monotonic() + grace_s
         for proc in self.procs:
             try:

@@ -53,6 +53,8 @@ class NodeMetrics:
                                       registry=r, buckets=RPC_BUCKETS)
         self.rpc_rejected = Counter("cfnode_rpc_rejected", "Rejected incoming RPCs", ["method", "reason"],
                                     registry=r)
+        self.rpc_retries = Counter("cfnode_rpc_retries", "Outgoing RPCs retried after a failure", ["method"],
+                                   registry=r)
         self.rpc_failures = Counter("cfnode_rpc_failures", "Outgoing RPCs that failed", ["method"], registry=r)
         self.transfer_bytes = Counter("cfnode_transfer_bytes", "Tensor bytes moved", ["direction", "kind"],
                                       registry=r)
@@ -67,6 +69,7 @@ class NodeMetrics:
             self.stage_state.labels(state=state)
         for method in RPC_METHODS:
             self.rpc_failures.labels(method=method)
+            self.rpc_retries.labels(method=method)
             for result in ("ok", "rejected", "error"):
                 self.rpc_requests.labels(method=method, result=result)
             for reason in REJECT_REASONS:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -41,6 +42,8 @@ from cfnode.train.worker import StageWorker
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+SEEN_HOPS_LIMIT = 4096
+"""Hops remembered for de-duplication: a push retried after a lost ack must not be processed twice."""
 
 
 class Node:
@@ -70,6 +73,7 @@ class Node:
         self._view_refreshed_at = 0.0
         self._heartbeat_now = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.stopped = asyncio.Event()
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -245,6 +249,10 @@ class Node:
         key = AttemptKey(meta["step"], meta["attempt"])
         if meta["kind"] == "train" and not 0 <= meta["mb"] < meta["num_mb"]:
             raise InvalidPayload("decode", f"microbatch {meta['mb']} of {meta['num_mb']}")
+        hop_id = (meta["kind"], key.step, key.attempt, method, meta["mb"])
+        if hop_id in self._seen_hops:
+            logger.debug("duplicate %s of %s mb %d (a retried push); acknowledged again", method, key, meta["mb"])
+            return
         if self.stage == 0:
             assert self.driver is not None
             self.driver.accept(method, meta, key)  # raises InvalidPayload("stale_step") for a foreign attempt
@@ -253,6 +261,9 @@ class Node:
             assert w is not None
             if w.active is not None and tuple(key) < tuple(w.active):
                 raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {tuple(w.active)}")
+        self._seen_hops[hop_id] = None
+        while len(self._seen_hops) > SEEN_HOPS_LIMIT:
+            self._seen_hops.popitem(last=False)
         self.metrics.microbatches_processed.labels(direction=method).inc()
         self.spawn(self._process_hop(method, meta, tensor), name=f"hop-{method}")
 
@@ -304,8 +315,17 @@ class Node:
         except PeerUnavailableError as e:
             await self.report_failure(meta, f"stage {target} unavailable: {e}")
             return False
+        assert self.client is not None
         try:
-            await self.client.push(method, peer, out_meta, tensor)
+            try:
+                await self.client.push(method, peer, out_meta, tensor)
+            except PeerUnavailableError as first:
+                if not await self.is_reachable(peer):
+                    raise
+                logger.info("%s to stage %d failed (%s) but the peer answers a ping; retrying once",
+                            method, target, first)
+                self.metrics.rpc_retries.labels(method=method).inc()
+                await self.client.push(method, peer, out_meta, tensor)  # receivers de-duplicate hops
             return True
         except (PeerUnavailableError, RejectedError) as e:
             logger.warning("%s to stage %d (%s) failed: %s", method, target, peer[:12], e)
@@ -315,6 +335,15 @@ class Node:
                 self.metrics.stage_failures_detected.labels(neighbor=side).inc()
                 self.events.emit("neighbour_unreachable", stage=target, peer=peer[:12], error=str(e)[:200])
             await self.report_failure(meta, f"{method} to stage {target} failed: {e}")
+            return False
+
+    async def is_reachable(self, peer_id: str) -> bool:
+        """Confirm a suspected failure with a short rpc_info ping."""
+        assert self.client is not None
+        try:
+            await self.client.info(peer_id)
+            return True
+        except PeerUnavailableError:
             return False
 
     async def report_failure(self, meta: dict[str, Any], reason: str) -> None:

@@ -51,7 +51,7 @@ class StageClient:
         except (TimeoutError, asyncio.TimeoutError) as e:
             self.metrics.rpc_failures.labels(method=method).inc()
             raise PeerUnavailableError(f"{method} to {peer_id[:12]} timed out after {timeout_s:.1f}s") from e
-        except _TRANSPORT_ERRORS as e:
+        except (*_TRANSPORT_ERRORS, ValueError) as e:  # ValueError: hivemind's asingle() on a reply-less stream
             self.metrics.rpc_failures.labels(method=method).inc()
             raise PeerUnavailableError(f"{method} to {peer_id[:12]} failed: {type(e).__name__}: {e}") from e
         self.metrics.rpc_duration.labels(method=method, side="client").observe(time.perf_counter() - started)

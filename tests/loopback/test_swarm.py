@@ -1,0 +1,165 @@
+"""A real swarm on 127.0.0.1: bootstrap + stage 0 + two transformer stages + a spare, as OS processes.
+
+One swarm serves the module (forming it costs ~10 s on 2 cores); tests observe it through its event logs,
+`/metrics`, `cfnode status`, and direct RPCs. The teardown proves that no process of it survives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+
+import pytest
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from cfnode.config import NetworkConfig, preset
+from cfnode.errors import PeerUnavailableError
+from cfnode.metrics import NodeMetrics
+from cfnode.net.client import StageClient
+from cfnode.net.codec import pack_metadata
+from tests.support.swarm import JOIN_RE, Harness, metric, run_cli, scrape, tail, wait_until
+
+pytestmark = pytest.mark.loopback
+RUN = "loop"
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory):
+    h = Harness(str(tmp_path_factory.mktemp("swarm")), RUN, extra=("--max-message-bytes", str(MAX_MESSAGE_BYTES)))
+    try:
+        h.start_bootstrap()
+        nodes = [h.start_node(f"node{i}") for i in range(3)]  # --stage auto: they claim 0, 1, 2 among them
+        infos = [h.ready_info(n) for n in nodes]
+        by_stage = {info["stage"]: (node, info) for node, info in zip(nodes, infos, strict=True)}
+        assert sorted(by_stage) == [0, 1, 2], infos
+        spare = h.start_node("spare")
+        h.by_stage = by_stage  # type: ignore[attr-defined]
+        h.spare = spare  # type: ignore[attr-defined]
+        yield h
+    finally:
+        h.stop()
+        left = h.leftovers()
+        assert not left, f"processes survived teardown: {left}"
+
+
+def _steps(h: Harness) -> list[dict]:
+    return h.events(h.by_stage[0][0], "step")
+
+
+def test_bootstrap_prints_exactly_one_join_line(swarm: Harness) -> None:
+    with open(swarm.swarm.procs[0].log_path, encoding="utf-8") as f:
+        text = f.read()
+    assert len(JOIN_RE.findall(text)) == 1
+    assert JOIN_RE.search(text).group(1) == swarm.bootstrap_maddr
+    assert "/p2p/" in swarm.bootstrap_maddr
+
+
+def test_swarm_trains_and_loss_falls(swarm: Harness) -> None:
+    steps = wait_until(lambda: (s := _steps(swarm)) and len(s) >= 20 and s, 240, "20 committed steps")
+    losses = [e["loss"] for e in steps[:20]]
+    assert [e["step"] for e in steps[:20]] == list(range(1, 21)), "steps must commit once each, in order"
+    first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
+    assert last < first - 0.3, f"loss did not fall: first five {losses[:5]}, last five {losses[-5:]}"
+    vals = [e["val_loss"] for e in steps[:20] if "val_loss" in e]
+    assert len(vals) >= 2 and vals[-1] < vals[0], vals
+
+
+def test_spare_waits_as_standby_and_status_shows_the_map(swarm: Harness) -> None:
+    def _status() -> dict | None:
+        out = run_cli("status", "--peers", swarm.bootstrap_maddr, "--run-id", RUN, "--json",
+                      "--heartbeat-ttl", "3")
+        assert out.returncode == 0, out.stderr
+        snap = json.loads(out.stdout)
+        return snap if any(r["state"] == "STANDBY" for r in snap["stages"]) else None
+
+    wait_until(lambda: swarm.events(swarm.spare, "standby"), 120, "the spare to announce STANDBY")
+    snap = wait_until(_status, 60, "the spare to show as STANDBY in `cfnode status`", poll_s=1)
+    online = {r["stage"]: r["peer"] for r in snap["stages"] if r["state"] == "ONLINE"}
+    assert online == {i: swarm.by_stage[i][1]["peer_id"] for i in range(3)}
+    assert snap["num_stages"] == 2 and snap["model_config_hash"] == preset("tiny", num_stages=2).config_hash()
+    spare_events = swarm.events(swarm.spare)
+    assert any(e["event"] == "standby" for e in spare_events)
+    assert not any(e["event"] == "claimed" for e in spare_events)
+    table = run_cli("status", "--peers", swarm.bootstrap_maddr, "--run-id", RUN)
+    assert table.returncode == 0 and "STANDBY" in table.stdout and "ONLINE" in table.stdout
+
+
+def test_mismatched_joiner_is_refused(swarm: Harness) -> None:
+    args = swarm.join_args()
+    args[args.index("--stages") + 1] = "3"  # a different model: 3 transformer stages
+    out = run_cli(*args, timeout_s=120)
+    ours, theirs = preset("tiny", num_stages=3).config_hash(), preset("tiny", num_stages=2).config_hash()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert ours in out.stderr and theirs in out.stderr, out.stderr[-2000:]
+
+
+async def _barrage(stage1_maddr: str, stage1_id: str) -> list[tuple[str, dict]]:
+    """Send malformed forward messages to stage 1 from an outsider peer; return (case, reply metadata)."""
+    p2p = await P2P.create(initial_peers=[stage1_maddr], host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        client = StageClient(p2p, NetworkConfig(request_timeout_s=10), NodeMetrics())
+        model, b = preset("tiny", num_stages=2), 4
+        shape = (b, model.seq_len, model.hidden_size)
+        meta = {"run": RUN, "step": 10**9, "attempt": 1, "mb": 0, "num_mb": 4, "generation": 0,
+                "from_stage": 0, "to_stage": 1, "kind": "train"}
+        nan = torch.zeros(shape)
+        nan[0, 0, 0] = float("nan")
+        cases: list[tuple[str, list[runtime_pb2.ExpertRequest]]] = [
+            ("shape", list(client.iter_parts(meta, [torch.zeros(b, model.seq_len, model.hidden_size - 1)]))),
+            ("shape", list(client.iter_parts(meta, [torch.zeros(b * 2, model.seq_len // 2, model.hidden_size)]))),
+            ("dtype", list(client.iter_parts(meta, [torch.zeros(shape, dtype=torch.float64)]))),
+            ("nonfinite", list(client.iter_parts(meta, [nan]))),
+            ("nonfinite", list(client.iter_parts(meta, [torch.full(shape, float("inf"))]))),
+            ("too_large", list(client.iter_parts(meta, [torch.zeros(MAX_MESSAGE_BYTES // 2)])) * 3),
+            ("too_large", [runtime_pb2.ExpertRequest(metadata=pack_metadata(meta), tensors=[runtime_pb2.Tensor(
+                buffer=b"\0" * 16, size=[10**6, 10**6], dtype="float32", chunks=1)])]),
+            ("decode", [runtime_pb2.ExpertRequest(metadata=b"\xc1\xff garbage", tensors=[])]),
+            ("decode", [runtime_pb2.ExpertRequest(metadata=pack_metadata(meta), tensors=[runtime_pb2.Tensor(
+                buffer=b"\x01\x02\x03\x04\x05", size=list(shape), dtype="float32", chunks=1)])]),
+            ("decode", [runtime_pb2.ExpertRequest(metadata=pack_metadata(meta), tensors=[runtime_pb2.Tensor(
+                buffer=b"\0" * 8, size=[2], dtype="float99", chunks=1)])]),
+            ("wrong_run", list(client.iter_parts({**meta, "run": "other"}, [torch.zeros(shape)]))),
+            ("wrong_stage", list(client.iter_parts({**meta, "to_stage": 2}, [torch.zeros(shape)]))),
+            ("unauthorized", list(client.iter_parts(meta, [torch.zeros(shape)]))),
+        ]
+        replies = []
+        for case, parts in cases:
+            try:
+                replies.append((case, await client.push_raw("forward", stage1_id, parts)))
+            except PeerUnavailableError as e:
+                # the server stops reading an oversized stream; the sender may only see the pipe close
+                replies.append((case, {"ok": False, "reason": "connection closed", "error": str(e)}))
+        return replies
+    finally:
+        await p2p.shutdown()
+
+
+def test_malformed_barrage_is_rejected_while_training_continues(swarm: Harness) -> None:
+    node1, info1 = swarm.by_stage[1]
+    wait_until(lambda: len(_steps(swarm)) >= 3, 240, "training to be under way")
+    before = scrape(info1["metrics_port"])
+    steps_before = len(_steps(swarm))
+    replies = asyncio.run(_barrage(info1["maddrs"][0], info1["peer_id"]))
+    for case, reply in replies:
+        assert reply["ok"] is False, (case, reply)
+        if reply["reason"] != "connection closed":
+            assert reply["reason"] == case, (case, reply)
+    closed = [case for case, reply in replies if reply["reason"] == "connection closed"]
+    assert set(closed) <= {"too_large"}, replies
+    after = scrape(info1["metrics_port"])
+    expected: dict[str, int] = {}
+    for case, _ in replies:
+        expected[case] = expected.get(case, 0) + 1
+    for reason, count in expected.items():
+        delta = (metric(after, "cfnode_rpc_rejected_total", method="forward", reason=reason)
+                 - metric(before, "cfnode_rpc_rejected_total", method="forward", reason=reason))
+        assert delta == count, (reason, delta, count)
+    assert node1.alive()
+    wait_until(lambda: len(_steps(swarm)) >= steps_before + 3, 120, "three more committed steps after the barrage")
+    log = open(node1.log_path, encoding="utf-8").read()
+    assert log.count("rejected forward") <= len(expected), "each kind of rejection is logged once"
+    assert "Traceback" not in log, tail(node1.log_path)

@@ -1,0 +1,265 @@
+"""Tensors and metadata on the wire (cfnode.net.codec): streaming round trips, byte caps, the validation gate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+from hivemind.compression import serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+
+from cfnode.errors import InvalidPayload
+from cfnode.net.codec import (
+    MAX_METADATA_BYTES,
+    iter_message_parts,
+    pack_metadata,
+    read_message,
+    require_fields,
+    unpack_metadata,
+    validate_tensor,
+)
+
+Request = runtime_pb2.ExpertRequest
+BIG_CAP = 1 << 24
+
+
+async def _agen(parts: Iterable[Any]) -> AsyncIterator[Any]:
+    for p in parts:
+        yield p
+
+
+def read(parts: Iterable[Any], max_bytes: int = BIG_CAP) -> tuple[dict[str, Any], list[torch.Tensor]]:
+    return asyncio.run(read_message(_agen(list(parts)), max_bytes=max_bytes))
+
+
+def reason_of(parts: Iterable[Any], max_bytes: int = BIG_CAP) -> str:
+    with pytest.raises(InvalidPayload) as exc:
+        read(parts, max_bytes)
+    return exc.value.reason
+
+
+META = {"run": "r", "step": 3, "mb": 1, "generation": 2, "stage": 1, "nested": {"a": [1, 2.5, "x"]},
+        "blob": b"\x00\x01"}
+
+
+# -- round trips --------------------------------------------------------------------------------------------
+
+
+def test_round_trip_one_tensor_several_parts() -> None:
+    t = torch.randn(4, 16, 8)  # 2048 bytes
+    chunk = 300
+    parts = list(iter_message_parts(Request, META, [t], chunk))
+    assert len(parts) == -(-t.numel() * 4 // chunk)  # ceil(2048 / 300) = 7
+    assert all(len(part.buffer) <= chunk for msg in parts for part in msg.tensors)
+    assert parts[0].metadata and all(not msg.metadata for msg in parts[1:])
+    meta, tensors = read(parts)
+    assert meta == META
+    assert len(tensors) == 1
+    assert tensors[0].dtype == torch.float32
+    assert torch.equal(tensors[0], t)
+
+
+def test_round_trip_several_tensors_mixed_dtypes() -> None:
+    a = torch.randn(3, 50)
+    b = torch.arange(-40, 40, dtype=torch.int64).reshape(8, 10)
+    c = torch.randn(7)
+    chunk = 64
+    parts = list(iter_message_parts(Request, {"k": 1}, [a, b, c], chunk))
+    buffers = [part.buffer for msg in parts for part in msg.tensors]
+    assert all(len(buf) <= chunk for buf in buffers)
+    assert sum(len(buf) for buf in buffers) == a.numel() * 4 + b.numel() * 8 + c.numel() * 4
+    headers = [part.dtype for msg in parts for part in msg.tensors if part.dtype]
+    assert headers == ["float32", "int64", "float32"]
+    meta, tensors = read(parts)
+    assert meta == {"k": 1}
+    assert [x.dtype for x in tensors] == [torch.float32, torch.int64, torch.float32]
+    for got, want in zip(tensors, [a, b, c], strict=True):
+        assert got.shape == want.shape
+        assert torch.equal(got, want)
+
+
+def test_round_trip_non_contiguous_and_grad_tensor() -> None:
+    t = torch.randn(6, 5, requires_grad=True)
+    view = t.t()  # non-contiguous, part of a graph
+    _, tensors = read(iter_message_parts(Request, {}, [view], 16))
+    assert torch.equal(tensors[0], view.detach())
+    assert not tensors[0].requires_grad
+
+
+def test_metadata_only_message() -> None:
+    parts = list(iter_message_parts(Request, META, [], 1024))
+    assert len(parts) == 1 and not parts[0].tensors
+    assert read(parts) == (META, [])
+
+
+def test_response_type_round_trip() -> None:
+    t = torch.ones(10)
+    parts = list(iter_message_parts(runtime_pb2.ExpertResponse, {"ok": True}, [t], 8))
+    assert all(isinstance(p, runtime_pb2.ExpertResponse) for p in parts)
+    meta, tensors = read(parts)
+    assert meta == {"ok": True} and torch.equal(tensors[0], t)
+
+
+def test_pack_unpack_metadata() -> None:
+    assert unpack_metadata(pack_metadata(META)) == META
+
+
+# -- malformed streams --------------------------------------------------------------------------------------
+
+
+def test_empty_stream_is_decode() -> None:
+    assert reason_of([]) == "decode"
+
+
+@pytest.mark.parametrize("blob", [b"\xc1", b"\x92\x01", b"", msgpack.packb(5), msgpack.packb([1, 2]),
+                                  msgpack.packb("a map?"), msgpack.packb({1: "int key"})])
+def test_garbage_metadata_is_decode(blob: bytes) -> None:
+    assert reason_of([Request(metadata=blob)]) == "decode"
+    with pytest.raises(InvalidPayload) as exc:
+        unpack_metadata(blob)
+    assert exc.value.reason == "decode"
+
+
+def test_oversized_metadata_is_too_large() -> None:
+    blob = pack_metadata({"pad": "x" * (MAX_METADATA_BYTES + 1)})
+    assert reason_of([Request(metadata=blob)]) == "too_large"
+
+
+def test_byte_cap_exceeded_while_streaming() -> None:
+    t = torch.zeros(1000)  # 4000 bytes
+    parts = list(iter_message_parts(Request, {}, [t], 500))
+    assert read(parts, max_bytes=4000)[1][0].numel() == 1000  # exactly at the cap is fine
+
+    consumed = 0
+
+    async def counting() -> AsyncIterator[Any]:
+        nonlocal consumed
+        for p in parts:
+            consumed += 1
+            yield p
+
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(read_message(counting(), max_bytes=1200))
+    assert exc.value.reason == "too_large"
+    assert consumed < len(parts)  # stopped reading at the cap, did not drain the stream
+
+
+def test_cap_exceeded_by_sum_of_tensors() -> None:
+    parts = list(iter_message_parts(Request, {}, [torch.zeros(100), torch.zeros(100)], 1 << 20))
+    assert reason_of(parts, max_bytes=700) == "too_large"
+
+
+def test_huge_declared_tensor_is_too_large_without_allocating() -> None:
+    header = runtime_pb2.Tensor(compression=runtime_pb2.CompressionType.NONE, buffer=b"\x00" * 16,
+                                size=[10**6, 10**6], dtype="float32", chunks=1)
+    # if the decoder tried to materialise 4 TB it would fail with MemoryError (-> "decode") or hang
+    assert reason_of([Request(metadata=pack_metadata({}), tensors=[header])], max_bytes=1 << 20) == "too_large"
+
+
+def test_continuation_before_header_is_decode() -> None:
+    orphan = runtime_pb2.Tensor(buffer=b"\x00" * 8)
+    assert reason_of([Request(metadata=pack_metadata({}), tensors=[orphan])]) == "decode"
+    assert reason_of([Request(metadata=pack_metadata({})), Request(tensors=[orphan])]) == "decode"
+
+
+def test_truncated_buffer_is_decode() -> None:
+    parts = list(iter_message_parts(Request, {}, [torch.randn(64)], 100))  # 256 bytes -> 3 parts
+    assert len(parts) == 3
+    assert reason_of(parts[:-1]) == "decode"  # last chunk missing
+    serialized = serialize_torch_tensor(torch.randn(8, 8))
+    chopped = runtime_pb2.Tensor()
+    chopped.CopyFrom(serialized)
+    chopped.buffer = serialized.buffer[:-3]  # not even a whole element
+    assert reason_of([Request(metadata=pack_metadata({}), tensors=[chopped])]) == "decode"
+
+
+def test_bad_dtype_string_is_decode() -> None:
+    serialized = serialize_torch_tensor(torch.randn(4))
+    bad = runtime_pb2.Tensor()
+    bad.CopyFrom(serialized)
+    bad.dtype = "not_a_dtype"
+    assert reason_of([Request(metadata=pack_metadata({}), tensors=[bad])]) == "decode"
+
+
+def test_stream_raising_midway_is_decode() -> None:
+    async def broken() -> AsyncIterator[Any]:
+        yield Request(metadata=pack_metadata({}))
+        raise RuntimeError("connection reset")
+
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(read_message(broken(), max_bytes=BIG_CAP))
+    assert exc.value.reason == "decode"
+
+
+# -- validate_tensor ----------------------------------------------------------------------------------------
+
+
+def _reason(fn: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(InvalidPayload) as exc:
+        fn(*args, **kwargs)
+    return exc.value.reason
+
+
+def test_validate_tensor_accepts_good() -> None:
+    validate_tensor(torch.randn(2, 3, 4), shape=(2, 3, 4), dtype=torch.float32, name="x")
+    validate_tensor(torch.zeros(2, 3, dtype=torch.int64), shape=(2, 3), dtype=torch.int64, name="ids")
+
+
+@pytest.mark.parametrize("bad", [torch.randn(2, 3), torch.randn(2, 3, 5), torch.randn(4, 3, 2),
+                                 torch.randn(6, 4), torch.randn(24), torch.randn(1, 2, 3, 4)])
+def test_validate_tensor_shape(bad: torch.Tensor) -> None:
+    assert _reason(validate_tensor, bad, shape=(2, 3, 4), dtype=torch.float32, name="x") == "shape"
+
+
+def test_validate_tensor_same_numel_reshape_is_shape() -> None:
+    t = torch.randn(2, 3, 4)
+    assert _reason(validate_tensor, t.reshape(3, 2, 4), shape=(2, 3, 4), dtype=torch.float32,
+                   name="x") == "shape"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int64])
+def test_validate_tensor_dtype(dtype: torch.dtype) -> None:
+    t = torch.zeros(2, 3, dtype=dtype)
+    assert _reason(validate_tensor, t, shape=(2, 3), dtype=torch.float32, name="x") == "dtype"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_validate_tensor_nonfinite(value: float) -> None:
+    t = torch.randn(2, 3)
+    t[1, 2] = value
+    assert _reason(validate_tensor, t, shape=(2, 3), dtype=torch.float32, name="x") == "nonfinite"
+
+
+def test_validate_tensor_message_names_tensor() -> None:
+    with pytest.raises(InvalidPayload, match="activations"):
+        validate_tensor(torch.randn(3), shape=(4,), dtype=torch.float32, name="activations")
+
+
+# -- require_fields -----------------------------------------------------------------------------------------
+
+
+SPEC: dict[str, type | tuple[type, ...]] = {"run": str, "step": int, "lr": (int, float)}
+
+
+def test_require_fields_ok() -> None:
+    require_fields({"run": "r", "step": 0, "lr": 0.5, "extra": None}, SPEC)
+    require_fields({"run": "r", "step": 7, "lr": 1}, SPEC)
+
+
+@pytest.mark.parametrize("meta", [
+    {"step": 0, "lr": 0.5},                     # missing run
+    {"run": "r", "lr": 0.5},                    # missing step
+    {"run": 5, "step": 0, "lr": 0.5},           # wrong type
+    {"run": "r", "step": "0", "lr": 0.5},
+    {"run": "r", "step": 1.0, "lr": 0.5},
+    {"run": "r", "step": None, "lr": 0.5},
+    {"run": "r", "step": True, "lr": 0.5},      # bool is not an int here
+    {"run": "r", "step": False, "lr": 0.5},
+    {"run": "r", "step": 0, "lr": "fast"},
+])
+def test_require_fields_rejects(meta: dict[str, Any]) -> None:
+    assert _reason(require_fields, meta, SPEC) == "decode"
