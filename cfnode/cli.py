@@ -24,6 +24,7 @@ from cfnode.config import (
     MetricsConfig,
     NetworkConfig,
     NodeConfig,
+    RecoveryConfig,
     TrainConfig,
     preset,
 )
@@ -138,6 +139,11 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics here (0: any free port).")
 @click.option("--heartbeat-period", type=float, default=_H.period_s, help="Seconds between heartbeats.")
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s, help="Seconds before a silent node is gone.")
+@click.option("--recovery", default="checkfree", type=click.Choice(["checkfree"]),
+              help="Recovery mode for lost stages.")
+@click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]),
+              help="How a lost middle stage is rebuilt.")
+@click.option("--lr-scale", type=float, default=1.1, help="LR multiplier of a rebuilt stage's fresh optimizer.")
 @click.option("--events-file", default=None, help="Append JSON-lines swarm events here.")
 @click.option("--ready-file", default=None, help="Write {peer_id, maddrs, stage, metrics_port} here when ready.")
 @_with(logging_options)
@@ -186,6 +192,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                               max_message_bytes=kw["max_message_bytes"]),
         heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
                                   claim_jitter_s=min(1.0, kw["heartbeat_period"])),
+        recovery=RecoveryConfig(mode=kw["recovery"], rule=kw["recovery_rule"], lr_scale=kw["lr_scale"]),
         metrics=MetricsConfig(host=kw["metrics_host"], port=kw["metrics_port"]),
         events_path=kw["events_file"], ready_file=kw["ready_file"],
     )

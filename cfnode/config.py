@@ -155,6 +155,27 @@ class HeartbeatConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RecoveryConfig:
+    mode: str = "checkfree"
+    """`checkfree`: rebuild intermediate stages from both neighbours, copy edge stages, stage 0 unrecoverable."""
+    rule: str = "grad-avg"
+    """How a lost stage is rebuilt: grad-avg (CheckFree), uniform-avg, copy, random (ablations)."""
+    lr_scale: float = 1.1
+    """The rebuilt stage's fresh Adam runs at lr * lr_scale for the rest of training (reference code: 1.1)."""
+    norm_power: float = 1.0
+    """Exponent p of the gradient-norm weights (the reference code uses p = 1)."""
+    fetch_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("checkfree",):
+            raise ConfigError(f"--recovery must be 'checkfree', got {self.mode!r}")
+        if self.rule not in ("grad-avg", "uniform-avg", "copy", "random"):
+            raise ConfigError(f"--recovery-rule must be grad-avg, uniform-avg, copy or random, got {self.rule!r}")
+        if self.lr_scale <= 0:
+            raise ConfigError(f"--lr-scale must be > 0, got {self.lr_scale}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
     host: str = "127.0.0.1"
     port: int | None = None
@@ -172,6 +193,7 @@ class NodeConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     events_path: str | None = None
     """Append one JSON line per swarm event (joined, claimed, step aborted, ...) to this file."""

@@ -84,5 +84,9 @@ REJECT_REASONS = (
 )
 
 
+class RecoveryError(CfnodeError):
+    """A lost stage could not be rebuilt from the donors at hand (bad or missing input); retryable."""
+
+
 class AttemptAborted(CfnodeError):
     """The current step attempt was aborted (a hop failed or it timed out)."""

@@ -13,7 +13,7 @@ from cfnode.errors import REJECT_REASONS
 
 RPC_METHODS = ("forward", "backward", "get_weights", "info", "commit", "abort")
 RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-STATES = ("joining", "online", "recovering", "standby", "offline")
+STATES = ("joining", "online", "recovering", "standby", "fenced", "offline")
 ABORT_REASONS = ("peer_unavailable", "rejected", "timeout", "stage_missing", "reported", "error")
 
 
@@ -65,6 +65,13 @@ class NodeMetrics:
                                    registry=r)
         self.stage_failures_detected = Counter("cfnode_stage_failures_detected", "Neighbour losses detected",
                                                ["neighbor"], registry=r)
+        self.recoveries = Counter("cfnode_recoveries", "Stage rebuilds", ["role", "rule", "result"], registry=r)
+        self.recovery_duration = Histogram("cfnode_recovery_duration_seconds", "Claim-to-ONLINE time of a rebuild",
+                                           registry=r, buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600))
+        self.last_recovery = Gauge("cfnode_last_recovery_timestamp_seconds", "Time of the last rebuild",
+                                   registry=r)
+        self.unrecoverable = Gauge("cfnode_swarm_unrecoverable", "1 while the swarm lost state it cannot rebuild",
+                                   registry=r)
         for state in STATES:
             self.stage_state.labels(state=state)
         for method in RPC_METHODS:

@@ -9,8 +9,8 @@ asyncio loop (network, heartbeats, membership) and ONE compute thread that owns 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -20,21 +20,24 @@ from typing import Any, TypeVar
 import torch
 from hivemind.dht import DHT
 
+from cfnode import membership
 from cfnode.config import NodeConfig
 from cfnode.deadline import within
-from cfnode.errors import ConfigMismatchError, InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.errors import (
+    InvalidPayload,
+    PeerUnavailableError,
+    RecoveryError,
+    RejectedError,
+    UnrecoverableError,
+)
 from cfnode.logs import EventLog
 from cfnode.metrics import NodeMetrics
 from cfnode.net.client import StageClient
 from cfnode.net.dht import SwarmDHT, visible_maddrs
 from cfnode.net.records import (
-    MetaRecord,
     StageRecord,
     StageState,
     SwarmView,
-    first_empty_stage,
-    is_occupied,
-    keeps_claim,
 )
 from cfnode.net.service import StageServicer
 from cfnode.train.schedule import AttemptKey, next_stage, prev_stage
@@ -75,12 +78,16 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.stopped = asyncio.Event()
+        self.stage_lost = asyncio.Event()
+        self.lost_neighbours: set[int] = set()
+        self.unrecoverable_logged = False
 
     # -- helpers -----------------------------------------------------------------------------------------
 
-    async def compute(self, fn: Callable[..., T], *args: Any) -> T:
+    async def compute(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run torch work on the single compute thread."""
-        return await asyncio.get_running_loop().run_in_executor(self.compute_pool, fn, *args)
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self.compute_pool, call)
 
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
@@ -160,8 +167,22 @@ class Node:
             await asyncio.sleep(period)
 
     async def _on_view(self) -> None:
-        if self.driver is not None:
+        membership.watch(self, self.view)
+        if self.driver is not None and self.stage == 0:
             self.driver.on_view(self.view)
+
+    def set_state(self, state: StageState, *, stage: int | None) -> None:
+        self.state, self.stage = state, stage
+        self.metrics.set_state(state.value.lower())
+        self.metrics.stage_index.set(-1 if stage is None else stage)
+        self.metrics.stage_generation.set(self.generation)
+
+    def fence(self) -> None:
+        """Another peer holds our stage at a higher generation: stop serving it and become a spare again."""
+        self.metrics.set_state("fenced")
+        self.state = StageState.STANDBY
+        self.worker = None
+        self.stage_lost.set()
 
     # -- heartbeat ---------------------------------------------------------------------------------------
 
@@ -174,8 +195,8 @@ class Node:
             except (TimeoutError, asyncio.TimeoutError):
                 logger.warning("heartbeat store timed out")
             took = time.monotonic() - started
-            if took > period / 2:
-                logger.warning("heartbeat took %.2fs (period %.2fs)", took, period)
+            if took > period:
+                logger.warning("heartbeat took %.2fs, longer than its period %.2fs", took, period)
             self._heartbeat_now.clear()
             try:
                 await asyncio.wait_for(self._heartbeat_now.wait(), timeout=max(0.0, period - took))
@@ -190,58 +211,6 @@ class Node:
 
     def heartbeat_soon(self) -> None:
         self._heartbeat_now.set()
-
-    # -- joining -----------------------------------------------------------------------------------------
-
-    async def check_meta(self) -> None:
-        """Refuse a run whose model differs from ours; publish ours if the run has none yet."""
-        mine = MetaRecord(num_stages=self.config.model.num_stages,
-                          model_config_hash=self.config.model.config_hash())
-        theirs = await self.swarm.read_meta()
-        if theirs is not None and theirs.model_config_hash != mine.model_config_hash:
-            raise ConfigMismatchError(
-                f"run {self.run_id!r} trains a model with config hash {theirs.model_config_hash} "
-                f"({theirs.num_stages} stages); this node's is {mine.model_config_hash} "
-                f"({mine.num_stages} stages, preset {self.config.model.preset!r}). Use the same --preset, "
-                "--stages and --model-path as the swarm, or another --run-id."
-            )
-        await self.swarm.store_meta(mine)
-
-    async def claim_stage(self) -> int:
-        """ARCHITECTURE §5: lowest empty stage (or --stage N), JOINING + jitter + tie-break; else STANDBY."""
-        announced_standby = False
-        while True:
-            view = await self.refresh_view()
-            wanted = self.config.stage
-            if wanted is None:
-                target = first_empty_stage(view, self.config.model.num_stages)
-            else:
-                target = None if is_occupied(view.members(wanted), view.now) else wanted
-            if target is None:
-                if not announced_standby:
-                    self.state = StageState.STANDBY
-                    self.metrics.set_state("standby")
-                    await self.announce()
-                    logger.info("no free stage; waiting as STANDBY")
-                    self.events.emit("standby")
-                    announced_standby = True
-                await asyncio.sleep(self.config.heartbeat.period_s)
-                continue
-            self.stage, self.state = target, StageState.JOINING
-            self.generation = view.max_generation(target)
-            self.metrics.set_state("joining")
-            await self.announce()
-            await asyncio.sleep(random.uniform(0.1, max(0.1, self.config.heartbeat.claim_jitter_s)))
-            view = await self.refresh_view()
-            if keeps_claim(view, target, self.peer_id):
-                logger.info("claimed stage %d", target)
-                self.events.emit("claimed", stage=target)
-                return target
-            logger.info("lost the race for stage %d; retrying", target)
-            self.state = StageState.OFFLINE
-            await self.swarm.store_stage(target, self.own_record(), ttl_s=self.config.heartbeat.ttl_s + 1)
-            self.stage = None
-            await asyncio.sleep(random.uniform(0.0, self.config.heartbeat.claim_jitter_s))
 
     # -- hop handling (the servicer calls these) ---------------------------------------------------------
 
@@ -313,7 +282,7 @@ class Node:
         try:
             peer = self.route(target)
         except PeerUnavailableError as e:
-            await self.report_failure(meta, f"stage {target} unavailable: {e}")
+            await self.report_failure(meta, f"stage {target} unavailable: {e}", suspect=target)
             return False
         assert self.client is not None
         try:
@@ -334,7 +303,8 @@ class Node:
                 side = "next" if target == next_stage(self.stage, self.config.model.num_stages) else "prev"
                 self.metrics.stage_failures_detected.labels(neighbor=side).inc()
                 self.events.emit("neighbour_unreachable", stage=target, peer=peer[:12], error=str(e)[:200])
-            await self.report_failure(meta, f"{method} to stage {target} failed: {e}")
+            await self.report_failure(meta, f"{method} to stage {target} failed: {e}",
+                                      suspect=target if isinstance(e, PeerUnavailableError) else None)
             return False
 
     async def is_reachable(self, peer_id: str) -> bool:
@@ -346,8 +316,9 @@ class Node:
         except PeerUnavailableError:
             return False
 
-    async def report_failure(self, meta: dict[str, Any], reason: str) -> None:
-        """Fast path: tell stage 0 that this attempt cannot complete (it would time out otherwise)."""
+    async def report_failure(self, meta: dict[str, Any], reason: str, *, suspect: int | None = None) -> None:
+        """Fast path: tell stage 0 that this attempt cannot complete (it would time out otherwise), and which
+        stage we could not reach, so stage 0 can confirm and stop routing to it."""
         if meta.get("kind") != "train":
             return
         if self.stage == 0:
@@ -357,7 +328,8 @@ class Node:
             peer0 = self.route(0)
             await self.client.abort(peer0, {"run": self.run_id, "step": meta["step"], "attempt": meta["attempt"],
                                             "reason": reason[:300], "from_stage": self.stage,
-                                            "generation": self.generation})
+                                            "generation": self.generation,
+                                            "suspect_stage": -1 if suspect is None else suspect})
         except (PeerUnavailableError, RejectedError) as e:
             logger.debug("could not report the failure to stage 0: %s", e)
 
@@ -387,6 +359,20 @@ class Node:
             raise InvalidPayload("wrong_stage", "only stage 0 takes abort reports")
         self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "reported",
                                  f"stage {meta['from_stage']}: {meta['reason']}")
+        suspect = meta.get("suspect_stage")
+        if isinstance(suspect, int) and 0 < suspect <= self.config.model.num_stages:
+            self.spawn(self._confirm_suspect(suspect), "confirm-suspect")
+
+    async def _confirm_suspect(self, stage_idx: int) -> None:
+        """A neighbour could not reach stage `stage_idx`: ping its owner ourselves; ban it if silent, so the
+        driver waits for the ring instead of retrying into a dead peer until its record expires."""
+        try:
+            peer = self.route(stage_idx)
+        except PeerUnavailableError:
+            return
+        if not await self.is_reachable(peer):
+            self.ban(peer, "confirmed_dead")
+            self.events.emit("neighbour_unreachable", stage=stage_idx, peer=peer[:12], confirmed_by="ping")
 
     async def weights_snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         worker = self.worker
@@ -407,8 +393,9 @@ class Node:
     # -- run ---------------------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        from cfnode.model.stages import build_stage  # torch-heavy import after the DHT fork
-        from cfnode.train.driver import Driver
+        """Serve until stopped: claim a stage (or wait as a spare), build or rebuild it, serve it; if fenced
+        off it, start over. Stage 0 returns when its driver reaches --max-steps."""
+        from cfnode.train.driver import Driver  # torch-heavy import after the DHT fork
 
         torch.set_num_threads(self.config.train.num_threads)
         await self.compute(_warm_up_optimizer)
@@ -420,33 +407,57 @@ class Node:
             self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self.metrics.node_info.labels(peer_id=self.peer_id, role="stage", run_id=self.run_id).set(1)
         try:
-            await self.check_meta()
+            await membership.check_meta(self)
             self.spawn(self._heartbeat_loop(), "heartbeat")
-            stage = await self.claim_stage()
-            module = await self.compute(build_stage, self.config.model, stage, self.config.model_path)
-            self.worker = StageWorker(module, stage_idx=stage, lr=self.config.train.lr,
-                                      clip_norm=self.config.train.clip_norm)
-            self.metrics.model_parameters.set(self.worker.num_parameters)
-            self.metrics.learning_rate.set(self.config.train.lr)
-            self.metrics.stage_index.set(stage)
-            self.metrics.stage_generation.set(self.generation)
-            if stage == 0:
-                self.driver = Driver(self)
-                await self.driver.prepare()
-            self.state = StageState.ONLINE
-            self.metrics.set_state("online")
-            await self.announce()
-            self.events.emit("online", stage=stage, generation=self.generation)
             self.spawn(self._membership_loop(), "membership")
-            self._ready(visible_maddrs(self.dht))
-            if self.driver is not None:
-                await self.driver.run()
-            else:
-                await self.stopped.wait()
+            while True:
+                stage = await membership.claim_stage(self)
+                try:
+                    worker = await membership.acquire_stage(self, stage)
+                except (RecoveryError, UnrecoverableError) as e:
+                    logger.warning("giving stage %d back: %s", stage, e)
+                    self.set_state(StageState.OFFLINE, stage=stage)
+                    await self.announce()
+                    self.set_state(StageState.JOINING, stage=None)
+                    await asyncio.sleep(self.config.heartbeat.period_s)
+                    continue
+                self.worker = worker
+                self.metrics.model_parameters.set(worker.num_parameters)
+                if stage == 0:
+                    self.driver = Driver(self)
+                    await self.driver.prepare()
+                self.lost_neighbours.clear()
+                self.stage_lost.clear()
+                self.set_state(StageState.ONLINE, stage=stage)
+                await self.announce()
+                self.events.emit("online", stage=stage, generation=self.generation, step=worker.step)
+                self._ready(visible_maddrs(self.dht))
+                if await self._serve_until_fenced():
+                    return
         finally:
             await self.leave(p2p, servicer)
 
+    async def _serve_until_fenced(self) -> bool:
+        """Serve the stage; True when stage 0's driver finished, False when the stage was taken from us."""
+        fenced = asyncio.ensure_future(self.stage_lost.wait())
+        waiters: set[asyncio.Future[Any]] = {fenced}
+        if self.driver is not None and self.stage == 0:
+            waiters.add(asyncio.ensure_future(self.driver.run()))
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        for w in done:
+            if w is not fenced:
+                w.result()  # re-raise a driver failure
+                return True
+        return False
+
+    join_addr: str | None = None
+
     def _ready(self, maddrs: list[str]) -> None:
+        self.join_addr = maddrs[0] if maddrs else None
         info = {"peer_id": self.peer_id, "maddrs": maddrs, "stage": self.stage, "run_id": self.run_id,
                 "metrics_port": self.metrics_port, "generation": self.generation}
         logger.info("stage %s ONLINE as %s", self.stage, self.peer_id)

@@ -73,7 +73,7 @@ class StageRecord:
                 throughput=float(value.get("throughput", 0.0)),
                 version=int(value.get("version", 0)),
             )
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, OverflowError):
             return None
 
 
@@ -95,7 +95,7 @@ class MetaRecord:
         try:
             return cls(num_stages=int(value["num_stages"]), model_config_hash=str(value["model_config_hash"]),
                        version=int(value.get("version", 0)))
-        except (KeyError, ValueError, TypeError):
+        except (KeyError, ValueError, TypeError, OverflowError):
             return None
 
 
@@ -171,6 +171,14 @@ def keeps_claim(view: SwarmView, stage_idx: int, my_peer_id: str) -> bool:
         if is_alive(p.expiration_time, view.now) and p.record.state is StageState.JOINING
     )
     return bool(joining) and joining[0] == my_peer_id
+
+
+def swarm_has_trained(view: SwarmView, num_stages: int) -> bool:
+    """True once any live ONLINE stage reports a committed step: a stage taken now must be rebuilt from its
+    neighbours rather than from the seeded init (ARCHITECTURE §5 step 3)."""
+    return any(
+        (owner := view.online_owner(i)) is not None and owner.record.step > 0 for i in range(num_stages + 1)
+    )
 
 
 def needs_recovery(view: SwarmView, stage_idx: int, num_stages: int) -> bool:

@@ -146,8 +146,12 @@ class Driver:
             for idx in missing:
                 if idx not in self._waiting_logged:
                     self._waiting_logged.add(idx)
-                    logger.warning("stage %d has no live owner; waiting for a node to take it "
-                                   "(cfnode join --peers <addr>)", idx)
+                    addr = self.node.join_addr or "<addr>"
+                    if self.node.worker is not None and self.node.worker.step > 0:
+                        logger.warning("stage %d lost; waiting for a node to rebuild it (cfnode join --peers %s)",
+                                       idx, addr)
+                    else:
+                        logger.info("stage %d has no node yet; waiting for one (cfnode join --peers %s)", idx, addr)
                     self.node.events.emit("waiting_for_stage", stage=idx)
             await asyncio.sleep(self.cfg.heartbeat.period_s)
             await self.node.refresh_view()

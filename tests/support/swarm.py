@@ -36,7 +36,8 @@ def wait_until(pred: Callable[[], T], timeout_s: float, what: str, poll_s: float
 
 
 class Harness:
-    def __init__(self, workdir: str, run_id: str, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, workdir: str, run_id: str, extra: tuple[str, ...] = (), stages: int = 2) -> None:
+        self.stages = stages
         self.workdir = workdir
         self.run_id = run_id
         self.swarm = Swarm(workdir)
@@ -52,7 +53,7 @@ class Harness:
     def join_args(self, *args: str) -> list[str]:
         assert self.bootstrap_maddr
         return ["join", "--peers", self.bootstrap_maddr, "--run-id", self.run_id, "--preset", "tiny",
-                "--stages", "2", "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
+                "--stages", str(self.stages), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
                 "--heartbeat-period", "0.5", "--heartbeat-ttl", "3", "--microbatches", "4",
                 "--microbatch-size", "4", "--val-every", "10", "--step-timeout", "15",
                 "--request-timeout", "5", "--metrics-port", "0", *self.extra, *args]

@@ -236,7 +236,7 @@ def test_head_backward_scales_by_num_microbatches() -> None:
         key = AttemptKey(0, 0)
         w.begin(key)
         h = w.embed(key, 0, ids(0))
-        loss, g = w.head_backward(key, 0, h, ids(1), m)
+        _loss, g = w.head_backward(key, 0, h, ids(1), m)
         grads.append(g)
     assert torch.allclose(grads[0], 4 * grads[1], rtol=1e-4, atol=1e-7)
 

@@ -1,0 +1,185 @@
+"""How a node gets, keeps and loses a stage: the run's config check, the claim protocol (ARCHITECTURE §5),
+rebuilding a stage that had trained (§7), and what the membership view tells a holder (fencing, lost
+neighbours, an unrecoverable stage 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from cfnode.errors import (
+    ConfigMismatchError,
+    PeerUnavailableError,
+    RecoveryError,
+    RejectedError,
+    UnrecoverableError,
+)
+from cfnode.net.records import MetaRecord, StageState, SwarmView, is_occupied, keeps_claim, swarm_has_trained
+from cfnode.recovery.coordinator import Rebuilder, plan_recovery
+from cfnode.train.schedule import next_stage, prev_stage
+from cfnode.train.worker import StageWorker
+
+if TYPE_CHECKING:
+    import torch
+
+    from cfnode.node import Node
+
+logger = logging.getLogger(__name__)
+
+
+async def check_meta(node: Node) -> None:
+    """Refuse a run whose model differs from ours; publish ours if the run has none yet."""
+    model = node.config.model
+    mine = MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash())
+    theirs = await node.swarm.read_meta()
+    if theirs is not None and theirs.model_config_hash != mine.model_config_hash:
+        raise ConfigMismatchError(
+            f"run {node.run_id!r} trains a model with config hash {theirs.model_config_hash} "
+            f"({theirs.num_stages} stages); this node's is {mine.model_config_hash} "
+            f"({mine.num_stages} stages, preset {model.preset!r}). Use the same --preset, --stages and "
+            "--model-path as the swarm, or another --run-id."
+        )
+    await node.swarm.store_meta(mine)
+
+
+def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None) -> list[int]:
+    """Empty stages this node may take, lowest first. Stage 0 is never taken once the swarm has trained:
+    its embedding and head exist nowhere else (without checkfree+), so a fresh one would be garbage."""
+    candidates = range(num_stages + 1) if wanted is None else [wanted]
+    trained = swarm_has_trained(view, num_stages)
+    return [i for i in candidates if not is_occupied(view.members(i), view.now) and not (i == 0 and trained)]
+
+
+async def claim_stage(node: Node) -> int:
+    """JOINING + jitter + tie-break on the lowest claimable stage; otherwise wait as STANDBY."""
+    cfg = node.config
+    announced_standby = False
+    while True:
+        view = await node.refresh_view()
+        note_unrecoverable(node, view)
+        targets = claimable_stages(view, cfg.model.num_stages, cfg.stage)
+        if not targets:
+            if not announced_standby:
+                node.set_state(StageState.STANDBY, stage=None)
+                await node.announce()
+                logger.info("no free stage; waiting as STANDBY")
+                node.events.emit("standby")
+                announced_standby = True
+            await asyncio.sleep(cfg.heartbeat.period_s)
+            continue
+        target = targets[0]
+        node.generation = view.max_generation(target)
+        node.set_state(StageState.JOINING, stage=target)
+        await node.announce()
+        await asyncio.sleep(random.uniform(0.1, max(0.1, cfg.heartbeat.claim_jitter_s)))
+        view = await node.refresh_view()
+        if keeps_claim(view, target, node.peer_id):
+            logger.info("claimed stage %d", target)
+            node.events.emit("claimed", stage=target)
+            return target
+        logger.info("lost the race for stage %d; retrying", target)
+        node.set_state(StageState.OFFLINE, stage=target)
+        await node.swarm.store_stage(target, node.own_record(), ttl_s=cfg.heartbeat.ttl_s + 1)
+        node.set_state(StageState.STANDBY if announced_standby else StageState.JOINING, stage=None)
+        await asyncio.sleep(random.uniform(0.0, cfg.heartbeat.claim_jitter_s))
+
+
+async def acquire_stage(node: Node, stage: int) -> StageWorker:
+    """Build the stage: the seeded init if the swarm never trained, else a CheckFree rebuild from the
+    neighbours (fresh Adam at lr * lr_scale, generation + 1, step = the donors' step)."""
+    from cfnode.model.stages import build_stage  # torch-heavy, imported after the DHT fork
+
+    cfg = node.config
+    module = await node.compute(build_stage, cfg.model, stage, cfg.model_path)
+    worker = StageWorker(module, stage_idx=stage, lr=cfg.train.lr, clip_norm=cfg.train.clip_norm)
+    view = await node.refresh_view()
+    if not swarm_has_trained(view, cfg.model.num_stages):
+        return worker
+    node.set_state(StageState.RECOVERING, stage=stage)
+    node.generation = view.max_generation(stage) + 1
+    await node.announce()
+    started = time.perf_counter()
+    live = {i for i in range(1, cfg.model.num_stages + 1) if i != stage and view.online_owner(i) is not None}
+    plan = plan_recovery(stage, live, cfg.model.num_stages)  # UnrecoverableError for stage 0
+    node.events.emit("recovery_started", stage=stage, rule=cfg.recovery.rule, prev=plan.prev_source,
+                     next=plan.next_source, degraded=plan.degraded, generation=node.generation)
+    rebuilder = Rebuilder(rule=cfg.recovery.rule, config_hash=cfg.model.config_hash(),
+                          clip_norm=cfg.train.clip_norm, fetch=lambda idx: _fetch(node, idx),
+                          norm_power=cfg.recovery.norm_power)
+    fresh = await node.compute(worker.snapshot)
+    try:
+        result = await rebuilder.run(plan, fresh)
+    except (RecoveryError, PeerUnavailableError, RejectedError) as e:
+        node.metrics.recoveries.labels(role="recovered", rule=cfg.recovery.rule, result="rejected_input").inc()
+        node.events.emit("recovery_failed", stage=stage, error=str(e)[:300])
+        raise RecoveryError(f"rebuilding stage {stage} failed: {e}") from e
+    lr = cfg.train.lr * cfg.recovery.lr_scale
+    await node.compute(worker.install, result.state, step=result.step, lr=lr)
+    took = time.perf_counter() - started
+    level = logging.WARNING if plan.degraded else logging.INFO
+    logger.log(level, "rebuilt stage %d by %s from %s%s in %.2fs (fetch %.2fs); step %d, generation %d, lr %.2e",
+               stage, result.how, result.sources, " (degraded)" if plan.degraded else "", took, result.fetch_s,
+               result.step, node.generation, lr)
+    node.events.emit("recovery_finished", stage=stage, how=result.how, sources=result.sources,
+                     degraded=plan.degraded, duration_s=round(took, 3), fetch_s=round(result.fetch_s, 3),
+                     step=result.step, generation=node.generation, lr=lr)
+    m = node.metrics
+    m.recoveries.labels(role="recovered", rule=cfg.recovery.rule, result="success").inc()
+    m.recovery_duration.observe(took)
+    m.last_recovery.set(time.time())
+    m.learning_rate.set(lr)
+    return worker
+
+
+async def _fetch(node: Node, stage_idx: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    assert node.client is not None
+    peer = node.route(stage_idx)
+    return await node.client.get_weights(peer, max_bytes=2**31, timeout_s=node.config.recovery.fetch_timeout_s)
+
+
+def note_unrecoverable(node: Node, view: SwarmView) -> None:
+    """Log once (and export) that stage 0 is gone from a swarm that had trained."""
+    num = node.config.model.num_stages
+    lost = (view.online_owner(0) is None and not is_occupied(view.members(0), view.now)
+            and swarm_has_trained(view, num))
+    node.metrics.unrecoverable.set(1 if lost else 0)
+    if lost and not node.unrecoverable_logged:
+        node.unrecoverable_logged = True
+        err = UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
+                                 "without checkfree+; training is paused for good")
+        logger.error("%s", err)
+        node.events.emit("unrecoverable", stage=0, detail=str(err))
+        node.metrics.recoveries.labels(role="recovered", rule=node.config.recovery.rule,
+                                       result="unrecoverable").inc()
+    elif not lost:
+        node.unrecoverable_logged = False
+
+
+def watch(node: Node, view: SwarmView) -> None:
+    """What a stage holder learns from each membership read."""
+    note_unrecoverable(node, view)
+    stage = node.stage
+    if stage is None or node.state is not StageState.ONLINE:
+        return
+    owner = view.online_owner(stage)
+    if owner is not None and owner.peer_id != node.peer_id and owner.record.generation > node.generation:
+        logger.warning("stage %d is now held by %s at generation %d (ours %d); stepping down to STANDBY",
+                       stage, owner.peer_id[:12], owner.record.generation, node.generation)
+        node.events.emit("fenced", stage=stage, by=owner.peer_id[:12], generation=owner.record.generation)
+        node.fence()
+        return
+    num = node.config.model.num_stages
+    for side, idx in (("prev", prev_stage(stage, num)), ("next", next_stage(stage, num))):
+        alive = view.online_owner(idx) is not None
+        if not alive and idx not in node.lost_neighbours:
+            node.lost_neighbours.add(idx)
+            node.metrics.stage_failures_detected.labels(neighbor=side).inc()
+            node.events.emit("neighbour_lost", stage=idx, side=side)
+            logger.warning("neighbour stage %d (%s) has no live owner (its record expired)", idx, side)
+        elif alive and idx in node.lost_neighbours:
+            node.lost_neighbours.discard(idx)
+            node.events.emit("neighbour_back", stage=idx, side=side)

@@ -1,0 +1,114 @@
+"""Rebuilding a lost stage: plan (pure) -> fetch the neighbours' weights -> check them -> apply the rule.
+
+`plan_recovery` decides which surviving stages to rebuild from; `Rebuilder` runs the plan with injected I/O
+(`fetch(stage_idx)` returns a stage's weights and metadata), so it is testable without sockets. Nothing is
+installed unless every fetched tensor passed its checks (shape, dtype, finite, model-config hash, a
+plausible post-clip gradient norm).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cfnode.errors import RecoveryError, UnrecoverableError
+from cfnode.recovery.checkfree import Neighbour, StateDict, rebuild
+
+logger = logging.getLogger(__name__)
+
+Fetch = Callable[[int], Awaitable[tuple[dict[str, Any], dict[str, torch.Tensor]]]]
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    stage: int
+    prev_source: int | None
+    """Nearest surviving transformer stage below (None: none survives)."""
+    next_source: int | None
+    """Nearest surviving transformer stage above."""
+
+    @property
+    def degraded(self) -> bool:
+        """Not the textbook case of both direct neighbours alive."""
+        return self.prev_source != self.stage - 1 or self.next_source != self.stage + 1
+
+
+def plan_recovery(stage_idx: int, live_stages: set[int], num_stages: int) -> RecoveryPlan:
+    """Which stages to rebuild `stage_idx` from (CheckFree, no CheckFree+).
+
+    Stage 0 holds the embedding and head, which no other stage has: UnrecoverableError. A transformer stage
+    uses the nearest live transformer stage on each side (stage 0 never, its shapes differ): both direct
+    neighbours is plain CheckFree; an edge stage (1 or L) gets a copy of its one transformer neighbour; after
+    adjacent losses the nearest survivors are used, weighted by distance.
+    """
+    if stage_idx == 0:
+        raise UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
+                                 "without checkfree+ (its replicas on stages 1 and L)")
+    if not 1 <= stage_idx <= num_stages:
+        raise ValueError(f"stage {stage_idx} outside 1..{num_stages}")
+    below = [s for s in live_stages if 1 <= s < stage_idx]
+    above = [s for s in live_stages if stage_idx < s <= num_stages]
+    return RecoveryPlan(stage_idx, max(below) if below else None, min(above) if above else None)
+
+
+@dataclass
+class RecoveryResult:
+    state: dict[str, torch.Tensor]
+    how: str
+    step: int
+    fetch_s: float
+    sources: dict[str, int]
+
+
+def check_meta(meta: dict[str, Any], *, stage: int, config_hash: str, clip_norm: float) -> tuple[float, int]:
+    """Validate a donor's metadata; returns (post-clip grad norm, step)."""
+    if meta.get("config_hash") != config_hash:
+        raise RecoveryError(f"stage {stage} donor has model config {meta.get('config_hash')}, ours is {config_hash}")
+    if meta.get("stage") != stage:
+        raise RecoveryError(f"asked stage {stage} for weights, got stage {meta.get('stage')}'s")
+    norm, step = meta.get("grad_norm"), meta.get("step")
+    if not isinstance(norm, (int, float)) or not math.isfinite(norm) or not 0 <= norm <= clip_norm * 1.001:
+        raise RecoveryError(f"stage {stage} reports an impossible post-clip gradient norm {norm!r} "
+                            f"(clip is {clip_norm})")
+    if not isinstance(step, int) or step < 0:
+        raise RecoveryError(f"stage {stage} reports step {step!r}")
+    return float(norm), step
+
+
+class Rebuilder:
+    def __init__(self, *, rule: str, config_hash: str, clip_norm: float, fetch: Fetch,
+                 norm_power: float = 1.0) -> None:
+        self.rule = rule
+        self.config_hash = config_hash
+        self.clip_norm = clip_norm
+        self.fetch = fetch
+        self.norm_power = norm_power
+
+    async def run(self, plan: RecoveryPlan, fresh: StateDict) -> RecoveryResult:
+        import asyncio
+
+        started = time.perf_counter()
+        sides = {"prev": plan.prev_source, "next": plan.next_source}
+        wanted = {side: idx for side, idx in sides.items() if idx is not None}
+        if self.rule == "random":
+            wanted = {}
+        fetched = await asyncio.gather(*(self.fetch(idx) for idx in wanted.values()))
+        fetch_s = time.perf_counter() - started
+        neighbours: dict[str, Neighbour] = {}
+        steps = [0]
+        for (side, idx), (meta, state) in zip(wanted.items(), fetched, strict=True):
+            norm, step = check_meta(meta, stage=idx, config_hash=self.config_hash, clip_norm=self.clip_norm)
+            neighbours[side] = Neighbour(state=state, grad_norm=norm, distance=abs(idx - plan.stage), step=step)
+            steps.append(step)
+        try:
+            state, how = rebuild(self.rule, prev=neighbours.get("prev"), nxt=neighbours.get("next"), fresh=fresh,
+                                 power=self.norm_power)
+        except ValueError as e:
+            raise RecoveryError(f"cannot rebuild stage {plan.stage}: {e}") from e
+        return RecoveryResult(state=state, how=how, step=max(steps), fetch_s=fetch_s, sources=wanted)

@@ -1,0 +1,153 @@
+"""The `cfnode` command line (cfnode.cli): usage errors that exit before any networking, help texts, env vars.
+
+No node is started: every invocation here must fail validation first. `_run_join` and `run_demo` are
+replaced by tripwires so a regression that lets an invalid config through fails loudly instead of
+starting a DHT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from cfnode import cli
+
+PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmExamplePeer"
+
+
+@pytest.fixture(autouse=True)
+def _no_side_effects(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "setup_logging", lambda *a, **k: None)  # keep the test process' root logger
+
+    def tripwire(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the command got past validation and tried to start networking")
+
+    monkeypatch.setattr(cli, "_run_join", tripwire)
+    import cfnode.demo
+
+    monkeypatch.setattr(cfnode.demo, "run_demo", tripwire)
+    for var in ("CFNODE_JOIN_STAGE", "CFNODE_JOIN_PEERS", "CFNODE_JOIN_PRESET", "CFNODE_DEMO_STAGES"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli.main, list(args), env=env)
+
+
+def output(result: Result) -> str:
+    # click >= 8.2 separates stderr; `output` has both there, only stdout before
+    return result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def assert_usage_error(result: Result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, output(result), result.exception)
+    text = output(result)
+    for needle in needles:
+        assert needle in text, (needle, text)
+
+
+def test_join_requires_peers() -> None:
+    assert_usage_error(invoke("join"), "--peers")
+
+
+def test_join_bad_stage() -> None:
+    assert_usage_error(invoke("join", "--peers", PEER, "--stage", "foo"), "--stage", "foo")
+
+
+def test_join_unknown_preset() -> None:
+    assert_usage_error(invoke("join", "--peers", PEER, "--preset", "nope"), "--preset", "nope")
+
+
+def test_join_stage_out_of_range() -> None:
+    result = invoke("join", "--peers", PEER, "--stage", "99", "--preset", "tiny")
+    assert_usage_error(result, "stage", "99")
+
+
+def test_join_stage_out_of_range_with_stages_override() -> None:
+    # --stages 2 makes 3 the first invalid index (the ring is 0..2)
+    assert_usage_error(invoke("join", "--peers", PEER, "--stage", "3", "--preset", "tiny", "--stages", "2"),
+                       "stage")
+
+
+def test_join_ttl_not_above_period() -> None:
+    result = invoke("join", "--peers", PEER, "--heartbeat-period", "5", "--heartbeat-ttl", "2")
+    assert_usage_error(result, "ttl")
+
+
+def test_join_announce_port_zero() -> None:
+    result = invoke("join", "--peers", PEER, "--announce-maddrs", "/ip4/1.2.3.4/tcp/0")
+    assert_usage_error(result, "announce")
+
+
+def test_join_bad_run_id() -> None:
+    assert_usage_error(invoke("join", "--peers", PEER, "--run-id", "a:b"), "run_id")
+
+
+def test_join_valid_config_reaches_run_join(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The positive control of the tripwire: a valid command line builds the NodeConfig and hands it on."""
+    seen = []
+    monkeypatch.setattr(cli, "_run_join", seen.append)
+    result = invoke("join", "--peers", f"{PEER},{PEER}x", "--stage", "2", "--preset", "tiny", "--run-id", "r1")
+    assert result.exit_code == 0, output(result)
+    (config,) = seen
+    assert config.stage == 2 and config.run_id == "r1" and config.model.preset == "tiny"
+    assert config.network.initial_peers == (PEER, f"{PEER}x")
+
+
+def test_demo_zero_stages() -> None:
+    assert_usage_error(invoke("demo", "--stages", "0"), "--stages")
+
+
+def test_demo_zero_steps() -> None:
+    assert_usage_error(invoke("demo", "--steps", "0"), "--steps")
+
+
+JOIN_FLAGS = ["--peers", "--stage", "--run-id", "--preset", "--model-path", "--data", "--identity-path",
+              "--host-maddrs", "--announce-maddrs", "--metrics-host", "--metrics-port", "--heartbeat-period",
+              "--heartbeat-ttl", "--log-level", "--log-format"]
+DEMO_FLAGS = ["--stages", "--steps", "--preset", "--workdir", "--json-summary"]
+
+
+@pytest.mark.parametrize(("command", "flags"), [("join", JOIN_FLAGS), ("demo", DEMO_FLAGS),
+                                                ("bootstrap", ["--host-maddrs", "--announce-maddrs",
+                                                               "--identity-path"]),
+                                                ("status", ["--peers", "--run-id", "--json"])])
+def test_help_lists_flags(command: str, flags: list[str]) -> None:
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, output(result)
+    for flag in flags:
+        assert flag in result.output, flag
+
+
+def test_main_help_lists_commands() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("bootstrap", "join", "status", "demo"):
+        assert command in result.output
+
+
+def test_env_var_is_read() -> None:
+    result = invoke("join", "--peers", PEER, env={"CFNODE_JOIN_STAGE": "foo"})
+    assert_usage_error(result, "--stage", "foo")
+
+
+def test_env_var_peers_satisfies_required() -> None:
+    # with peers from the environment the failure is the (invalid) stage, not a missing --peers
+    result = invoke("join", "--stage", "foo", env={"CFNODE_JOIN_PEERS": PEER})
+    assert_usage_error(result, "--stage")
+    assert "Missing option" not in output(result)
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ((), ()),
+    (("a",), ("a",)),
+    (("a,b",), ("a", "b")),
+    (("a b",), ("a", "b")),
+    ((" a ,, b\n\tc ", "d"), ("a", "b", "c", "d")),
+    (("a", "b,c"), ("a", "b", "c")),
+    ((",", " "), ()),
+])
+def test_split_peers(given: tuple[str, ...], expected: tuple[str, ...]) -> None:
+    assert cli._split_peers(given) == expected
