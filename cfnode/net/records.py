@@ -7,6 +7,7 @@ unknown fields and reject records they cannot parse, so old and new nodes can te
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,9 @@ class StageRecord:
         if not isinstance(value, Mapping):
             return None
         try:
+            floats = [float(value.get(k, 1.0)) for k in ("grad_norm", "grad_norm_raw", "throughput")]
+            if not all(math.isfinite(f) for f in floats):
+                return None
             return cls(
                 state=StageState(value["state"]),
                 step=int(value.get("step", 0)),

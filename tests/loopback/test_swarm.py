@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 import torch
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from cfnode.config import NetworkConfig, preset
