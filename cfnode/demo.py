@@ -125,6 +125,18 @@ def wait_for_line(proc: Proc, pattern: re.Pattern[str], timeout_s: float) -> re.
     raise TimeoutError(f"{proc.name} did not print {pattern.pattern!r} within {timeout_s}s; see {proc.log_path}")
 
 
+def wait_for_event(proc: Proc, event: str, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for e in read_events(proc.events_path):
+            if e["event"] == event:
+                return e
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log_path}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{proc.name} did not report {event!r} within {timeout_s}s; see {proc.log_path}")
+
+
 def read_events(path: str | None) -> list[dict[str, Any]]:
     if not path or not os.path.exists(path):
         return []
@@ -156,11 +168,11 @@ def run_demo(options: DemoOptions) -> int:
                   "--lr", str(options.lr), "--val-every", str(options.val_every),
                   "--heartbeat-period", str(options.heartbeat_period),
                   "--heartbeat-ttl", str(options.heartbeat_ttl)]
-        stage_procs = []
-        for idx in range(options.stages + 1):
-            extra = ["--max-steps", str(options.steps)] if idx == 0 else []
-            stage_procs.append(swarm.spawn(f"stage{idx}", ["join", *common, "--stage", str(idx), *extra],
-                                           events=True))
+        common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
+        stage_procs = [swarm.spawn(f"stage{idx}", ["join", *common, "--stage", str(idx)], events=True)
+                       for idx in range(options.stages + 1)]
+        for proc in stage_procs:  # spares start once every stage is held, so they wait as STANDBY
+            wait_for_event(proc, "online", 180)
         spares = [swarm.spawn(f"spare{i}", ["join", *common], events=True) for i in range(options.spares)]
         code = _follow(options, stage_procs, spares)
     except KeyboardInterrupt:

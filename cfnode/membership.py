@@ -152,7 +152,7 @@ def note_unrecoverable(node: Node, view: SwarmView) -> None:
         err = UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
                                  "without checkfree+; training is paused for good")
         logger.error("%s", err)
-        node.events.emit("unrecoverable", stage=0, detail=str(err))
+        node.events.emit("unrecoverable", stage=0, reason="stage 0 lost; needs checkfree+")
         node.metrics.recoveries.labels(role="recovered", rule=node.config.recovery.rule,
                                        result="unrecoverable").inc()
     elif not lost:

@@ -1,0 +1,132 @@
+"""Which stages a node may claim (cfnode.membership.claimable_stages) and when the swarm counts as trained
+(cfnode.net.records.swarm_has_trained), on hand-built SwarmView objects."""
+
+from __future__ import annotations
+
+import pytest
+
+from cfnode.membership import claimable_stages
+from cfnode.net.records import PeerRecord, StageRecord, StageState, SwarmView, swarm_has_trained
+
+NOW = 1000.0
+TTL = 8.0
+L = 4  # transformer stages; the swarm has stages 0..L
+
+ONLINE, JOINING, RECOVERING, OFFLINE, STANDBY = (
+    StageState.ONLINE, StageState.JOINING, StageState.RECOVERING, StageState.OFFLINE, StageState.STANDBY)
+
+
+def peer(peer_id: str, state: StageState, *, step: int = 0, generation: int = 0,
+         expires: float = NOW + TTL) -> PeerRecord:
+    return PeerRecord(peer_id=peer_id, record=StageRecord(state=state, step=step, generation=generation),
+                      expiration_time=expires)
+
+
+def view(stages: dict[int, list[PeerRecord]], standby: tuple[PeerRecord, ...] = ()) -> SwarmView:
+    return SwarmView(stages={i: tuple(ps) for i, ps in stages.items()}, standby=standby, now=NOW)
+
+
+def full(step: int = 0) -> dict[int, list[PeerRecord]]:
+    return {i: [peer(f"p{i}", ONLINE, step=step)] for i in range(L + 1)}
+
+
+def test_empty_swarm_lowest_first() -> None:
+    v = view({})
+    assert claimable_stages(v, L, None) == [0, 1, 2, 3, 4]
+    assert not swarm_has_trained(v, L)
+
+
+def test_lowest_empty_first_with_gaps() -> None:
+    v = view({0: [peer("a", ONLINE)], 2: [peer("b", ONLINE)]})
+    assert claimable_stages(v, L, None) == [1, 3, 4]
+
+
+@pytest.mark.parametrize("state", [JOINING, RECOVERING, ONLINE])
+def test_occupied_stages_are_skipped(state: StageState) -> None:
+    v = view({0: [peer("a", ONLINE)], 1: [peer("b", state)]})
+    assert claimable_stages(v, L, None) == [2, 3, 4]
+
+
+@pytest.mark.parametrize("state", [OFFLINE, STANDBY])
+def test_offline_or_standby_records_do_not_occupy(state: StageState) -> None:
+    v = view({0: [peer("a", ONLINE)], 1: [peer("b", state)]})
+    assert claimable_stages(v, L, None) == [1, 2, 3, 4]
+
+
+def test_expired_records_do_not_occupy() -> None:
+    v = view({0: [peer("a", ONLINE)], 1: [peer("b", JOINING, expires=NOW - 0.1)],
+              2: [peer("c", RECOVERING, expires=NOW)]})
+    assert claimable_stages(v, L, None) == [1, 2, 3, 4]
+
+
+def test_one_active_member_among_others_occupies() -> None:
+    v = view({1: [peer("a", OFFLINE), peer("b", JOINING)]})
+    assert claimable_stages(v, L, None) == [0, 2, 3, 4]
+
+
+def test_stage_zero_claimable_in_a_fresh_swarm() -> None:
+    v = view({i: [peer(f"p{i}", ONLINE, step=0)] for i in range(1, L + 1)})  # all ONLINE, none has stepped
+    assert not swarm_has_trained(v, L)
+    assert claimable_stages(v, L, None) == [0]
+    assert claimable_stages(v, L, 0) == [0]
+
+
+@pytest.mark.parametrize("trained_stage", [1, 2, L])
+def test_stage_zero_not_claimable_once_trained(trained_stage: int) -> None:
+    v = view({trained_stage: [peer("t", ONLINE, step=3)]})
+    assert swarm_has_trained(v, L)
+    assert claimable_stages(v, L, None) == [i for i in range(1, L + 1) if i != trained_stage]
+    assert claimable_stages(v, L, 0) == []
+
+
+def test_only_online_records_count_as_trained() -> None:
+    v = view({1: [peer("a", RECOVERING, step=50)], 2: [peer("b", JOINING, step=50)],
+              3: [peer("c", OFFLINE, step=50)]}, standby=(peer("s", STANDBY, step=50),))
+    assert not swarm_has_trained(v, L)
+    assert 0 in claimable_stages(v, L, None)
+
+
+def test_trained_uses_the_online_owner() -> None:
+    # the owner (highest generation) is at step 0: the stale lower generation's step does not count
+    v = view({2: [peer("old", ONLINE, step=9, generation=1), peer("new", ONLINE, step=0, generation=2)]})
+    assert not swarm_has_trained(v, L)
+    v = view({2: [peer("old", ONLINE, step=0, generation=1), peer("new", ONLINE, step=9, generation=2)]})
+    assert swarm_has_trained(v, L)
+
+
+def test_stage_zero_itself_trained_counts() -> None:
+    v = view({0: [peer("a", ONLINE, step=1)]})
+    assert swarm_has_trained(v, L)
+    assert claimable_stages(v, L, None) == [1, 2, 3, 4]
+
+
+def test_stages_beyond_num_stages_are_ignored() -> None:
+    v = view({L + 1: [peer("x", ONLINE, step=100)]})
+    assert not swarm_has_trained(v, L)
+    assert claimable_stages(v, L, None) == [0, 1, 2, 3, 4]
+
+
+def test_wanted_restricts_to_that_stage() -> None:
+    v = view({0: [peer("a", ONLINE)], 2: [peer("b", ONLINE)]})
+    assert claimable_stages(v, L, 3) == [3]
+    assert claimable_stages(v, L, 1) == [1]
+    assert claimable_stages(v, L, 2) == []  # taken: wait, do not fall back to another stage
+    assert claimable_stages(v, L, 0) == []
+
+
+def test_all_taken_means_standby() -> None:
+    assert claimable_stages(view(full(step=0)), L, None) == []
+    assert claimable_stages(view(full(step=7)), L, None) == []
+    mixed = {0: [peer("a", ONLINE, step=7)], 1: [peer("b", JOINING)], 2: [peer("c", RECOVERING)],
+             3: [peer("d", ONLINE, step=7)], 4: [peer("e", JOINING)]}
+    assert claimable_stages(view(mixed), L, None) == []
+    for wanted in range(L + 1):
+        assert claimable_stages(view(mixed), L, wanted) == []
+
+
+def test_stage_zero_lost_after_training_leaves_only_transformer_stages() -> None:
+    stages = full(step=12)
+    del stages[0]
+    del stages[3]
+    v = view(stages)
+    assert claimable_stages(v, L, None) == [3]
