@@ -144,6 +144,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]),
               help="How a lost middle stage is rebuilt.")
 @click.option("--lr-scale", type=float, default=1.1, help="LR multiplier of a rebuilt stage's fresh optimizer.")
+@click.option("--audit-recovery", default=None, help="Write each rebuild's donor and rebuilt tensors to this dir.")
+@click.option("--debug-recovery-stall", type=float, default=0.0, hidden=True)
 @click.option("--events-file", default=None, help="Append JSON-lines swarm events here.")
 @click.option("--ready-file", default=None, help="Write {peer_id, maddrs, stage, metrics_port} here when ready.")
 @_with(logging_options)
@@ -192,7 +194,8 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                               max_message_bytes=kw["max_message_bytes"]),
         heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
                                   claim_jitter_s=min(1.0, kw["heartbeat_period"])),
-        recovery=RecoveryConfig(mode=kw["recovery"], rule=kw["recovery_rule"], lr_scale=kw["lr_scale"]),
+        recovery=RecoveryConfig(mode=kw["recovery"], rule=kw["recovery_rule"], lr_scale=kw["lr_scale"],
+                                audit_dir=kw["audit_recovery"], debug_stall_s=kw["debug_recovery_stall"]),
         metrics=MetricsConfig(host=kw["metrics_host"], port=kw["metrics_port"]),
         events_path=kw["events_file"], ready_file=kw["ready_file"],
     )

@@ -165,6 +165,10 @@ class RecoveryConfig:
     norm_power: float = 1.0
     """Exponent p of the gradient-norm weights (the reference code uses p = 1)."""
     fetch_timeout_s: float = 60.0
+    audit_dir: str | None = None
+    """Write every rebuild's inputs and output here (for verification; costs a copy of three stages)."""
+    debug_stall_s: float = 0.0
+    """Test seam: pause this long between fetching and installing, so a test can kill a rebuilding node."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("checkfree",):

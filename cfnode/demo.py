@@ -76,7 +76,8 @@ class Swarm:
             cmd += ["--events-file", events_path]
         with open(log_path, "wb") as log:
             popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     preexec_fn=_die_with_parent)
         proc = Proc(name, popen, log_path, events_path)
         self.procs.append(proc)
         return proc
@@ -102,6 +103,19 @@ class Swarm:
                 proc.popen.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 logger.error("process %s (pid %d) did not exit", proc.name, proc.popen.pid)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM (a graceful leave) if the demo itself is killed, even by
+    SIGKILL, so no node outlives it. Linux only; elsewhere the demo's own cleanup is all there is."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -157,6 +171,7 @@ def run_demo(options: DemoOptions) -> int:
     os.makedirs(workdir, exist_ok=True)
     swarm = Swarm(workdir)
     started = time.time()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill <demo>` cleans up like Ctrl-C
     logger.info("demo workdir: %s", workdir)
     try:
         boot = swarm.spawn("bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
@@ -180,6 +195,7 @@ def run_demo(options: DemoOptions) -> int:
         code = 130
     finally:
         swarm.stop()
+        signal.signal(signal.SIGTERM, previous)
     summary = _summary(options, swarm, started)
     if options.json_summary:
         with open(options.json_summary, "w", encoding="utf-8") as f:
@@ -189,6 +205,10 @@ def run_demo(options: DemoOptions) -> int:
                 _fmt(summary["val_loss_first"]), _fmt(summary["val_loss_last"]), summary["tokens_per_s"] or 0,
                 workdir)
     return code
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _fmt(x: float | None) -> str:

@@ -19,7 +19,7 @@ from cfnode.errors import (
     UnrecoverableError,
 )
 from cfnode.net.records import MetaRecord, StageState, SwarmView, is_occupied, keeps_claim, swarm_has_trained
-from cfnode.recovery.coordinator import Rebuilder, plan_recovery
+from cfnode.recovery.coordinator import Rebuilder, RecoveryResult, plan_recovery
 from cfnode.train.schedule import next_stage, prev_stage
 from cfnode.train.worker import StageWorker
 
@@ -111,28 +111,53 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
                           clip_norm=cfg.train.clip_norm, fetch=lambda idx: _fetch(node, idx),
                           norm_power=cfg.recovery.norm_power)
     fresh = await node.compute(worker.snapshot)
+    known_step = max((o.record.step for i in range(cfg.model.num_stages + 1)
+                      if (o := view.online_owner(i)) is not None), default=0)
     try:
-        result = await rebuilder.run(plan, fresh)
+        result = await rebuilder.run(plan, fresh, known_step=known_step)
+        if cfg.recovery.debug_stall_s > 0:  # test seam: a window in which to kill a rebuilding node
+            logger.warning("stalling the rebuild for %.1fs (--debug-recovery-stall)", cfg.recovery.debug_stall_s)
+            await asyncio.sleep(cfg.recovery.debug_stall_s)
     except (RecoveryError, PeerUnavailableError, RejectedError) as e:
         node.metrics.recoveries.labels(role="recovered", rule=cfg.recovery.rule, result="rejected_input").inc()
         node.events.emit("recovery_failed", stage=stage, error=str(e)[:300])
         raise RecoveryError(f"rebuilding stage {stage} failed: {e}") from e
     lr = cfg.train.lr * cfg.recovery.lr_scale
+    installing = time.perf_counter()
     await node.compute(worker.install, result.state, step=result.step, lr=lr)
+    install_s = time.perf_counter() - installing
     took = time.perf_counter() - started
+    if cfg.recovery.audit_dir:
+        await node.compute(_write_audit, cfg.recovery.audit_dir, stage, node.generation, result)
     level = logging.WARNING if plan.degraded else logging.INFO
     logger.log(level, "rebuilt stage %d by %s from %s%s in %.2fs (fetch %.2fs); step %d, generation %d, lr %.2e",
                stage, result.how, result.sources, " (degraded)" if plan.degraded else "", took, result.fetch_s,
                result.step, node.generation, lr)
     node.events.emit("recovery_finished", stage=stage, how=result.how, sources=result.sources,
-                     degraded=plan.degraded, duration_s=round(took, 3), fetch_s=round(result.fetch_s, 3),
-                     step=result.step, generation=node.generation, lr=lr)
+                     degraded=plan.degraded, rule=cfg.recovery.rule, duration_s=round(took, 4),
+                     fetch_s=round(result.fetch_s, 4), average_s=round(result.average_s, 4),
+                     install_s=round(install_s, 4), step=result.step, generation=node.generation, lr=lr,
+                     norms={side: n.grad_norm for side, n in result.neighbours.items()})
     m = node.metrics
     m.recoveries.labels(role="recovered", rule=cfg.recovery.rule, result="success").inc()
     m.recovery_duration.observe(took)
     m.last_recovery.set(time.time())
     m.learning_rate.set(lr)
     return worker
+
+
+def _write_audit(directory: str, stage: int, generation: int, result: RecoveryResult) -> None:
+    """--audit-recovery: the donors' tensors and norms and the rebuilt tensors, for independent checking."""
+    import os
+
+    import torch
+
+    os.makedirs(directory, exist_ok=True)
+    payload = {"stage": stage, "generation": generation, "how": result.how, "step": result.step,
+               "sources": result.sources, "result": result.state,
+               "neighbours": {side: {"state": dict(n.state), "grad_norm": n.grad_norm, "distance": n.distance,
+                                     "step": n.step} for side, n in result.neighbours.items()}}
+    torch.save(payload, os.path.join(directory, f"recovery-stage{stage}-gen{generation}.pt"))
 
 
 async def _fetch(node: Node, stage_idx: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

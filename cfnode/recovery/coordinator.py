@@ -8,12 +8,13 @@ plausible post-clip gradient norm).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from cfnode.recovery.checkfree import Neighbour, StateDict, rebuild
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 Fetch = Callable[[int], Awaitable[tuple[dict[str, Any], dict[str, torch.Tensor]]]]
 
 
@@ -64,6 +66,9 @@ class RecoveryResult:
     step: int
     fetch_s: float
     sources: dict[str, int]
+    average_s: float = 0.0
+    neighbours: dict[str, Neighbour] = field(default_factory=dict)
+    """The checked donor weights and norms the rule was applied to (kept for --audit-recovery)."""
 
 
 def check_meta(meta: dict[str, Any], *, stage: int, config_hash: str, clip_norm: float) -> tuple[float, int]:
@@ -73,6 +78,8 @@ def check_meta(meta: dict[str, Any], *, stage: int, config_hash: str, clip_norm:
     if meta.get("stage") != stage:
         raise RecoveryError(f"asked stage {stage} for weights, got stage {meta.get('stage')}'s")
     norm, step = meta.get("grad_norm"), meta.get("step")
+    if isinstance(norm, bool) or isinstance(step, bool):
+        raise RecoveryError(f"stage {stage} reports a boolean grad norm or step")
     if not isinstance(norm, (int, float)) or not math.isfinite(norm) or not 0 <= norm <= clip_norm * 1.001:
         raise RecoveryError(f"stage {stage} reports an impossible post-clip gradient norm {norm!r} "
                             f"(clip is {clip_norm})")
@@ -90,25 +97,48 @@ class Rebuilder:
         self.fetch = fetch
         self.norm_power = norm_power
 
-    async def run(self, plan: RecoveryPlan, fresh: StateDict) -> RecoveryResult:
-        import asyncio
-
+    async def run(self, plan: RecoveryPlan, fresh: StateDict, *, known_step: int = 0) -> RecoveryResult:
+        """Fetch the plan's donors concurrently (the first failure cancels the other fetch), check them and
+        apply the rule. `known_step` is the highest step the membership view reports; the rebuilt stage
+        resumes at max(known_step, donors' steps)."""
         started = time.perf_counter()
         sides = {"prev": plan.prev_source, "next": plan.next_source}
         wanted = {side: idx for side, idx in sides.items() if idx is not None}
-        if self.rule == "random":
+        rule = self.rule
+        if not wanted:
+            logger.warning("no transformer stage survives to rebuild stage %d from; using the seeded init",
+                           plan.stage)
+            rule = "random"
+        if rule == "random":
             wanted = {}
-        fetched = await asyncio.gather(*(self.fetch(idx) for idx in wanted.values()))
+        fetched = await _gather_or_cancel([self.fetch(idx) for idx in wanted.values()])
         fetch_s = time.perf_counter() - started
         neighbours: dict[str, Neighbour] = {}
-        steps = [0]
+        steps = [known_step]
         for (side, idx), (meta, state) in zip(wanted.items(), fetched, strict=True):
             norm, step = check_meta(meta, stage=idx, config_hash=self.config_hash, clip_norm=self.clip_norm)
             neighbours[side] = Neighbour(state=state, grad_norm=norm, distance=abs(idx - plan.stage), step=step)
             steps.append(step)
+        averaged = time.perf_counter()
         try:
-            state, how = rebuild(self.rule, prev=neighbours.get("prev"), nxt=neighbours.get("next"), fresh=fresh,
+            state, how = rebuild(rule, prev=neighbours.get("prev"), nxt=neighbours.get("next"), fresh=fresh,
                                  power=self.norm_power)
         except ValueError as e:
             raise RecoveryError(f"cannot rebuild stage {plan.stage}: {e}") from e
-        return RecoveryResult(state=state, how=how, step=max(steps), fetch_s=fetch_s, sources=wanted)
+        return RecoveryResult(state=state, how=how, step=max(steps), fetch_s=fetch_s, sources=wanted,
+                              average_s=time.perf_counter() - averaged, neighbours=neighbours)
+
+
+async def _gather_or_cancel(coros: list[Awaitable[T]]) -> list[T]:
+    """Like gather, but the first failure cancels the rest (a dead donor must not leave a download running)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return []
+    done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    failed = [t for t in done if t.exception() is not None]
+    if failed:
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise failed[0].exception()  # type: ignore[misc]
+    return [t.result() for t in tasks]

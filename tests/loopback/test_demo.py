@@ -34,7 +34,7 @@ def _procs_of(workdir: str) -> list[psutil.Process]:
 def test_demo_trains_writes_a_summary_and_cleans_up(tmp_path) -> None:
     workdir, summary_path = str(tmp_path / "demo"), str(tmp_path / "summary.json")
     out = subprocess.run([sys.executable, "-m", "cfnode", "demo", *TINY, "--steps", "15", "--workdir", workdir,
-                          "--json-summary", summary_path], capture_output=True, text=True, timeout=300,
+                          "--json-summary", summary_path], capture_output=True, text=True, timeout=200,
                          stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.load(open(summary_path, encoding="utf-8"))

@@ -36,8 +36,10 @@ def wait_until(pred: Callable[[], T], timeout_s: float, what: str, poll_s: float
 
 
 class Harness:
-    def __init__(self, workdir: str, run_id: str, extra: tuple[str, ...] = (), stages: int = 2) -> None:
+    def __init__(self, workdir: str, run_id: str, extra: tuple[str, ...] = (), stages: int = 2,
+                 ttl_s: float = 3.0) -> None:
         self.stages = stages
+        self.ttl_s = ttl_s
         self.workdir = workdir
         self.run_id = run_id
         self.swarm = Swarm(workdir)
@@ -54,7 +56,7 @@ class Harness:
         assert self.bootstrap_maddr
         return ["join", "--peers", self.bootstrap_maddr, "--run-id", self.run_id, "--preset", "tiny",
                 "--stages", str(self.stages), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
-                "--heartbeat-period", "0.5", "--heartbeat-ttl", "3", "--microbatches", "4",
+                "--heartbeat-period", "0.5", "--heartbeat-ttl", str(self.ttl_s), "--microbatches", "4",
                 "--microbatch-size", "4", "--val-every", "10", "--step-timeout", "15",
                 "--request-timeout", "5", "--metrics-port", "0", *self.extra, *args]
 
@@ -128,3 +130,25 @@ def kill_group(proc: Proc, sig: int = signal.SIGKILL) -> None:
 
 
 JOIN_RE = re.compile(r"^To join this swarm: cfnode join --peers (\S+)$", re.M)
+
+
+async def _fetch_weights(maddrs: list[str], peer_ids: list[str]) -> list[tuple[dict, dict]]:
+    from hivemind.p2p import P2P
+
+    from cfnode.config import NetworkConfig
+    from cfnode.metrics import NodeMetrics
+    from cfnode.net.client import StageClient
+
+    p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        client = StageClient(p2p, NetworkConfig(request_timeout_s=10), NodeMetrics())
+        return [await client.get_weights(pid, max_bytes=2**30, timeout_s=30) for pid in peer_ids]
+    finally:
+        await p2p.shutdown()
+
+
+def fetch_weights(infos: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """rpc_get_weights from each node (given its ready info), as an outsider peer."""
+    import asyncio
+
+    return asyncio.run(_fetch_weights([i["maddrs"][0] for i in infos], [i["peer_id"] for i in infos]))

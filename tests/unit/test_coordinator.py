@@ -209,11 +209,14 @@ def test_rebuilder_edge_stage_copies_the_one_neighbour() -> None:
     assert_state_equal(result.state, state(2))
 
 
-def test_rebuilder_with_no_neighbour_raises_recovery_error() -> None:
+def test_rebuilder_with_no_surviving_transformer_stage_falls_back_to_the_seeded_init() -> None:
     fetch = FakeFetch({})
-    with pytest.raises(RecoveryError, match=re.escape("cannot rebuild stage 2: no surviving neighbour")):
-        run(rebuilder(fetch), plan_recovery(2, {0}, 3))
+    fresh = state(0)
+    result = asyncio.run(rebuilder(fetch).run(plan_recovery(2, {0}, 3), fresh, known_step=7))
     assert fetch.calls == []
+    assert result.how == "random" and result.step == 7
+    for key, t in fresh.items():
+        assert torch.equal(result.state[key], t)
 
 
 def test_rebuilder_rejects_a_nan_donor() -> None:
