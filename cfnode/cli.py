@@ -288,6 +288,8 @@ def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: fl
 @click.option("--val-every", type=int, default=_T.val_every)
 @click.option("--heartbeat-period", type=float, default=_H.period_s)
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s)
+@click.option("--kill", multiple=True, help="STAGE@STEP: SIGKILL that stage's process at that step (repeatable).")
+@click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]))
 @_with(logging_options)
 def demo(**kw: Any) -> None:
     """Start a bootstrap, L+1 stage nodes and a spare on 127.0.0.1 and train on the embedded corpus."""

@@ -65,6 +65,8 @@ PRESETS: dict[str, ModelConfig] = {
                         num_kv_heads=4, num_stages=3, layers_per_stage=1, seq_len=32),
     "small": ModelConfig(preset="small", vocab_size=4096, hidden_size=256, intermediate_size=688, num_heads=4,
                          num_kv_heads=4, num_stages=4, layers_per_stage=2, seq_len=128),
+    "medium": ModelConfig(preset="medium", vocab_size=4096, hidden_size=512, intermediate_size=1376, num_heads=8,
+                          num_kv_heads=8, num_stages=4, layers_per_stage=3, seq_len=128),
 }
 
 

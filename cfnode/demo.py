@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,8 +41,23 @@ class DemoOptions:
     val_every: int = 25
     heartbeat_period: float = 2.0
     heartbeat_ttl: float = 8.0
+    kill: tuple[str, ...] = ()
+    """STAGE@STEP: SIGKILL the process holding STAGE once STEP steps have committed (repeatable)."""
+    recovery_rule: str = "grad-avg"
+
+    def kill_plan(self) -> list[tuple[int, int]]:
+        plan = []
+        for item in self.kill:
+            stage, sep, step = item.partition("@")
+            if not sep or not stage.isdigit() or not step.isdigit():
+                raise ConfigError(f"--kill takes STAGE@STEP, e.g. 2@40; got {item!r}")
+            if not 0 <= int(stage) <= self.stages:
+                raise ConfigError(f"--kill {item}: stage must be 0..{self.stages}")
+            plan.append((int(stage), int(step)))
+        return plan
 
     def __post_init__(self) -> None:
+        self.kill_plan()
         if self.stages < 1:
             raise ConfigError(f"--stages must be >= 1, got {self.stages}")
         if self.steps < 1:
@@ -67,6 +83,7 @@ class Swarm:
 
     workdir: str
     procs: list[Proc] = field(default_factory=list)
+    kills: list[dict[str, Any]] = field(default_factory=list)
 
     def spawn(self, name: str, args: list[str], *, events: bool = False) -> Proc:
         log_path = os.path.join(self.workdir, f"{name}.log")
@@ -182,14 +199,21 @@ def run_demo(options: DemoOptions) -> int:
                   "--microbatches", str(options.microbatches), "--microbatch-size", str(options.microbatch_size),
                   "--lr", str(options.lr), "--val-every", str(options.val_every),
                   "--heartbeat-period", str(options.heartbeat_period),
-                  "--heartbeat-ttl", str(options.heartbeat_ttl)]
+                  "--heartbeat-ttl", str(options.heartbeat_ttl), "--recovery-rule", options.recovery_rule]
         common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
         stage_procs = [swarm.spawn(f"stage{idx}", ["join", *common, "--stage", str(idx)], events=True)
                        for idx in range(options.stages + 1)]
         for proc in stage_procs:  # spares start once every stage is held, so they wait as STANDBY
             wait_for_event(proc, "online", 180)
-        spares = [swarm.spawn(f"spare{i}", ["join", *common], events=True) for i in range(options.spares)]
-        code = _follow(options, stage_procs, spares)
+        spare_count = [0]
+
+        def spawn_spare() -> Proc:
+            spare_count[0] += 1
+            return swarm.spawn(f"spare{spare_count[0] - 1}", ["join", *common], events=True)
+
+        for _ in range(options.spares):
+            spawn_spare()
+        code = _follow(options, swarm, spawn_spare)
     except KeyboardInterrupt:
         logger.warning("interrupted; stopping every process the demo started")
         code = 130
@@ -215,13 +239,32 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _follow(options: DemoOptions, stage_procs: list[Proc], spares: list[Proc]) -> int:
-    head = stage_procs[0]
+def holders(procs: list[Proc]) -> dict[int, Proc]:
+    """Which live process serves each stage, from the processes' own events (latest ONLINE wins)."""
+    latest: dict[int, tuple[float, Proc]] = {}
+    for proc in procs:
+        if not proc.alive():
+            continue
+        events = read_events(proc.events_path)
+        online = [e for e in events if e["event"] == "online"]
+        if not online or any(e["event"] == "fenced" and e["ts"] >= online[-1]["ts"] for e in events):
+            continue
+        stage = online[-1]["stage"]
+        if stage not in latest or online[-1]["ts"] > latest[stage][0]:
+            latest[stage] = (online[-1]["ts"], proc)
+    return {stage: proc for stage, (_, proc) in latest.items()}
+
+
+def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc]) -> int:
     bar = tqdm(total=options.steps, desc="training", unit="step", dynamic_ncols=True)
     last_step, val = 0, None
+    pending = sorted(options.kill_plan(), key=lambda k: k[1])
     try:
         while True:
-            events = read_events(head.events_path)
+            nodes = [p for p in swarm.procs if p.events_path]
+            held = holders(nodes)
+            head = held.get(0)
+            events = read_events(head.events_path) if head else []
             steps = [e for e in events if e["event"] == "step"]
             for e in steps:
                 if e.get("val_loss") is not None:
@@ -230,18 +273,60 @@ def _follow(options: DemoOptions, stage_procs: list[Proc], spares: list[Proc]) -
                 e = steps[-1]
                 bar.update(e["step"] - last_step)
                 last_step = e["step"]
-                stage_map = " ".join(f"{i}{'+' if p.alive() else 'x'}" for i, p in enumerate(stage_procs))
+                stage_map = " ".join(f"{i}{'+' if i in held else 'x'}" for i in range(options.stages + 1))
+                spares = sum(1 for p in nodes if p.alive()) - len(held)
                 bar.set_postfix_str(f"loss {e['loss']:.3f} val {_fmt(val)} {e['tokens_per_s']:.0f} tok/s "
-                                    f"stages {stage_map} spares {sum(p.alive() for p in spares)}")
+                                    f"stages {stage_map} spares {spares}")
+            while pending and last_step >= pending[0][1] and pending[0][0] in held:
+                stage, at_step = pending.pop(0)
+                victim = held[stage]
+                logger.warning("--kill %d@%d: SIGKILL of %s (pid %d), which holds stage %d", stage, at_step,
+                               victim.name, victim.popen.pid, stage)
+                _signal_group(victim.popen.pid, signal.SIGKILL)
+                swarm.kills.append({"stage": stage, "at_step": at_step, "killed_at_step": last_step,
+                                    "ts": time.time(), "node": victim.name})
+                spawn_spare()  # a volunteer comes back, so later kills also find a spare
             if any(e["event"] == "training_finished" for e in events):
                 return 0
-            if not head.alive():
-                logger.error("stage 0 (embedding/head/data) exited with %s; the swarm cannot continue. See %s",
-                             head.popen.returncode, head.log_path)
+            if head is None and last_step > 0 and not any(
+                    e["event"] == "recovery_started" for p in nodes for e in read_events(p.events_path)
+                    if e.get("stage") == 0):
+                logger.error("stage 0 (embedding/head/data) is gone; the swarm cannot continue. Logs: %s",
+                             swarm.workdir)
                 return EXIT_UNRECOVERABLE
             time.sleep(0.25)
     finally:
         bar.close()
+
+
+def _recoveries(swarm: Swarm, all_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per --kill: detection, rebuild and kill-to-serving times, from the nodes' own events."""
+    out = []
+    steps = sorted((e for e in all_events if e["event"] == "step"), key=lambda e: e["ts"])
+    for kill in swarm.kills:
+        t0 = kill["ts"]
+        detected = [e["ts"] for e in all_events if e["ts"] >= t0 and e["event"] in (
+            "neighbour_unreachable", "neighbour_lost", "step_aborted", "waiting_for_stage")]
+        finished = sorted((e for e in all_events if e["event"] == "recovery_finished" and e["ts"] >= t0
+                           and e.get("stage") == kill["stage"]), key=lambda e: e["ts"])
+        row: dict[str, Any] = {"stage": kill["stage"], "killed_at_step": kill["killed_at_step"],
+                               "detect_s": round(min(detected) - t0, 3) if detected else None,
+                               "rule": None, "rebuild_s": None, "serving_s": None, "steps_aborted": None}
+        if finished:
+            f = finished[0]
+            row.update(rule=f.get("rule"), how=f.get("how"), rebuild_s=f.get("duration_s"),
+                       fetch_s=f.get("fetch_s"), generation=f.get("generation"))
+            served = [e for e in steps if e["ts"] >= f["ts"]]
+            if served:
+                row["serving_s"] = round(served[0]["ts"] - t0, 3)
+                row["steps_aborted"] = sum(1 for e in all_events if e["event"] == "step_aborted"
+                                           and t0 <= e["ts"] <= served[0]["ts"])
+                before = [e["loss"] for e in steps if e["ts"] < t0][-5:]
+                after = [e["loss"] for e in served[:5]]
+                row["loss_before"] = round(sum(before) / len(before), 4) if before else None
+                row["loss_after"] = round(sum(after) / len(after), 4) if after else None
+        out.append(row)
+    return out
 
 
 def _summary(options: DemoOptions, swarm: Swarm, started: float) -> dict[str, Any]:
@@ -249,7 +334,7 @@ def _summary(options: DemoOptions, swarm: Swarm, started: float) -> dict[str, An
     for proc in swarm.procs:
         for e in read_events(proc.events_path):
             all_events.append({**e, "node": proc.name})
-    steps = [e for e in all_events if e["event"] == "step" and e["node"] == "stage0"]
+    steps = sorted((e for e in all_events if e["event"] == "step"), key=lambda e: e["ts"])
     vals = [e["val_loss"] for e in steps if e.get("val_loss") is not None]
     timed = steps[1:] if len(steps) > 1 else steps
     tokens_per_s = None
@@ -265,5 +350,6 @@ def _summary(options: DemoOptions, swarm: Swarm, started: float) -> dict[str, An
         "val_loss_last": vals[-1] if vals else None,
         "tokens_per_s": tokens_per_s,
         "wall_s": round(time.time() - started, 1),
+        "recoveries": _recoveries(swarm, all_events),
         "events": sorted((e for e in all_events if e["event"] != "step"), key=lambda e: e["ts"]),
     }

@@ -18,6 +18,7 @@ from cfnode.errors import (
     RejectedError,
     UnrecoverableError,
 )
+from cfnode.model.stages import build_stage  # transformers: ~2 s to import, so paid at start, not on a claim
 from cfnode.net.records import MetaRecord, StageState, SwarmView, is_occupied, keeps_claim, swarm_has_trained
 from cfnode.recovery.coordinator import Rebuilder, RecoveryResult, plan_recovery
 from cfnode.train.schedule import next_stage, prev_stage
@@ -91,8 +92,6 @@ async def claim_stage(node: Node) -> int:
 async def acquire_stage(node: Node, stage: int) -> StageWorker:
     """Build the stage: the seeded init if the swarm never trained, else a CheckFree rebuild from the
     neighbours (fresh Adam at lr * lr_scale, generation + 1, step = the donors' step)."""
-    from cfnode.model.stages import build_stage  # torch-heavy, imported after the DHT fork
-
     cfg = node.config
     module = await node.compute(build_stage, cfg.model, stage, cfg.model_path)
     worker = StageWorker(module, stage_idx=stage, lr=cfg.train.lr, clip_norm=cfg.train.clip_norm)
