@@ -14,17 +14,8 @@ pytestmark = [pytest.mark.loopback, pytest.mark.fault]
 
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(str(tmp_path), "fence", stages=3)
-    try:
-        yield h
-    finally:
-        for p in h.swarm.procs:
-            if p.alive():
-                os.kill(p.popen.pid, signal.SIGCONT)
-        h.stop()
-        left = h.leftovers()
-        assert not left, f"processes survived teardown: {left}"
+def harness(make_harness) -> Harness:
+    return make_harness("fence", stages=3)
 
 
 def test_stale_owner_steps_down_after_thawing(harness: Harness) -> None:

@@ -15,14 +15,8 @@ TTL_S = 8.0
 
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(str(tmp_path), "leave", stages=3, ttl_s=TTL_S)
-    try:
-        yield h
-    finally:
-        h.stop()
-        left = h.leftovers()
-        assert not left, f"processes survived teardown: {left}"
+def harness(make_harness) -> Harness:
+    return make_harness("leave", stages=3, ttl_s=TTL_S)
 
 
 def _form(h: Harness) -> list:

@@ -15,14 +15,8 @@ pytestmark = [pytest.mark.loopback, pytest.mark.fault]
 
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(str(tmp_path), "orphans", stages=2)
-    try:
-        yield h
-    finally:
-        h.stop()
-        left = h.leftovers()
-        assert not left, f"processes survived teardown: {left}"
+def harness(make_harness) -> Harness:
+    return make_harness("orphans", stages=2)
 
 
 def _group(pgid: int) -> list[int]:

@@ -18,14 +18,8 @@ pytestmark = [pytest.mark.loopback, pytest.mark.fault]
 
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(str(tmp_path), "exact", stages=3)
-    try:
-        yield h
-    finally:
-        h.stop()
-        left = h.leftovers()
-        assert not left, f"processes survived teardown: {left}"
+def harness(make_harness) -> Harness:
+    return make_harness("exact", stages=3)
 
 
 def checkfree(prev: dict, nxt: dict, prev_norm: float, next_norm: float) -> dict:

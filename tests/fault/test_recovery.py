@@ -11,14 +11,8 @@ pytestmark = [pytest.mark.loopback, pytest.mark.fault]
 
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(str(tmp_path), "fault", stages=3)
-    try:
-        yield h
-    finally:
-        h.stop()
-        left = h.leftovers()
-        assert not left, f"processes survived teardown: {left}"
+def harness(make_harness) -> Harness:
+    return make_harness("fault", stages=3)
 
 
 def _form(h: Harness) -> dict[int, tuple]:

@@ -14,14 +14,8 @@ MESSAGE = "cannot be rebuilt without checkfree+"
 
 
 @pytest.fixture
-def harness(tmp_path):
-    h = Harness(str(tmp_path), "nostage0", stages=2)
-    try:
-        yield h
-    finally:
-        h.stop()
-        left = h.leftovers()
-        assert not left, f"processes survived teardown: {left}"
+def harness(make_harness) -> Harness:
+    return make_harness("nostage0", stages=2)
 
 
 def test_stage0_loss_is_an_explicit_unrecoverable_state(harness: Harness) -> None:
