@@ -201,9 +201,11 @@ def watch(node: Node, view: SwarmView) -> None:
         alive = view.online_owner(idx) is not None
         if not alive and idx not in node.lost_neighbours:
             node.lost_neighbours.add(idx)
+            left = any(p.record.state is StageState.OFFLINE for p in view.members(idx))
             node.metrics.stage_failures_detected.labels(neighbor=side).inc()
-            node.events.emit("neighbour_lost", stage=idx, side=side)
-            logger.warning("neighbour stage %d (%s) has no live owner (its record expired)", idx, side)
+            node.events.emit("neighbour_lost", stage=idx, side=side, how="left" if left else "expired")
+            logger.warning("neighbour stage %d (%s) has no live owner (%s)", idx, side,
+                           "it left: OFFLINE record" if left else "its heartbeat record expired")
         elif alive and idx in node.lost_neighbours:
             node.lost_neighbours.discard(idx)
             node.events.emit("neighbour_back", stage=idx, side=side)
