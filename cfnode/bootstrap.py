@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
+from collections.abc import Callable
 
 from hivemind.p2p import P2P
 
@@ -32,11 +34,15 @@ def join_hint(maddrs: list[str]) -> str:
     return f"To join this swarm: cfnode join --peers {maddrs[0]}"
 
 
-def run_bootstrap(net: NetworkConfig, stop: threading.Event, announce: callable) -> None:  # type: ignore[valid-type]
-    """Run until `stop` is set. `announce(lines)` receives the join line and the other addresses."""
+def run_bootstrap(net: NetworkConfig, announce: Callable[[list[str]], None]) -> None:
+    """Run until SIGTERM/SIGINT. `announce(lines)` receives the join line and the other addresses."""
     if net.identity_path:
         ensure_identity(net.identity_path)
     dht = create_dht(net)
+    # Handlers only after the DHT forked: a child that inherited them would ignore SIGTERM from shutdown().
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         maddrs = visible_maddrs(dht)
         announce([join_hint(maddrs), *(f"  also reachable at {m}" for m in maddrs[1:])])

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 from typing import Any
 
 import click
@@ -94,9 +93,6 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
         net = NetworkConfig(host_maddrs=host_maddrs, announce_maddrs=announce_maddrs, identity_path=identity_path)
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
 
     def announce(lines: list[str]) -> None:
         for line in lines:
@@ -104,7 +100,7 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
         sys.stdout.flush()
 
     try:
-        run_bootstrap(net, stop, announce)
+        run_bootstrap(net, announce)
     except CfnodeError as e:
         _fail(e)
 
@@ -114,7 +110,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
               help="Multiaddr of a running peer, e.g. the bootstrap's (repeatable).")
 @click.option("--stage", default="auto", help="auto (lowest empty stage, else STANDBY) or a stage index.")
 @click.option("--run-id", default=_D.run_id, help="Name of the training run (DHT key prefix).")
-@click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)))
+@click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)),
+              envvar="CFNODE_JOIN_PRESET")
 @click.option("--stages", type=int, default=None, help="Override the preset's number of transformer stages.")
 @click.option("--model-path", default=None, type=click.Path(exists=True, file_okay=False),
               help="Local pretrained Llama checkpoint; this node trains its slice of it.")
@@ -258,7 +255,7 @@ def _dump_tasks() -> None:
 @main.command()
 @click.option("--peers", "--initial-peers", "peers", multiple=True, required=True)
 @click.option("--run-id", default=_D.run_id)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", "as_json", is_flag=True, envvar="CFNODE_STATUS_JSON", help="Print JSON instead of a table.")
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s, help="The run's ttl (for record ages).")
 @_with(logging_options)
 def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: float, log_level: str,
@@ -278,7 +275,8 @@ def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: fl
 @main.command()
 @click.option("--stages", type=int, default=4, help="Transformer stages L (the demo runs stage 0 plus L).")
 @click.option("--steps", type=int, default=300)
-@click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)))
+@click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)),
+              envvar="CFNODE_DEMO_PRESET")
 @click.option("--workdir", default=None, help="Where logs, events and identities go (default: a temp dir).")
 @click.option("--json-summary", default=None, help="Write a JSON summary of the run here.")
 @click.option("--spares", type=int, default=1, help="Spare nodes to start.")

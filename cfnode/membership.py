@@ -47,6 +47,11 @@ async def check_meta(node: Node) -> None:
     await node.swarm.store_meta(mine)
 
 
+async def store_meta(node: Node) -> None:
+    model = node.config.model
+    await node.swarm.store_meta(MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash()))
+
+
 def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None) -> list[int]:
     """Empty stages this node may take, lowest first. Stage 0 is never taken once the swarm has trained:
     its embedding and head exist nowhere else (without checkfree+), so a fresh one would be garbage."""
@@ -173,9 +178,11 @@ def note_unrecoverable(node: Node, view: SwarmView) -> None:
     node.metrics.unrecoverable.set(1 if lost else 0)
     if lost and not node.unrecoverable_logged:
         node.unrecoverable_logged = True
-        err = UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
-                                 "without checkfree+; training is paused for good")
-        logger.error("%s", err)
+        left = any(p.record.state is StageState.OFFLINE for p in view.members(0))
+        err = UnrecoverableError(
+            f"stage 0 (embedding, final norm, LM head) {'left the run' if left else 'was lost'} and cannot be "
+            "rebuilt without checkfree+; training is paused for good")
+        logger.log(logging.WARNING if left else logging.ERROR, "%s", err)
         node.events.emit("unrecoverable", stage=0, reason="stage 0 lost; needs checkfree+")
         node.metrics.recoveries.labels(role="recovered", rule=node.config.recovery.rule,
                                        result="unrecoverable").inc()

@@ -46,6 +46,7 @@ from cfnode.train.worker import StageWorker
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 SEEN_HOPS_LIMIT = 4096
+META_REFRESH_S = 60.0
 """Hops remembered for de-duplication: a push retried after a lost ack must not be processed twice."""
 
 
@@ -79,6 +80,7 @@ class Node:
         self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.stopped = asyncio.Event()
         self.stage_lost = asyncio.Event()
+        self._meta_stored_at = time.monotonic()
         self.lost_neighbours: set[int] = set()
         self.unrecoverable_logged = False
 
@@ -204,6 +206,9 @@ class Node:
                 pass
 
     async def announce(self) -> None:
+        if time.monotonic() - self._meta_stored_at > META_REFRESH_S:
+            await membership.store_meta(self)  # keep {run}:meta alive for as long as the run has nodes
+            self._meta_stored_at = time.monotonic()
         record = self.own_record()
         stage = None if self.state is StageState.STANDBY else self.stage
         await self.swarm.store_stage(stage, record)
@@ -406,6 +411,7 @@ class Node:
         if self.config.metrics.port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self.metrics.node_info.labels(peer_id=self.peer_id, role="stage", run_id=self.run_id).set(1)
+        self.metrics.learning_rate.set(self.config.train.lr)
         try:
             await membership.check_meta(self)
             self.spawn(self._heartbeat_loop(), "heartbeat")

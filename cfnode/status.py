@@ -44,9 +44,12 @@ async def _read(dht: Any, run_id: str, ttl_s: float) -> dict[str, Any]:
         rows.append({"stage": None, "peer": p.peer_id, "state": StageState.STANDBY.value, "step": None,
                      "generation": None, "grad_norm": None, "age_s": round(p.age_s(view.now, ttl_s), 1)})
     empty = [r["stage"] for r in rows if r["state"] == "EMPTY"]
+    trained = any((r["step"] or 0) > 0 and r["state"] == "ONLINE" for r in rows)
     return {"run_id": run_id, "num_stages": num_stages if meta else None,
             "model_config_hash": meta.model_config_hash if meta else None, "stages": rows,
-            "empty_stages": empty, "unrecoverable": 0 in empty}
+            "empty_stages": empty,
+            "unrecoverable": trained and not any(r["stage"] == 0 and r["state"] in ("ONLINE", "JOINING", "RECOVERING")
+                                                 for r in rows)}
 
 
 def render_table(snapshot: dict[str, Any]) -> str:

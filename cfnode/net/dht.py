@@ -110,9 +110,10 @@ def create_dht(net: NetworkConfig, *, client_mode: bool = False) -> DHT:
 
 
 def visible_maddrs(dht: DHT) -> list[str]:
-    """This peer's multiaddrs with its /p2p/ id, what others pass to --peers (IPv4 first)."""
+    """This peer's multiaddrs with its /p2p/ id, what others pass to --peers: IPv4 first, and an address
+    other machines can dial before loopback (unless loopback is all there is)."""
     maddrs = [str(m) for m in dht.get_visible_maddrs()]
-    return sorted(maddrs, key=lambda m: (not m.startswith("/ip4/"), m))
+    return sorted(maddrs, key=lambda m: (not m.startswith("/ip4/"), m.startswith(("/ip4/127.", "/ip6/::1/")), m))
 
 
 class SwarmDHT:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cfnode.deadline import within
-from cfnode.errors import AttemptAborted, InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.net.records import SwarmView
 from cfnode.train.schedule import AttemptKey, launch_order, tokens_per_step
 
@@ -48,11 +49,25 @@ class Driver:
 
     async def prepare(self) -> None:
         """Load the corpus and tokenize it (cached on disk) on the compute thread."""
+        from tokenizers import Tokenizer
+
         from cfnode.model.data import TokenData, load_corpus
         from cfnode.model.tokenizer import load_tokenizer
 
         def _load() -> tuple[torch.Tensor, torch.Tensor]:
-            data = TokenData.from_corpus(load_corpus(self.cfg.data.source), load_tokenizer())
+            tokenizer = load_tokenizer()
+            if self.cfg.model_path:
+                path = os.path.join(self.cfg.model_path, "tokenizer.json")
+                if os.path.exists(path):
+                    tokenizer = Tokenizer.from_file(path)
+                else:
+                    logger.warning("%s has no tokenizer.json; tokenizing with the shipped Shakespeare tokenizer, "
+                                   "whose ids mean nothing to a pretrained model", self.cfg.model_path)
+            data = TokenData.from_corpus(load_corpus(self.cfg.data.source), tokenizer)
+            top = int(max(data.train.max(), data.val.max()))
+            if top >= self.cfg.model.vocab_size:
+                raise ConfigError(f"the tokenizer produces id {top} but the model's vocabulary has "
+                                  f"{self.cfg.model.vocab_size} entries; use the checkpoint's own tokenizer.json")
             return data.train, data.val
 
         started = time.perf_counter()
@@ -210,8 +225,12 @@ class Driver:
             await within(self._drive(key, batch), train.step_timeout_s)
             await self._commit_all(key)
         except (AttemptAborted, TimeoutError, asyncio.TimeoutError, PeerUnavailableError, RejectedError) as e:
-            reason = self._failure[0] if self._failure else ("timeout" if isinstance(
-                e, (TimeoutError, asyncio.TimeoutError)) else "peer_unavailable")
+            if self._failure:
+                reason = self._failure[0]
+            elif isinstance(e, (TimeoutError, asyncio.TimeoutError)):
+                reason = "timeout"
+            else:
+                reason = "rejected" if isinstance(e, RejectedError) else "peer_unavailable"
             self._abort(key, reason, str(e) or type(e).__name__)
             raise AttemptAborted(f"{reason}: {e}") from e
         finally:
