@@ -27,7 +27,7 @@ def checkfree(prev: dict, nxt: dict, prev_norm: float, next_norm: float) -> dict
     return {k: ((a * nxt[k].double() + b * prev[k].double()) / (a + b)).float() for k in prev}
 
 
-@pytest.mark.parametrize("crash", ["process_group", "main_pid"])
+@pytest.mark.parametrize("crash", ["process_group", pytest.param("main_pid", marks=pytest.mark.slow)])
 def test_late_joiner_rebuilds_exactly_and_training_recovers(harness: Harness, tmp_path, crash: str) -> None:
     h = harness
     h.start_bootstrap()
