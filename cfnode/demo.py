@@ -284,8 +284,14 @@ def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc])
                                victim.name, victim.popen.pid, stage)
                 _signal_group(victim.popen.pid, signal.SIGKILL)
                 swarm.kills.append({"stage": stage, "at_step": at_step, "killed_at_step": last_step,
-                                    "ts": time.time(), "node": victim.name})
-                spawn_spare()  # a volunteer comes back, so later kills also find a spare
+                                    "ts": time.time(), "node": victim.name, "respawned": False})
+            for kill in swarm.kills:  # a volunteer comes back once the rebuild is done, so later kills find a
+                if kill["respawned"]:  # spare too (starting it earlier would compete with the rebuild for CPU)
+                    continue
+                if any(e["event"] == "recovery_finished" and e["ts"] >= kill["ts"]
+                       for p in nodes for e in read_events(p.events_path)):
+                    kill["respawned"] = True
+                    spawn_spare()
             if any(e["event"] == "training_finished" for e in events):
                 return 0
             if head is None and last_step > 0 and not any(

@@ -164,10 +164,23 @@ def _write_audit(directory: str, stage: int, generation: int, result: RecoveryRe
     torch.save(payload, os.path.join(directory, f"recovery-stage{stage}-gen{generation}.pt"))
 
 
+FETCH_ATTEMPTS = 3
+
+
 async def _fetch(node: Node, stage_idx: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A donor's weights; a stream cut short (seen with hivemind under load) is fetched again."""
     assert node.client is not None
     peer = node.route(stage_idx)
-    return await node.client.get_weights(peer, max_bytes=2**31, timeout_s=node.config.recovery.fetch_timeout_s)
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            return await node.client.get_weights(peer, max_bytes=2**31,
+                                                 timeout_s=node.config.recovery.fetch_timeout_s)
+        except RejectedError as e:
+            if e.reason != "decode" or attempt == FETCH_ATTEMPTS:
+                raise
+            logger.warning("weights of stage %d arrived incomplete (%s); fetching again", stage_idx, e.detail)
+            node.metrics.rpc_retries.labels(method="get_weights").inc()
+    raise AssertionError("unreachable")
 
 
 def note_unrecoverable(node: Node, view: SwarmView) -> None:

@@ -129,8 +129,10 @@ class Node:
 
     def ban(self, peer_id: str, reason: str) -> None:
         """Stop routing to a peer until its current record would expire."""
-        expiry = max((p.expiration_time for ps in self.view.stages.values() for p in ps if p.peer_id == peer_id),
-                     default=time.time() + self.config.heartbeat.ttl_s)
+        # until its record expires, plus one membership period so the view has dropped it by then
+        expiry = self.config.heartbeat.period_s + max(
+            (p.expiration_time for ps in self.view.stages.values() for p in ps if p.peer_id == peer_id),
+            default=time.time() + self.config.heartbeat.ttl_s)
         if self.banned.get(peer_id, 0) < expiry:
             self.banned[peer_id] = expiry
             self.metrics.peer_bans.labels(reason=reason).inc()
@@ -286,9 +288,13 @@ class Node:
         out_meta = {**meta, "from_stage": self.stage, "to_stage": target, "generation": self.generation}
         try:
             peer = self.route(target)
-        except PeerUnavailableError as e:
-            await self.report_failure(meta, f"stage {target} unavailable: {e}", suspect=target)
-            return False
+        except PeerUnavailableError:
+            await self.refresh_view()  # a new holder may have come online since the last poll
+            try:
+                peer = self.route(target)
+            except PeerUnavailableError as e:
+                await self.report_failure(meta, f"stage {target} unavailable: {e}", suspect=target)
+                return False
         assert self.client is not None
         try:
             try:

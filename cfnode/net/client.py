@@ -125,6 +125,8 @@ class StageClient:
         except _TRANSPORT_ERRORS as e:
             self.metrics.rpc_failures.labels(method="get_weights").inc()
             raise PeerUnavailableError(f"get_weights from {peer_id[:12]} failed: {e}") from e
+        except InvalidPayload as e:
+            raise RejectedError(e.reason, e.detail) from e
         _check_reply(meta)
         names = meta.get("names")
         if not isinstance(names, list) or len(names) != len(tensors):

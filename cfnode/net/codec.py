@@ -97,6 +97,8 @@ async def read_message(
         raise InvalidPayload("decode", "empty stream")
     tensors = []
     for group in groups:
+        if group[0].chunks and len(group) != group[0].chunks:
+            raise InvalidPayload("decode", f"tensor stream truncated: {len(group)} of {group[0].chunks} parts")
         try:
             tensors.append(deserialize_torch_tensor(combine_from_streaming(group)))
         except Exception as e:  # RuntimeError / ValueError / TypeError from torch or numpy

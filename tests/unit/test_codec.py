@@ -263,3 +263,12 @@ def test_require_fields_ok() -> None:
 ])
 def test_require_fields_rejects(meta: dict[str, Any]) -> None:
     assert _reason(require_fields, meta, SPEC) == "decode"
+
+
+def test_stream_cut_short_is_decode_not_a_shorter_tensor() -> None:
+    """A stream that ends early (hivemind treats a closed connection as end of stream) must not decode."""
+    parts = list(iter_message_parts(runtime_pb2.ExpertRequest, {"k": 1}, [torch.arange(1000.0)], chunk_bytes=512))
+    assert len(parts) > 2
+    assert reason_of(parts[:-1]) == "decode"
+    _, tensors = read(parts)
+    assert torch.equal(tensors[0], torch.arange(1000.0))
