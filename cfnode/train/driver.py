@@ -42,6 +42,7 @@ class Driver:
         self._failure: tuple[str, str] | None = None
         self._last_attempt_id = 0
         self._waiting_logged: set[int] = set()
+        self._lost_logged_at: dict[int, float] = {}
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
         self.stats = {"issued": 0, "committed": 0, "dropped": 0}
@@ -163,8 +164,13 @@ class Driver:
                     self._waiting_logged.add(idx)
                     addr = self.node.join_addr or "<addr>"
                     if self.node.worker is not None and self.node.worker.step > 0:
-                        logger.warning("stage %d lost; waiting for a node to rebuild it (cfnode join --peers %s)",
-                                       idx, addr)
+                        # One warning per loss: a new holder that flaps right after its rebuild (e.g. a
+                        # libp2p dial backoff) is the same incident, so it is only counted as an event.
+                        now = time.monotonic()
+                        if now - self._lost_logged_at.get(idx, -math.inf) > 3 * self.cfg.heartbeat.ttl_s:
+                            logger.warning("stage %d lost; waiting for a node to rebuild it "
+                                           "(cfnode join --peers %s)", idx, addr)
+                        self._lost_logged_at[idx] = now
                     else:
                         logger.info("stage %d has no node yet; waiting for one (cfnode join --peers %s)", idx, addr)
                     self.node.events.emit("waiting_for_stage", stage=idx)
