@@ -15,7 +15,7 @@ All three use the same seeded weights, the same data (``batch_for_step`` with se
 semantics (Adam, per-stage clipping at 1.0; in (c) the embedding and head ranks clip jointly, like cfnode's
 stage 0), so their per-step losses should agree closely: the table shows the largest difference from (a).
 
-    python bench/throughput.py --preset small --stages 2 --steps 30 --json bench/results-small-2.json
+    python bench/throughput.py --preset small --stages 2 --steps 30 --json bench/results-throughput-small-L2.json
 """
 
 from __future__ import annotations
@@ -531,6 +531,7 @@ def main() -> int:
           f"B={train.microbatch_size}, max in flight {train.max_in_flight} = {tokens_step} tokens/step; "
           f"{args.warmup} warmup + {args.steps} timed steps; {os.cpu_count()} CPUs; workdir {workdir}", flush=True)
     tokens = load_train_tokens()
+    revision = git_revision()  # at the start: the code that runs (the checkout may move during a long run)
 
     names = {"single": ("(a) single process", f"1 x {args.threads} threads"),
              "swarm": ("(b) cfnode swarm", f"{cfg.num_stages + 1} x 1 thread + bootstrap"),
@@ -591,7 +592,7 @@ def main() -> int:
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "processor": platform.processor() or platform.machine(), "python": sys.version.split()[0],
                         "torch": torch.__version__},
-            "cfnode_revision": git_revision(),
+            "cfnode_revision": revision,
             "model": asdict(cfg),
             "train": {"num_microbatches": train.num_microbatches, "microbatch_size": train.microbatch_size,
                       "max_in_flight": train.max_in_flight, "lr": train.lr, "clip_norm": train.clip_norm},

@@ -81,6 +81,8 @@ def create_dht(net: NetworkConfig, *, client_mode: bool = False) -> DHT:
         "host_maddrs": list(net.host_maddrs),
         "startup_timeout": net.startup_timeout_s,
         "client_mode": client_mode,
+        # UPnP/NAT-PMP probing is for public hosts; a loopback-only node must not look for a router.
+        "nat_port_map": not all(m.startswith(("/ip4/127.", "/ip6/::1/")) for m in net.host_maddrs),
     }
     if net.announce_maddrs:
         kwargs["announce_maddrs"] = list(net.announce_maddrs)
