@@ -10,12 +10,14 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 from hivemind.p2p import P2P
 
-from cfnode.config import NetworkConfig
-from cfnode.net.dht import create_dht, visible_maddrs
+from cfnode.config import MetricsConfig, NetworkConfig
+from cfnode.metrics import BootstrapMetrics
+from cfnode.net.dht import create_dht, routing_table_size, visible_maddrs
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,14 @@ def join_hint(maddrs: list[str]) -> str:
     return f"To join this swarm: cfnode join --peers {maddrs[0]}"
 
 
-def run_bootstrap(net: NetworkConfig, announce: Callable[[list[str]], None]) -> None:
-    """Run until SIGTERM/SIGINT. `announce(lines)` receives the join line and the other addresses."""
+LOG_EVERY_S = 30.0
+METRICS_REFRESH_S = 2.0
+
+
+def run_bootstrap(net: NetworkConfig, announce: Callable[[list[str]], None],
+                  metrics: MetricsConfig | None = None) -> None:
+    """Run until SIGTERM/SIGINT. `announce(lines)` receives the join line, the other addresses and, with
+    `metrics.port` set, the line `metrics port N` (the bound port; 0 picks a free one)."""
     if net.identity_path:
         ensure_identity(net.identity_path)
     dht = create_dht(net)
@@ -44,15 +52,20 @@ def run_bootstrap(net: NetworkConfig, announce: Callable[[list[str]], None]) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        stats = BootstrapMetrics()
+        stats.node_info.labels(peer_id=dht.peer_id.to_base58(), role="bootstrap", run_id="").set(1)
+        stats.dht_peers.set(routing_table_size(dht))
+        lines = []
+        if metrics is not None and metrics.port is not None:
+            lines.append(f"metrics port {stats.serve(metrics.host, metrics.port)}")
         maddrs = visible_maddrs(dht)
-        announce([join_hint(maddrs), *(f"  also reachable at {m}" for m in maddrs[1:])])
-        while not stop.wait(timeout=30):
-            peers = len(dht.run_coroutine(_routing_table_size_call))
-            logger.info("bootstrap alive; %d peers in the routing table", peers)
+        announce([join_hint(maddrs), *(f"  also reachable at {m}" for m in maddrs[1:]), *lines])
+        logged_at = time.monotonic()
+        while not stop.wait(timeout=METRICS_REFRESH_S):
+            peers = routing_table_size(dht)
+            stats.dht_peers.set(peers)
+            if time.monotonic() - logged_at >= LOG_EVERY_S:
+                logged_at = time.monotonic()
+                logger.info("bootstrap alive; %d peers in the routing table", peers)
     finally:
         dht.shutdown()
-
-
-async def _routing_table_size_call(dht, node) -> list[str]:  # type: ignore[no-untyped-def]
-    """Runs in the DHT process: the peers in this node's routing table (refreshes stale entries too)."""
-    return [str(peer) for peer in node.protocol.routing_table.peer_id_to_uid]

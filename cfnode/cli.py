@@ -18,6 +18,7 @@ import click
 
 from cfnode.config import (
     PRESETS,
+    RECOVERY_MODES,
     DataConfig,
     HeartbeatConfig,
     MetricsConfig,
@@ -82,9 +83,11 @@ def main() -> None:
               help="Multiaddrs to listen on (repeatable).")
 @click.option("--announce-maddrs", multiple=True, help="Public multiaddrs to advertise (explicit port).")
 @click.option("--identity-path", default="bootstrap.id", help="Persistent identity (created if absent).")
+@click.option("--metrics-host", default="127.0.0.1")
+@click.option("--metrics-port", type=int, default=None, help="Serve /metrics here (0: any free port).")
 @_with(logging_options)
 def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], identity_path: str,
-              log_level: str, log_format: str) -> None:
+              metrics_host: str, metrics_port: int | None, log_level: str, log_format: str) -> None:
     """Run a DHT-only entry peer and print the line others paste to join."""
     from cfnode.bootstrap import run_bootstrap
 
@@ -100,7 +103,7 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
         sys.stdout.flush()
 
     try:
-        run_bootstrap(net, announce)
+        run_bootstrap(net, announce, MetricsConfig(host=metrics_host, port=metrics_port))
     except CfnodeError as e:
         _fail(e)
 
@@ -136,13 +139,15 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--metrics-port", type=int, default=None, help="Serve /metrics here (0: any free port).")
 @click.option("--heartbeat-period", type=float, default=_H.period_s, help="Seconds between heartbeats.")
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s, help="Seconds before a silent node is gone.")
-@click.option("--recovery", default="checkfree", type=click.Choice(["checkfree"]),
-              help="Recovery mode for lost stages.")
+@click.option("--recovery", default="checkfree", type=click.Choice(list(RECOVERY_MODES)),
+              help="checkfree: rebuild lost transformer stages; checkfree+ (needs --stages >= 4): also swap edge "
+                   "stages on odd microbatches and replicate stage 0 on stages 1 and L, so every stage survives.")
 @click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]),
               help="How a lost middle stage is rebuilt.")
 @click.option("--lr-scale", type=float, default=1.1, help="LR multiplier of a rebuilt stage's fresh optimizer.")
 @click.option("--audit-recovery", default=None, help="Write each rebuild's donor and rebuilt tensors to this dir.")
 @click.option("--debug-recovery-stall", type=float, default=0.0, hidden=True)
+@click.option("--debug-hold-at-step", type=int, default=None, hidden=True)
 @click.option("--events-file", default=None, help="Append JSON-lines swarm events here.")
 @click.option("--ready-file", default=None, help="Write {peer_id, maddrs, stage, metrics_port} here when ready.")
 @_with(logging_options)
@@ -184,7 +189,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
         train=TrainConfig(lr=kw["lr"], num_microbatches=kw["microbatches"], microbatch_size=kw["microbatch_size"],
                           max_in_flight=kw["max_in_flight"], max_steps=kw["max_steps"], val_every=kw["val_every"],
                           val_batches=kw["val_batches"], step_timeout_s=kw["step_timeout"],
-                          num_threads=kw["threads"]),
+                          num_threads=kw["threads"], debug_hold_at_step=kw["debug_hold_at_step"]),
         network=NetworkConfig(initial_peers=_split_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
                               request_timeout_s=kw["request_timeout"],
@@ -257,19 +262,37 @@ def _dump_tasks() -> None:
 @click.option("--run-id", default=_D.run_id)
 @click.option("--json", "as_json", is_flag=True, envvar="CFNODE_STATUS_JSON", help="Print JSON instead of a table.")
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s, help="The run's ttl (for record ages).")
+@click.option("--watch", type=click.FloatRange(min=0.1), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Redraw every SECONDS (2 if omitted) until Ctrl-C; with --json, one JSON "
+                                        "object per line.")
+@click.option("--count", type=click.IntRange(min=1), default=None, hidden=True, help="--watch: stop after N frames.")
 @_with(logging_options)
-def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: float, log_level: str,
-           log_format: str) -> None:
-    """Show the stage map of a run as read from the DHT."""
-    from cfnode.status import read_status, render_table
+def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: float, watch: float | None,
+           count: int | None, log_level: str, log_format: str) -> None:
+    """Show the stage map of a run as read from the DHT: stages, spares (STANDBY), rebuilds in progress."""
+    from contextlib import closing
+
+    from cfnode.status import read_status, render_frame, render_table, watch_status
 
     setup_logging("WARNING" if log_level.upper() == "INFO" else log_level, log_format)
     try:
-        snapshot = read_status(_split_peers(peers), run_id, ttl_s=heartbeat_ttl)
+        if watch is None:
+            snapshot = read_status(_split_peers(peers), run_id, ttl_s=heartbeat_ttl)
+            if "error" in snapshot:
+                click.echo(f"error: {snapshot['error']}", err=True)
+                sys.exit(1)
+            click.echo(json.dumps(snapshot, indent=2) if as_json else render_table(snapshot))
+            return
+        clear = not as_json and sys.stdout.isatty()
+        frames = watch_status(_split_peers(peers), run_id, ttl_s=heartbeat_ttl, interval_s=watch, count=count)
+        with closing(frames):
+            for snapshot in frames:
+                click.echo(json.dumps(snapshot) if as_json else render_frame(snapshot, interval_s=watch, clear=clear))
+                sys.stdout.flush()
     except CfnodeError as e:
         _fail(e)
-        return
-    click.echo(json.dumps(snapshot, indent=2) if as_json else render_table(snapshot))
+    except KeyboardInterrupt:
+        pass
 
 
 @main.command()
@@ -288,6 +311,8 @@ def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: fl
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s)
 @click.option("--kill", multiple=True, help="STAGE@STEP: SIGKILL that stage's process at that step (repeatable).")
 @click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]))
+@click.option("--recovery", default="checkfree", type=click.Choice(list(RECOVERY_MODES)),
+              help="checkfree+ (needs --stages >= 4) also survives the loss of stage 0 and the edge stages.")
 @_with(logging_options)
 def demo(**kw: Any) -> None:
     """Start a bootstrap, L+1 stage nodes and a spare on 127.0.0.1 and train on the embedded corpus."""

@@ -105,6 +105,8 @@ class TrainConfig:
     retry_backoff_s: float = 0.5
     num_threads: int = 1
     """torch intra-op threads of this node's compute thread."""
+    debug_hold_at_step: int | None = None
+    """Test seam: stage 0 stops driving (and holds, still serving RPCs) before this step."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -156,10 +158,15 @@ class HeartbeatConfig:
             raise ConfigError(f"heartbeat ttl ({self.ttl_s}) must exceed the period ({self.period_s})")
 
 
+RECOVERY_MODES = ("checkfree", "checkfree+")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RecoveryConfig:
     mode: str = "checkfree"
-    """`checkfree`: rebuild intermediate stages from both neighbours, copy edge stages, stage 0 unrecoverable."""
+    """`checkfree`: rebuild intermediate stages from both neighbours, copy edge stages, stage 0 unrecoverable.
+    `checkfree+`: swap stages 1<->2 and L-1<->L on odd microbatches, rebuild those by copying the swap
+    partner, and keep replicas of stage 0 (embedding, final norm, head) on stages 1 and L (needs L >= 4)."""
     rule: str = "grad-avg"
     """How a lost stage is rebuilt: grad-avg (CheckFree), uniform-avg, copy, random (ablations)."""
     lr_scale: float = 1.1
@@ -173,8 +180,8 @@ class RecoveryConfig:
     """Test seam: pause this long between fetching and installing, so a test can kill a rebuilding node."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("checkfree",):
-            raise ConfigError(f"--recovery must be 'checkfree', got {self.mode!r}")
+        if self.mode not in RECOVERY_MODES:
+            raise ConfigError(f"--recovery must be one of {', '.join(RECOVERY_MODES)}, got {self.mode!r}")
         if self.rule not in ("grad-avg", "uniform-avg", "copy", "random"):
             raise ConfigError(f"--recovery-rule must be grad-avg, uniform-avg, copy or random, got {self.rule!r}")
         if self.lr_scale <= 0:
@@ -211,3 +218,11 @@ class NodeConfig:
             raise ConfigError(f"run_id must be non-empty and contain no ':', got {self.run_id!r}")
         if self.stage is not None and not 0 <= self.stage <= self.model.num_stages:
             raise ConfigError(f"--stage must be auto or 0..{self.model.num_stages}, got {self.stage}")
+        if self.recovery.mode == "checkfree+" and self.model.num_stages < 4:
+            raise ConfigError(f"--recovery checkfree+ swaps stages 1<->2 and L-1<->L, so it needs --stages >= 4; "
+                              f"this run has {self.model.num_stages}")
+
+    @property
+    def swaps(self) -> bool:
+        """CheckFree+ out-of-order execution is on."""
+        return self.recovery.mode == "checkfree+"

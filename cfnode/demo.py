@@ -44,6 +44,8 @@ class DemoOptions:
     kill: tuple[str, ...] = ()
     """STAGE@STEP: SIGKILL the process holding STAGE once STEP steps have committed (repeatable)."""
     recovery_rule: str = "grad-avg"
+    recovery: str = "checkfree"
+    """checkfree or checkfree+ (every stage, stage 0 included, survives a kill; needs --stages >= 4)."""
 
     def kill_plan(self) -> list[tuple[int, int]]:
         plan = []
@@ -64,6 +66,8 @@ class DemoOptions:
             raise ConfigError(f"--steps must be >= 1, got {self.steps}")
         if self.preset_name not in PRESETS:
             raise ConfigError(f"unknown --preset {self.preset_name!r}")
+        if self.recovery == "checkfree+" and self.stages < 4:
+            raise ConfigError(f"--recovery checkfree+ needs --stages >= 4, got {self.stages}")
 
 
 @dataclass
@@ -199,7 +203,8 @@ def run_demo(options: DemoOptions) -> int:
                   "--microbatches", str(options.microbatches), "--microbatch-size", str(options.microbatch_size),
                   "--lr", str(options.lr), "--val-every", str(options.val_every),
                   "--heartbeat-period", str(options.heartbeat_period),
-                  "--heartbeat-ttl", str(options.heartbeat_ttl), "--recovery-rule", options.recovery_rule]
+                  "--heartbeat-ttl", str(options.heartbeat_ttl), "--recovery-rule", options.recovery_rule,
+                  "--recovery", options.recovery]
         common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
         stage_procs = [swarm.spawn(f"stage{idx}", ["join", *common, "--stage", str(idx)], events=True)
                        for idx in range(options.stages + 1)]
@@ -294,15 +299,22 @@ def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc])
                     spawn_spare()
             if any(e["event"] == "training_finished" for e in events):
                 return 0
-            if head is None and last_step > 0 and not any(
-                    e["event"] == "recovery_started" for p in nodes for e in read_events(p.events_path)
-                    if e.get("stage") == 0):
-                logger.error("stage 0 (embedding/head/data) is gone; the swarm cannot continue. Logs: %s",
-                             swarm.workdir)
+            if head is None and last_step > 0 and _unrecoverable_since_kill(swarm, nodes):
+                logger.error("stage 0 (embedding/head/data) is gone and cannot be rebuilt (it can with "
+                             "--recovery checkfree+); the swarm cannot continue. Logs: %s", swarm.workdir)
                 return EXIT_UNRECOVERABLE
             time.sleep(0.25)
     finally:
         bar.close()
+
+
+def _unrecoverable_since_kill(swarm: Swarm, nodes: list[Proc]) -> bool:
+    """A live node reported, after our last kill, that the swarm lost state it cannot rebuild."""
+    if not swarm.kills:
+        return False
+    since = swarm.kills[-1]["ts"]
+    return any(e["event"] == "unrecoverable" and e["ts"] >= since
+               for p in nodes if p.alive() for e in read_events(p.events_path))
 
 
 def _recoveries(swarm: Swarm, all_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -357,5 +369,6 @@ def _summary(options: DemoOptions, swarm: Swarm, started: float) -> dict[str, An
         "tokens_per_s": tokens_per_s,
         "wall_s": round(time.time() - started, 1),
         "recoveries": _recoveries(swarm, all_events),
+        "kills": [dict(k) for k in swarm.kills],  # each --kill as done: stage, at_step, killed_at_step, ts, node
         "events": sorted((e for e in all_events if e["event"] != "step"), key=lambda e: e["ts"]),
     }

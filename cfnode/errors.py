@@ -81,6 +81,7 @@ REJECT_REASONS = (
     "unauthorized",  # sender is not the ONLINE owner of the expected neighbour stage
     "generation",    # sender's generation differs from its record
     "not_ready",     # this node is not serving a stage
+    "route",         # a hop's route is not the one this run's mode prescribes for its microbatch
 )
 
 

@@ -34,9 +34,13 @@ logger = logging.getLogger(__name__)
 
 async def check_meta(node: Node) -> None:
     """Refuse a run whose model differs from ours; publish ours if the run has none yet."""
-    model = node.config.model
-    mine = MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash())
+    mine = _meta_record(node)
     theirs = await node.swarm.read_meta()
+    if theirs is not None and theirs.recovery_mode != mine.recovery_mode:
+        raise ConfigMismatchError(
+            f"run {node.run_id!r} uses --recovery {theirs.recovery_mode}; this node was started with "
+            f"--recovery {mine.recovery_mode}. Every node of a run must route microbatches the same way.")
+    model = node.config.model
     if theirs is not None and theirs.model_config_hash != mine.model_config_hash:
         raise ConfigMismatchError(
             f"run {node.run_id!r} trains a model with config hash {theirs.model_config_hash} "
@@ -47,17 +51,28 @@ async def check_meta(node: Node) -> None:
     await node.swarm.store_meta(mine)
 
 
-async def store_meta(node: Node) -> None:
+def _meta_record(node: Node) -> MetaRecord:
     model = node.config.model
-    await node.swarm.store_meta(MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash()))
+    return MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash(),
+                      recovery_mode=node.config.recovery.mode)
 
 
-def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None) -> list[int]:
-    """Empty stages this node may take, lowest first. Stage 0 is never taken once the swarm has trained:
-    its embedding and head exist nowhere else (without checkfree+), so a fresh one would be garbage."""
+async def store_meta(node: Node) -> None:
+    await node.swarm.store_meta(_meta_record(node))
+
+
+def replica_holders(view: SwarmView, num_stages: int) -> set[int]:
+    """Live stages (1 or L) that report holding a replica of stage 0."""
+    return {i for i in {1, num_stages} if (o := view.online_owner(i)) is not None and o.record.replica_step >= 0}
+
+
+def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None, *, swaps: bool = False) -> list[int]:
+    """Empty stages this node may take, lowest first. Once the swarm has trained, stage 0 is taken only to
+    rebuild it from a replica (checkfree+ with a live holder): otherwise its embedding and head exist
+    nowhere else, and a fresh one would be garbage."""
     candidates = range(num_stages + 1) if wanted is None else [wanted]
-    trained = swarm_has_trained(view, num_stages)
-    return [i for i in candidates if not is_occupied(view.members(i), view.now) and not (i == 0 and trained)]
+    stage0_ok = not swarm_has_trained(view, num_stages) or (swaps and bool(replica_holders(view, num_stages)))
+    return [i for i in candidates if not is_occupied(view.members(i), view.now) and (i != 0 or stage0_ok)]
 
 
 async def claim_stage(node: Node) -> int:
@@ -67,7 +82,7 @@ async def claim_stage(node: Node) -> int:
     while True:
         view = await node.refresh_view()
         note_unrecoverable(node, view)
-        targets = claimable_stages(view, cfg.model.num_stages, cfg.stage)
+        targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, swaps=cfg.swaps)
         if not targets:
             if not announced_standby:
                 node.set_state(StageState.STANDBY, stage=None)
@@ -107,12 +122,17 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
     node.generation = view.max_generation(stage) + 1
     await node.announce()
     started = time.perf_counter()
-    live = {i for i in range(1, cfg.model.num_stages + 1) if i != stage and view.online_owner(i) is not None}
-    plan = plan_recovery(stage, live, cfg.model.num_stages)  # UnrecoverableError for stage 0
-    node.events.emit("recovery_started", stage=stage, rule=cfg.recovery.rule, prev=plan.prev_source,
-                     next=plan.next_source, degraded=plan.degraded, generation=node.generation)
+    num = cfg.model.num_stages
+    live = {i for i in range(1, num + 1) if i != stage and view.online_owner(i) is not None}
+    fresh = {i for i in live if not view.online_owner(i).record.donor}  # type: ignore[union-attr]
+    plan = plan_recovery(stage, live, num, swaps=cfg.swaps, fresh=fresh,  # UnrecoverableError: stage 0
+                         replicas=replica_holders(view, num))
+    node.events.emit("recovery_started", stage=stage, rule=cfg.recovery.rule, kind=plan.kind,
+                     prev=plan.prev_source, next=plan.next_source, replicas=list(plan.replica_sources),
+                     degraded=plan.degraded, generation=node.generation)
     rebuilder = Rebuilder(rule=cfg.recovery.rule, config_hash=cfg.model.config_hash(),
                           clip_norm=cfg.train.clip_norm, fetch=lambda idx: _fetch(node, idx),
+                          fetch_replica=lambda idx: _fetch(node, idx, replica=True),
                           norm_power=cfg.recovery.norm_power)
     fresh = await node.compute(worker.snapshot)
     known_step = max((o.record.step for i in range(cfg.model.num_stages + 1)
@@ -137,7 +157,7 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
     logger.log(level, "rebuilt stage %d by %s from %s%s in %.2fs (fetch %.2fs); step %d, generation %d, lr %.2e",
                stage, result.how, result.sources, " (degraded)" if plan.degraded else "", took, result.fetch_s,
                result.step, node.generation, lr)
-    node.events.emit("recovery_finished", stage=stage, how=result.how, sources=result.sources,
+    node.events.emit("recovery_finished", stage=stage, how=result.how, kind=plan.kind, sources=result.sources,
                      degraded=plan.degraded, rule=cfg.recovery.rule, duration_s=round(took, 4),
                      fetch_s=round(result.fetch_s, 4), average_s=round(result.average_s, 4),
                      install_s=round(install_s, 4), step=result.step, generation=node.generation, lr=lr,
@@ -167,13 +187,15 @@ def _write_audit(directory: str, stage: int, generation: int, result: RecoveryRe
 FETCH_ATTEMPTS = 3
 
 
-async def _fetch(node: Node, stage_idx: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """A donor's weights; a stream cut short (seen with hivemind under load) is fetched again."""
+async def _fetch(node: Node, stage_idx: int, *, replica: bool = False
+                 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A donor's weights (or the stage-0 replica it holds); a stream cut short (seen with hivemind under load)
+    is fetched again."""
     assert node.client is not None
     peer = node.route(stage_idx)
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         try:
-            return await node.client.get_weights(peer, max_bytes=2**31,
+            return await node.client.get_weights(peer, max_bytes=2**31, replica=replica,
                                                  timeout_s=node.config.recovery.fetch_timeout_s)
         except RejectedError as e:
             if e.reason != "decode" or attempt == FETCH_ATTEMPTS:
@@ -187,16 +209,17 @@ def note_unrecoverable(node: Node, view: SwarmView) -> None:
     """Log once (and export) that stage 0 is gone from a swarm that had trained."""
     num = node.config.model.num_stages
     lost = (view.online_owner(0) is None and not is_occupied(view.members(0), view.now)
-            and swarm_has_trained(view, num))
+            and swarm_has_trained(view, num) and not (node.config.swaps and replica_holders(view, num)))
     node.metrics.unrecoverable.set(1 if lost else 0)
     if lost and not node.unrecoverable_logged:
         node.unrecoverable_logged = True
         left = any(p.record.state is StageState.OFFLINE for p in view.members(0))
+        why = "no live stage 1 or L holds its replica" if node.config.swaps else "it cannot be rebuilt without checkfree+"
         err = UnrecoverableError(
-            f"stage 0 (embedding, final norm, LM head) {'left the run' if left else 'was lost'} and cannot be "
-            "rebuilt without checkfree+; training is paused for good")
+            f"stage 0 (embedding, final norm, LM head) {'left the run' if left else 'was lost'} and {why}; "
+            "training is paused for good")
         logger.log(logging.WARNING if left else logging.ERROR, "%s", err)
-        node.events.emit("unrecoverable", stage=0, reason="stage 0 lost; needs checkfree+")
+        node.events.emit("unrecoverable", stage=0, reason=f"stage 0 lost; {why}")
         node.metrics.recoveries.labels(role="recovered", rule=node.config.recovery.rule,
                                        result="unrecoverable").inc()
     elif not lost:
@@ -219,7 +242,11 @@ def watch(node: Node, view: SwarmView) -> None:
     num = node.config.model.num_stages
     for side, idx in (("prev", prev_stage(stage, num)), ("next", next_stage(stage, num))):
         alive = view.online_owner(idx) is not None
-        if not alive and idx not in node.lost_neighbours:
+        if alive:
+            node.seen_neighbours.add(idx)
+        # One detection per incident: a neighbour seen ONLINE since we went ONLINE now has no live owner (a
+        # stage that never had one, e.g. at start-up, is not a failure; failed hops are counted elsewhere).
+        if not alive and idx in node.seen_neighbours and idx not in node.lost_neighbours:
             node.lost_neighbours.add(idx)
             left = any(p.record.state is StageState.OFFLINE for p in view.members(idx))
             node.metrics.stage_failures_detected.labels(neighbor=side).inc()

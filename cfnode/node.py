@@ -30,7 +30,7 @@ from cfnode.errors import (
     RejectedError,
     UnrecoverableError,
 )
-from cfnode.logs import EventLog
+from cfnode.logs import EventLog, set_log_context
 from cfnode.metrics import NodeMetrics
 from cfnode.net.client import StageClient
 from cfnode.net.dht import SwarmDHT, visible_maddrs
@@ -40,7 +40,7 @@ from cfnode.net.records import (
     SwarmView,
 )
 from cfnode.net.service import StageServicer
-from cfnode.train.schedule import AttemptKey, next_stage, prev_stage
+from cfnode.train.schedule import AttemptKey, route_for, route_neighbours
 from cfnode.train.worker import StageWorker
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,11 @@ class Node:
                               ttl_s=config.heartbeat.ttl_s)
         self.peer_id = self.swarm.peer_id
         self.metrics = NodeMetrics()
+        for direction in ("forward", "backward"):
+            for idx in range(config.model.num_stages + 1):
+                self.metrics.hops_received.labels(direction=direction, from_stage=str(idx))
         self.events = EventLog(config.events_path, peer=self.peer_id[:12])
+        set_log_context(peer=self.peer_id, stage=None, step=None)
         self.max_message_bytes = config.network.max_message_bytes
         self.chunk_bytes = config.network.chunk_bytes
         self.on_ready = on_ready
@@ -82,6 +86,7 @@ class Node:
         self.stage_lost = asyncio.Event()
         self._meta_stored_at = time.monotonic()
         self.lost_neighbours: set[int] = set()
+        self.seen_neighbours: set[int] = set()  # neighbour stages seen ONLINE since this node went ONLINE
         self.unrecoverable_logged = False
 
     # -- helpers -----------------------------------------------------------------------------------------
@@ -106,7 +111,8 @@ class Node:
     def own_record(self) -> StageRecord:
         w = self.worker
         return StageRecord(state=self.state, step=w.step if w else 0, generation=self.generation,
-                           grad_norm=w.grad_norm if w else 1.0, grad_norm_raw=w.grad_norm_raw if w else 1.0)
+                           grad_norm=w.grad_norm if w else 1.0, grad_norm_raw=w.grad_norm_raw if w else 1.0,
+                           donor=w.donor if w else True, replica_step=w.replica_step if w else -1)
 
     def serving_stage(self) -> int | None:
         return self.stage if self.state is StageState.ONLINE and self.worker is not None else None
@@ -115,10 +121,26 @@ class Node:
         m, t = self.config.model, self.config.train
         return (t.microbatch_size, m.seq_len, m.hidden_size)
 
-    def expected_sender(self, method: str) -> int:
+    def check_route(self, meta: dict[str, Any]) -> None:
+        """A hop's route must be the one this run prescribes for its microbatch (in order for validation)."""
+        swaps = self.config.swaps and meta["kind"] == "train"
+        expected = route_for(meta["mb"], self.config.model.num_stages, swaps=swaps)
+        if tuple(meta["route"]) != expected:
+            raise InvalidPayload("route", f"{meta['kind']} microbatch {meta['mb']} must take route {list(expected)}, "
+                                          f"got {meta['route']!r:.80}")
+
+    def expected_sender(self, method: str, meta: dict[str, Any]) -> int:
+        """The stage a hop must come from: the forward predecessor on its route, or for gradients the forward
+        successor (the backward pass runs the route reversed)."""
         assert self.stage is not None
-        num = self.config.model.num_stages
-        return prev_stage(self.stage, num) if method == "forward" else next_stage(self.stage, num)
+        before, after = route_neighbours(meta["route"], self.stage)
+        return before if method == "forward" else after
+
+    def route_target(self, method: str, meta: dict[str, Any]) -> int:
+        """Where this stage sends a hop's result next."""
+        assert self.stage is not None
+        before, after = route_neighbours(meta["route"], self.stage)
+        return after if method == "forward" else before
 
     def route(self, stage_idx: int) -> str:
         """The live ONLINE owner of a stage, or PeerUnavailableError."""
@@ -166,6 +188,7 @@ class Node:
             try:
                 await self.refresh_view()
                 await self._on_view()
+                self.metrics.dht_peers.set(await self.swarm.dht_peers())
             except (TimeoutError, asyncio.TimeoutError):
                 logger.warning("membership read timed out; retrying")
             await asyncio.sleep(period)
@@ -180,6 +203,7 @@ class Node:
         self.metrics.set_state(state.value.lower())
         self.metrics.stage_index.set(-1 if stage is None else stage)
         self.metrics.stage_generation.set(self.generation)
+        set_log_context(stage=stage, step=self.worker.step if self.worker is not None else None)
 
     def fence(self) -> None:
         """Another peer holds our stage at a higher generation: stop serving it and become a spare again."""
@@ -241,6 +265,8 @@ class Node:
         while len(self._seen_hops) > SEEN_HOPS_LIMIT:
             self._seen_hops.popitem(last=False)
         self.metrics.microbatches_processed.labels(direction=method).inc()
+        if meta["kind"] == "train":
+            self.metrics.hops_received.labels(direction=method, from_stage=str(meta["from_stage"])).inc()
         self.spawn(self._process_hop(method, meta, tensor), name=f"hop-{method}")
 
     async def _process_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
@@ -250,7 +276,6 @@ class Node:
         worker = self.worker
         assert worker is not None and self.stage is not None
         key, mb = AttemptKey(meta["step"], meta["attempt"]), meta["mb"]
-        num = self.config.model.num_stages
         try:
             if meta["kind"] == "val":
                 out = await self.compute(worker.eval_forward, tensor)
@@ -262,8 +287,7 @@ class Node:
             self.metrics.microbatches_dropped.labels(reason="error").inc()
             logger.debug("dropped %s of %s mb %d: its attempt was superseded", method, tuple(key), mb)
             return
-        target = next_stage(self.stage, num) if method == "forward" else prev_stage(self.stage, num)
-        await self.send_hop(method, meta, out, target)
+        await self.send_hop(method, meta, out, self.route_target(method, meta))
 
     def _forward_train(self, key: AttemptKey, mb: int, x: torch.Tensor) -> torch.Tensor:
         worker = self.worker
@@ -310,9 +334,7 @@ class Node:
         except (PeerUnavailableError, RejectedError) as e:
             logger.warning("%s to stage %d (%s) failed: %s", method, target, peer[:12], e)
             if isinstance(e, PeerUnavailableError):
-                self.ban(peer, "rpc_failure")
-                side = "next" if target == next_stage(self.stage, self.config.model.num_stages) else "prev"
-                self.metrics.stage_failures_detected.labels(neighbor=side).inc()
+                self.ban(peer, "rpc_failure")  # counted as a failure once its record expires (membership.watch)
                 self.events.emit("neighbour_unreachable", stage=target, peer=peer[:12], error=str(e)[:200])
             await self.report_failure(meta, f"{method} to stage {target} failed: {e}",
                                       suspect=target if isinstance(e, PeerUnavailableError) else None)
@@ -363,6 +385,7 @@ class Node:
         self.metrics.steps_committed.inc()
         self.metrics.grad_norm.set(norm)
         self.metrics.grad_norm_raw.set(raw)
+        set_log_context(step=w.step)
         self.heartbeat_soon()
 
     async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None:
@@ -385,20 +408,59 @@ class Node:
             self.ban(peer, "confirmed_dead")
             self.events.emit("neighbour_unreachable", stage=stage_idx, peer=peer[:12], confirmed_by="ping")
 
-    async def weights_snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    async def weights_snapshot(self, replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """This stage's weights, or (`replica`) the stage-0 replica it holds, with the metadata a rebuild checks."""
         worker = self.worker
         assert worker is not None
+        if replica:
+            held, step, (norm, raw) = worker.replica, worker.replica_step, worker.replica_norms
+            if held is None:
+                raise InvalidPayload("not_ready", f"stage {self.stage} holds no replica of stage 0")
+            return {"stage": 0, "step": step, "generation": -1, "grad_norm": norm, "grad_norm_raw": raw,
+                    "config_hash": self.config.model.config_hash(), "holder": self.stage}, held
         state = await self.compute(worker.snapshot)
         meta = {"stage": self.stage, "step": worker.step, "generation": self.generation,
                 "grad_norm": worker.grad_norm, "grad_norm_raw": worker.grad_norm_raw,
                 "config_hash": self.config.model.config_hash()}
         return meta, state
 
+    async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """CheckFree+: keep stage 0's weights pushed after its commit (stages 1 and L only)."""
+        num = self.config.model.num_stages
+        worker = self.worker
+        if not self.config.swaps or self.stage not in (1, num) or worker is None:
+            raise InvalidPayload("wrong_stage", f"stage {self.stage} keeps no replica of stage 0")
+        if meta["config_hash"] != self.config.model.config_hash():
+            raise InvalidPayload("wrong_run", f"replica of model {meta['config_hash']}")
+        expected = self.replica_shapes()
+        if set(state) != set(expected):
+            raise InvalidPayload("shape", f"replica tensors {sorted(state)[:4]} are not stage 0's")
+        for name, t in state.items():
+            if tuple(t.shape) != expected[name]:
+                raise InvalidPayload("shape", f"replica {name} is {tuple(t.shape)}, expected {expected[name]}")
+            if t.dtype != torch.float32:
+                raise InvalidPayload("dtype", f"replica {name} is {t.dtype}")
+        norm, raw = float(meta["grad_norm"]), float(meta["grad_norm_raw"])
+        if not worker.store_replica(state, step=meta["step"], grad_norm=norm, grad_norm_raw=raw):
+            raise InvalidPayload("stale_step", f"replica of step {meta['step']} is older than the one held "
+                                               f"({worker.replica_step})")
+        self.metrics.replica_step.set(meta["step"])
+
+    _replica_shapes: dict[str, tuple[int, ...]] | None = None
+
+    def replica_shapes(self) -> dict[str, tuple[int, ...]]:
+        if self._replica_shapes is None:
+            from cfnode.model.stages import head_stage_shapes
+
+            self._replica_shapes = head_stage_shapes(self.config.model)
+        return self._replica_shapes
+
     def info(self) -> dict[str, Any]:
         w = self.worker
         return {"peer_id": self.peer_id, "stage": self.stage, "state": self.state.value,
                 "step": w.step if w else 0, "generation": self.generation,
                 "grad_norm": w.grad_norm if w else 1.0, "grad_norm_raw": w.grad_norm_raw if w else 1.0,
+                "replica_step": w.replica_step if w else -1,
                 "config_hash": self.config.model.config_hash(), "version": 1}
 
     # -- run ---------------------------------------------------------------------------------------------
@@ -418,6 +480,7 @@ class Node:
             self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self.metrics.node_info.labels(peer_id=self.peer_id, role="stage", run_id=self.run_id).set(1)
         self.metrics.learning_rate.set(self.config.train.lr)
+        self.events.emit("joined", run_id=self.run_id, peer_id=self.peer_id, metrics_port=self.metrics_port)
         try:
             await membership.check_meta(self)
             self.spawn(self._heartbeat_loop(), "heartbeat")
@@ -439,6 +502,7 @@ class Node:
                     self.driver = Driver(self)
                     await self.driver.prepare()
                 self.lost_neighbours.clear()
+                self.seen_neighbours.clear()
                 self.stage_lost.clear()
                 self.set_state(StageState.ONLINE, stage=stage)
                 await self.announce()

@@ -1,25 +1,53 @@
-"""`cfnode status`: a short-lived client-mode DHT peer reads the run's records and renders the stage map."""
+"""`cfnode status`: a short-lived client-mode DHT peer reads the run's records and renders the stage map.
+
+`snapshot()` and the renderers are pure (tests feed them a SwarmView); `read_status` reads once,
+`watch_status` keeps one DHT peer and yields a fresh snapshot every interval (`cfnode status --watch`).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from cfnode.config import NetworkConfig
 from cfnode.errors import NoPeerReachableError
 from cfnode.net.dht import SwarmDHT, create_dht
-from cfnode.net.records import StageState
+from cfnode.net.records import MetaRecord, StageState, SwarmView
 
 DEFAULT_MAX_STAGES = 64
+CLEAR_SCREEN = "\x1b[2J\x1b[H"
 
 
 def read_status(peers: tuple[str, ...], run_id: str, *, ttl_s: float) -> dict[str, Any]:
+    frames = watch_status(peers, run_id, ttl_s=ttl_s, interval_s=0.0, count=1)
+    try:
+        return next(frames)
+    finally:
+        frames.close()  # shuts the DHT peer down now, not at garbage collection
+
+
+def watch_status(peers: tuple[str, ...], run_id: str, *, ttl_s: float, interval_s: float,
+                 count: int | None = None) -> Iterator[dict[str, Any]]:
+    """Snapshots of the run, one every `interval_s` (forever, or `count` of them), through one DHT peer.
+    A read that times out yields `{"run_id", "error"}` and the watch goes on."""
     if not peers:
         raise NoPeerReachableError("no --peers given")
     dht = create_dht(NetworkConfig(initial_peers=peers), client_mode=True)
+    loop = asyncio.new_event_loop()
     try:
-        return asyncio.run(_read(dht, run_id, ttl_s))
+        made = 0
+        while count is None or made < count:
+            if made:
+                time.sleep(interval_s)
+            try:
+                yield loop.run_until_complete(_read(dht, run_id, ttl_s))
+            except (TimeoutError, asyncio.TimeoutError) as e:
+                yield {"run_id": run_id, "error": f"reading the DHT timed out: {e}"}
+            made += 1
     finally:
+        loop.close()
         dht.shutdown()
 
 
@@ -28,6 +56,13 @@ async def _read(dht: Any, run_id: str, ttl_s: float) -> dict[str, Any]:
     meta = await probe.read_meta()
     num_stages = meta.num_stages if meta else DEFAULT_MAX_STAGES
     view = await SwarmDHT(dht, run_id=run_id, num_stages=num_stages, ttl_s=ttl_s).read_view()
+    return snapshot(run_id, meta, view, ttl_s=ttl_s)
+
+
+def snapshot(run_id: str, meta: MetaRecord | None, view: SwarmView, *, ttl_s: float) -> dict[str, Any]:
+    """The run as one JSON-able dict: a row per live record (and per EMPTY stage when the run's size is
+    known), the spares, the rebuilds in progress and whether stage 0 is lost for good."""
+    num_stages = meta.num_stages if meta else max((i for i, ps in view.stages.items() if ps), default=0)
     rows = []
     for idx in range(num_stages + 1):
         members = view.members(idx)
@@ -45,14 +80,20 @@ async def _read(dht: Any, run_id: str, ttl_s: float) -> dict[str, Any]:
                      "generation": None, "grad_norm": None, "age_s": round(p.age_s(view.now, ttl_s), 1)})
     empty = [r["stage"] for r in rows if r["state"] == "EMPTY"]
     trained = any((r["step"] or 0) > 0 and r["state"] == "ONLINE" for r in rows)
+    online = sorted({r["stage"] for r in rows if r["state"] == "ONLINE"})
     return {"run_id": run_id, "num_stages": num_stages if meta else None,
             "model_config_hash": meta.model_config_hash if meta else None, "stages": rows,
-            "empty_stages": empty,
+            "empty_stages": empty, "online_stages": online,
+            "spares": [r["peer"] for r in rows if r["state"] == StageState.STANDBY.value],
+            "recovering": [{"stage": r["stage"], "peer": r["peer"], "generation": r["generation"],
+                            "age_s": r["age_s"]} for r in rows if r["state"] == StageState.RECOVERING.value],
             "unrecoverable": trained and not any(r["stage"] == 0 and r["state"] in ("ONLINE", "JOINING", "RECOVERING")
                                                  for r in rows)}
 
 
 def render_table(snapshot: dict[str, Any]) -> str:
+    if "error" in snapshot:
+        return f"run {snapshot['run_id']}: {snapshot['error']}"
     head = f"run {snapshot['run_id']}: {snapshot['num_stages']} transformer stages, model {snapshot['model_config_hash']}"
     cols = ("stage", "peer", "state", "step", "generation", "grad_norm", "age_s")
     lines = [head, "  ".join(f"{c:>10}" if c != "peer" else f"{c:<16}" for c in cols)]
@@ -65,4 +106,18 @@ def render_table(snapshot: dict[str, Any]) -> str:
         lines.append("  ".join(cells))
     if snapshot["empty_stages"]:
         lines.append(f"empty stages: {snapshot['empty_stages']}")
+    spares = snapshot.get("spares", [])
+    lines.append(f"spares (STANDBY): {len(spares)}" + (f" ({', '.join(p[:16] for p in spares)})" if spares else ""))
+    for r in snapshot.get("recovering", []):
+        lines.append(f"recovering: stage {r['stage']} being rebuilt by {r['peer'][:16]} "
+                     f"(generation {r['generation']}, {r['age_s']}s since its last heartbeat)")
+    if snapshot.get("unrecoverable"):
+        lines.append("UNRECOVERABLE: stage 0 is lost and the swarm had trained")
     return "\n".join(lines)
+
+
+def render_frame(snapshot: dict[str, Any], *, interval_s: float, clear: bool, now: float | None = None) -> str:
+    """One `--watch` screen: clear (on a terminal), a header with the time and refresh period, the table."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(time.time() if now is None else now))
+    head = f"{CLEAR_SCREEN if clear else ''}cfnode status  {stamp}  every {interval_s:g}s (Ctrl-C to stop)"
+    return f"{head}\n{render_table(snapshot)}"

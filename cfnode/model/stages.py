@@ -229,6 +229,12 @@ def build_stage(cfg: ModelConfig, stage_idx: int, model_path: str | None = None)
     return stage
 
 
+def head_stage_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of stage 0's state_dict (what a CheckFree+ replica must look like), without allocating."""
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in HeadStage(llama_config(cfg)).state_dict().items()}
+
+
 def model_config_from_pretrained(model_path: str, num_stages: int, seq_len: int | None = None) -> ModelConfig:
     """A `ModelConfig` (preset "pretrained") describing the local checkpoint at `model_path`.
 

@@ -107,13 +107,28 @@ class StageClient:
         except InvalidPayload as e:
             raise PeerUnavailableError(f"info from {peer_id[:12]}: unreadable reply") from e
 
-    async def get_weights(self, peer_id: str, *, max_bytes: int,
-                          timeout_s: float) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Fetch a stage's weights as a stream; each part must arrive within the request timeout."""
+    async def push_replica(self, peer_id: str, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        """rpc_replica: stream stage 0's weights to a replica holder (stage 1 or L), wait for the ack."""
+        names = list(state)
+        parts = list(self.iter_parts({**meta, "names": names}, [state[n] for n in names]))
+        timeout_s = self.net.request_timeout_s
+        reply = await self._unary("replica", peer_id, self._stub(peer_id).rpc_replica(_aiter(parts), timeout=timeout_s),
+                                  timeout_s)
+        try:
+            _check_reply(unpack_metadata(reply.metadata))
+        except InvalidPayload as e:
+            raise PeerUnavailableError(f"replica to {peer_id[:12]}: unreadable reply") from e
+        self.metrics.transfer_bytes.labels(direction="sent", kind="replica").inc(
+            sum(t.numel() * t.element_size() for t in state.values()))
+
+    async def get_weights(self, peer_id: str, *, max_bytes: int, timeout_s: float,
+                          replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Fetch a stage's weights (or, with `replica`, the stage-0 replica it holds) as a stream; each part
+        must arrive within the request timeout."""
         stub = self._stub(peer_id)
         started = time.perf_counter()
         try:
-            stream = await within(stub.rpc_get_weights(runtime_pb2.ExpertUID(uid="weights")),
+            stream = await within(stub.rpc_get_weights(runtime_pb2.ExpertUID(uid="replica" if replica else "weights")),
                                   self.net.request_timeout_s)
             meta, tensors = await within(
                 read_message(aiter_with_timeout(stream, self.net.request_timeout_s), max_bytes=max_bytes),

@@ -111,6 +111,16 @@ def create_dht(net: NetworkConfig, *, client_mode: bool = False) -> DHT:
     return dht
 
 
+async def _routing_table_size(dht: DHT, node: DHTNode) -> int:
+    """Runs inside the DHT process: how many peers this node's DHT routing table holds."""
+    return len(node.protocol.routing_table.peer_id_to_uid)
+
+
+def routing_table_size(dht: DHT) -> int:
+    """Peers in the DHT routing table (blocking; for the bootstrap's plain-thread loop)."""
+    return int(dht.run_coroutine(_routing_table_size))
+
+
 def visible_maddrs(dht: DHT) -> list[str]:
     """This peer's multiaddrs with its /p2p/ id, what others pass to --peers: IPv4 first, and an address
     other machines can dial before loopback (unless loopback is all there is)."""
@@ -153,6 +163,12 @@ class SwarmDHT:
             item = await self._call(fut)
         return None if item is None else MetaRecord.from_wire(item.value)
 
+    async def dht_peers(self) -> int:
+        """Peers in this node's DHT routing table (the `cfnode_dht_peers` gauge)."""
+        async with self._lock:
+            fut = self.dht.run_coroutine(_routing_table_size, return_future=True)
+            return int(await self._call(fut))
+
     async def read_view(self) -> SwarmView:
         """Fresh view of every stage key and the standby key."""
         keys = (*(stage_key(self.run_id, i) for i in range(self.num_stages + 1)), standby_key(self.run_id))
@@ -181,4 +197,4 @@ def _as_entries(raw: Any) -> dict[str, _Entry]:
     return {sub: _Entry(v, exp) for sub, (v, exp) in raw.items() if isinstance(sub, str)}
 
 
-__all__ = ["PeerRecord", "SwarmDHT", "create_dht", "visible_maddrs"]
+__all__ = ["PeerRecord", "SwarmDHT", "create_dht", "routing_table_size", "visible_maddrs"]

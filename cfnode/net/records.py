@@ -46,6 +46,11 @@ class StageRecord:
     """Post-clip L2 norm of the stage's gradient at its last committed step (CheckFree's weight)."""
     grad_norm_raw: float = 1.0
     throughput: float = 0.0
+    donor: bool = True
+    """False from a rebuild until the stage's first commit: its weights and norm are not yet its own, so
+    another rebuild prefers a stage that survived (docs/recovery.md, adjacent losses)."""
+    replica_step: int = -1
+    """CheckFree+: the step of the stage-0 replica this node holds (-1: none)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -56,6 +61,8 @@ class StageRecord:
             "grad_norm": float(self.grad_norm),
             "grad_norm_raw": float(self.grad_norm_raw),
             "throughput": float(self.throughput),
+            "donor": bool(self.donor),
+            "replica_step": int(self.replica_step),
             "version": int(self.version),
         }
 
@@ -75,6 +82,8 @@ class StageRecord:
                 grad_norm=float(value.get("grad_norm", 1.0)),
                 grad_norm_raw=float(value.get("grad_norm_raw", 1.0)),
                 throughput=float(value.get("throughput", 0.0)),
+                donor=bool(value.get("donor", True)),
+                replica_step=int(value.get("replica_step", -1)),
                 version=int(value.get("version", 0)),
             )
         except (KeyError, ValueError, TypeError, OverflowError):
@@ -87,10 +96,13 @@ class MetaRecord:
 
     num_stages: int
     model_config_hash: str
+    recovery_mode: str = "checkfree"
+    """Every node must route microbatches the same way (checkfree+ swaps edge stages)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
-        return {"num_stages": self.num_stages, "model_config_hash": self.model_config_hash, "version": self.version}
+        return {"num_stages": self.num_stages, "model_config_hash": self.model_config_hash,
+                "recovery_mode": self.recovery_mode, "version": self.version}
 
     @classmethod
     def from_wire(cls, value: object) -> MetaRecord | None:
@@ -98,6 +110,7 @@ class MetaRecord:
             return None
         try:
             return cls(num_stages=int(value["num_stages"]), model_config_hash=str(value["model_config_hash"]),
+                       recovery_mode=str(value.get("recovery_mode", "checkfree")),
                        version=int(value.get("version", 0)))
         except (KeyError, ValueError, TypeError, OverflowError):
             return None

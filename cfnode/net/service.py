@@ -1,8 +1,9 @@
 """StageServicer: the RPC surface of a node (rpc_forward, rpc_backward, rpc_get_weights, rpc_info, rpc_commit,
-rpc_abort). Handlers decode, validate and hand over to the node; they never run torch math on the loop.
+rpc_abort, rpc_replica). Handlers decode, validate and hand over to the node; they never run torch math on the
+loop.
 
 Validation order (docs/protocol.md): byte cap while streaming -> decode -> metadata fields -> run / target
-stage -> tensor shape, dtype, finiteness -> sender is the ONLINE owner of the expected neighbour with the
+stage -> tensor shape, dtype, finiteness -> route -> sender is the ONLINE owner of the expected neighbour with the
 generation it claims -> step/attempt freshness. Every rejection is typed, counted in
 `cfnode_rpc_rejected_total{method,reason}`, logged once per (method, reason, sender) and answered with
 `{ok: false, reason, detail}`; the node keeps serving.
@@ -33,7 +34,11 @@ logger = logging.getLogger(__name__)
 
 HOP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "run": str, "step": int, "attempt": int, "mb": int, "num_mb": int, "generation": int,
-    "from_stage": int, "to_stage": int, "kind": str,
+    "from_stage": int, "to_stage": int, "kind": str, "route": list,
+}
+REPLICA_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "run": str, "step": int, "generation": int, "names": list, "grad_norm": (int, float),
+    "grad_norm_raw": (int, float), "config_hash": str,
 }
 
 
@@ -47,12 +52,14 @@ class StageHost(Protocol):
 
     def serving_stage(self) -> int | None: ...
     def hidden_shape(self) -> tuple[int, ...]: ...
-    def expected_sender(self, method: str) -> int: ...
+    def check_route(self, meta: dict[str, Any]) -> None: ...
+    def expected_sender(self, method: str, meta: dict[str, Any]) -> int: ...
     async def check_sender(self, peer_id: str, stage_idx: int, generation: int) -> None: ...
     async def accept_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None: ...
     async def accept_commit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]: ...
     async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None: ...
-    async def weights_snapshot(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None: ...
+    async def weights_snapshot(self, replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
     def info(self) -> dict[str, Any]: ...
 
 
@@ -101,7 +108,8 @@ class StageServicer(ServicerBase):
             if len(tensors) != 1:
                 raise InvalidPayload("decode", f"expected 1 tensor, got {len(tensors)}")
             validate_tensor(tensors[0], shape=host.hidden_shape(), dtype=torch.float32, name=method)
-            expected = host.expected_sender(method)
+            host.check_route(meta)
+            expected = host.expected_sender(method, meta)
             if meta["from_stage"] != expected:
                 raise InvalidPayload("unauthorized", f"{method} must come from stage {expected}")
             await host.check_sender(peer_id, expected, meta["generation"])
@@ -154,18 +162,50 @@ class StageServicer(ServicerBase):
         self.host.metrics.rpc_requests.labels(method="abort", result="ok").inc()
         return _ok()
 
+    async def rpc_replica(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
+                          context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """CheckFree+: stage 0 pushes its weights (embedding, final norm, head) after each commit to stages 1
+        and L, which keep them as a replica to rebuild stage 0 from."""
+        peer_id = context.remote_id.to_base58()
+        host = self.host
+        try:
+            meta, tensors = await read_message(requests, max_bytes=2**31)
+            require_fields(meta, REPLICA_FIELDS)
+            if meta["run"] != host.run_id:
+                raise InvalidPayload("wrong_run", f"replica for run {meta['run']!r}")
+            if host.serving_stage() is None:
+                raise InvalidPayload("not_ready", "this node serves no stage")
+            if len(meta["names"]) != len(tensors) or not all(isinstance(n, str) for n in meta["names"]):
+                raise InvalidPayload("decode", "replica names do not match the tensors sent")
+            for name, t in zip(meta["names"], tensors, strict=True):
+                if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                    raise InvalidPayload("nonfinite", f"replica tensor {name} is not finite floats")
+            await host.check_sender(peer_id, 0, meta["generation"])
+            await host.accept_replica(meta, dict(zip(meta["names"], tensors, strict=True)))
+        except InvalidPayload as e:
+            return self._reject("replica", e, peer_id)
+        host.metrics.rpc_requests.labels(method="replica", result="ok").inc()
+        host.metrics.transfer_bytes.labels(direction="received", kind="replica").inc(
+            sum(t.numel() * t.element_size() for t in tensors))
+        return _ok()
+
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         self.host.metrics.rpc_requests.labels(method="info", result="ok").inc()
         return runtime_pb2.ExpertInfo(serialized_info=pack_metadata(self.host.info()))
 
     async def rpc_get_weights(self, request: runtime_pb2.ExpertUID,
                               context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Stream this stage's weights: first part {ok, names, stage, step, generation, grad norms, hash}."""
+        """Stream this stage's weights (uid "weights") or its stage-0 replica (uid "replica"): first part
+        {ok, names, stage, step, generation, grad norms, hash}."""
         if self.host.serving_stage() is None:
             err = InvalidPayload("not_ready", "this node serves no stage")
             yield self._reject("get_weights", err, context.remote_id.to_base58())
             return
-        meta, state = await self.host.weights_snapshot()
+        try:
+            meta, state = await self.host.weights_snapshot(replica=request.uid == "replica")
+        except InvalidPayload as e:
+            yield self._reject("get_weights", e, context.remote_id.to_base58())
+            return
         names = list(state)
         meta = {"ok": True, "names": names, **meta}
         total = 0

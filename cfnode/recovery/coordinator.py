@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import torch
 
 from cfnode.errors import RecoveryError, UnrecoverableError
-from cfnode.recovery.checkfree import Neighbour, StateDict, rebuild
+from cfnode.recovery.checkfree import Neighbour, StateDict, check_compatible, copy_of, rebuild
+from cfnode.train.schedule import swap_partner
 
 logger = logging.getLogger(__name__)
 
@@ -34,28 +35,50 @@ class RecoveryPlan:
     """Nearest surviving transformer stage below (None: none survives)."""
     next_source: int | None
     """Nearest surviving transformer stage above."""
+    kind: str = "neighbours"
+    """`neighbours` (the rule over the nearest survivors), `partner` (CheckFree+ copy of the swap partner) or
+    `replica` (CheckFree+ stage 0 from a replica on stage 1 or L)."""
+    replica_sources: tuple[int, ...] = ()
 
     @property
     def degraded(self) -> bool:
-        """Not the textbook case of both direct neighbours alive."""
+        """Not a textbook case: both direct neighbours, the swap partner, or a replica."""
+        if self.kind in ("partner", "replica"):
+            return False
         return self.prev_source != self.stage - 1 or self.next_source != self.stage + 1
 
 
-def plan_recovery(stage_idx: int, live_stages: set[int], num_stages: int) -> RecoveryPlan:
-    """Which stages to rebuild `stage_idx` from (CheckFree, no CheckFree+).
+def plan_recovery(stage_idx: int, live_stages: set[int], num_stages: int, *, swaps: bool = False,
+                  fresh: frozenset[int] | set[int] = frozenset(),
+                  replicas: frozenset[int] | set[int] = frozenset()) -> RecoveryPlan:
+    """Which stages to rebuild `stage_idx` from.
 
-    Stage 0 holds the embedding and head, which no other stage has: UnrecoverableError. A transformer stage
-    uses the nearest live transformer stage on each side (stage 0 never, its shapes differ): both direct
-    neighbours is plain CheckFree; an edge stage (1 or L) gets a copy of its one transformer neighbour; after
-    adjacent losses the nearest survivors are used, weighted by distance.
+    `live_stages` have an ONLINE owner; `fresh` ones were themselves rebuilt and have not committed since (used
+    only when nothing else survives, so two adjacent losses are both rebuilt from the same survivors);
+    `replicas` hold a copy of stage 0. Stage 0 is rebuilt from a replica (CheckFree+ only; otherwise
+    UnrecoverableError). With CheckFree+ a swap-pair stage copies its partner. Any other transformer stage
+    uses the nearest eligible transformer stage on each side (stage 0 never, its shapes differ): both direct
+    neighbours is plain CheckFree; one side only is a copy (degraded); farther survivors are weighted by
+    distance (docs/recovery.md).
     """
     if stage_idx == 0:
-        raise UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
-                                 "without checkfree+ (its replicas on stages 1 and L)")
+        if not swaps:
+            raise UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
+                                     "without checkfree+ (its replicas on stages 1 and L)")
+        holders = tuple(sorted(s for s in replicas & set(live_stages) if s in (1, num_stages)))
+        if not holders:
+            raise UnrecoverableError("stage 0 was lost and no live stage 1 or L holds a replica of it")
+        return RecoveryPlan(0, None, None, kind="replica", replica_sources=holders)
     if not 1 <= stage_idx <= num_stages:
         raise ValueError(f"stage {stage_idx} outside 1..{num_stages}")
-    below = [s for s in live_stages if 1 <= s < stage_idx]
-    above = [s for s in live_stages if stage_idx < s <= num_stages]
+    survivors = {s for s in live_stages if 1 <= s <= num_stages and s != stage_idx}
+    eligible = (survivors - set(fresh)) or survivors
+    partner = swap_partner(stage_idx, num_stages) if swaps else None
+    if partner is not None and partner in eligible:
+        side = (partner, None) if partner < stage_idx else (None, partner)
+        return RecoveryPlan(stage_idx, *side, kind="partner")
+    below = [s for s in eligible if s < stage_idx]
+    above = [s for s in eligible if s > stage_idx]
     return RecoveryPlan(stage_idx, max(below) if below else None, min(above) if above else None)
 
 
@@ -90,17 +113,20 @@ def check_meta(meta: dict[str, Any], *, stage: int, config_hash: str, clip_norm:
 
 class Rebuilder:
     def __init__(self, *, rule: str, config_hash: str, clip_norm: float, fetch: Fetch,
-                 norm_power: float = 1.0) -> None:
+                 norm_power: float = 1.0, fetch_replica: Fetch | None = None) -> None:
         self.rule = rule
         self.config_hash = config_hash
         self.clip_norm = clip_norm
         self.fetch = fetch
+        self.fetch_replica = fetch_replica
         self.norm_power = norm_power
 
     async def run(self, plan: RecoveryPlan, fresh: StateDict, *, known_step: int = 0) -> RecoveryResult:
         """Fetch the plan's donors concurrently (the first failure cancels the other fetch), check them and
         apply the rule. `known_step` is the highest step the membership view reports; the rebuilt stage
         resumes at max(known_step, donors' steps)."""
+        if plan.kind == "replica":
+            return await self._from_replica(plan, fresh, known_step=known_step)
         started = time.perf_counter()
         sides = {"prev": plan.prev_source, "next": plan.next_source}
         wanted = {side: idx for side, idx in sides.items() if idx is not None}
@@ -125,8 +151,45 @@ class Rebuilder:
                                  power=self.norm_power)
         except ValueError as e:
             raise RecoveryError(f"cannot rebuild stage {plan.stage}: {e}") from e
+        if plan.kind == "partner" and how.startswith("copy"):
+            how = "partner-copy"
         return RecoveryResult(state=state, how=how, step=max(steps), fetch_s=fetch_s, sources=wanted,
                               average_s=time.perf_counter() - averaged, neighbours=neighbours)
+
+
+    async def _from_replica(self, plan: RecoveryPlan, fresh: StateDict, *, known_step: int) -> RecoveryResult:
+        """Stage 0 from the freshest replica that arrives intact (one failed holder is tolerated)."""
+        if self.fetch_replica is None:
+            raise RecoveryError("no replica fetcher configured")
+        started = time.perf_counter()
+        results = await asyncio.gather(*(self.fetch_replica(idx) for idx in plan.replica_sources),
+                                       return_exceptions=True)
+        fetch_s = time.perf_counter() - started
+        candidates: list[tuple[int, int, Neighbour]] = []
+        errors: list[str] = []
+        for idx, got in zip(plan.replica_sources, results, strict=True):
+            if isinstance(got, BaseException):
+                errors.append(f"stage {idx}: {got}")
+                continue
+            meta, state = got
+            try:
+                norm, step = check_meta(meta, stage=0, config_hash=self.config_hash, clip_norm=self.clip_norm)
+                check_compatible(fresh, state, what=f"replica on stage {idx}")
+            except (RecoveryError, ValueError) as e:
+                errors.append(f"stage {idx}: {e}")
+                continue
+            candidates.append((step, -idx, Neighbour(state=state, grad_norm=norm, step=step)))
+        if not candidates:
+            raise RecoveryError(f"no usable replica of stage 0: {'; '.join(errors)}")
+        step, neg_idx, best = max(candidates, key=lambda c: (c[0], c[1]))
+        if step < known_step:
+            logger.warning("the freshest stage-0 replica is at step %d but the swarm committed step %d; its "
+                           "embedding and head miss %d update(s)", step, known_step, known_step - step)
+        averaged = time.perf_counter()
+        state = copy_of(best)
+        return RecoveryResult(state=state, how="replica", step=max(step, known_step), fetch_s=fetch_s,
+                              sources={"replica": -neg_idx}, average_s=time.perf_counter() - averaged,
+                              neighbours={"replica": best})
 
 
 async def _gather_or_cancel(coros: list[Awaitable[T]]) -> list[T]:

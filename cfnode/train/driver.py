@@ -10,6 +10,7 @@ same data once the ring is whole. Accounting: issued == committed + dropped micr
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -21,12 +22,17 @@ import torch
 from cfnode.deadline import within
 from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.net.records import SwarmView
-from cfnode.train.schedule import AttemptKey, launch_order, tokens_per_step
+from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
 
 if TYPE_CHECKING:
     from cfnode.node import Node
 
 logger = logging.getLogger(__name__)
+
+
+def batch_fingerprint(batch: torch.Tensor) -> str:
+    """A short digest of a step's token ids (logged with each step: proves the data order after a resume)."""
+    return hashlib.sha256(batch.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 class Driver:
@@ -112,7 +118,7 @@ class Driver:
             if key != self.attempt:
                 return
             self._losses[mb] = loss
-            await node.send_hop("backward", meta, grad, self.cfg.model.num_stages)
+            await node.send_hop("backward", meta, grad, node.route_target("backward", meta))
         else:  # gradients back from stage 1: embedding backward completes the microbatch
             try:
                 await node.compute(worker.embed_backward, key, mb, tensor)
@@ -183,11 +189,15 @@ class Driver:
         assert worker is not None
         self.node.events.emit("training_started", step=worker.step)
         while train.max_steps is None or worker.step < train.max_steps:
+            if train.debug_hold_at_step is not None and worker.step >= train.debug_hold_at_step:
+                logger.warning("holding before step %d (--debug-hold-at-step); still serving RPCs", worker.step)
+                self.node.events.emit("held", step=worker.step)
+                await asyncio.Event().wait()
             await self.wait_for_ring()
             step = worker.step
             started = time.perf_counter()
             try:
-                loss = await self.run_attempt(step)
+                loss, batch_sha = await self.run_attempt(step)
             except AttemptAborted as e:
                 await self.node.refresh_view()
                 await asyncio.sleep(train.retry_backoff_s)
@@ -201,7 +211,7 @@ class Driver:
             m.tokens_processed.inc(tokens)
             record: dict[str, Any] = {"step": worker.step, "loss": loss, "step_s": elapsed,
                                       "tokens_per_s": tokens / elapsed, "grad_norm": worker.grad_norm,
-                                      "time": time.time()}
+                                      "batch_sha": batch_sha, "time": time.time()}
             if train.val_every and (worker.step % train.val_every == 0 or worker.step == 1
                                     or worker.step == train.max_steps):
                 record["val_loss"] = await self.validate()
@@ -209,8 +219,9 @@ class Driver:
             self.node.events.emit("step", **record)
         self.node.events.emit("training_finished", step=worker.step, **self.stats)
 
-    async def run_attempt(self, step: int) -> float:
-        """One try at step `step`; returns the mean loss or raises AttemptAborted (state already dropped)."""
+    async def run_attempt(self, step: int) -> tuple[float, str]:
+        """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data
+        order can be audited), or raises AttemptAborted (state already dropped)."""
         train, node = self.cfg.train, self.node
         worker = node.worker
         assert worker is not None
@@ -248,7 +259,7 @@ class Driver:
                     fut.exception()  # mark retrieved
         self.stats["committed"] += train.num_microbatches
         node.metrics.microbatches_committed.inc(train.num_microbatches)
-        return sum(self._losses.values()) / len(self._losses)
+        return sum(self._losses.values()) / len(self._losses), batch_fingerprint(batch)
 
     async def _drive(self, key: AttemptKey, batch: torch.Tensor) -> None:
         """Launch microbatches as slots free up (launch_order) and wait for all of them."""
@@ -262,23 +273,33 @@ class Driver:
                 raise AttemptAborted(f"{self._failure[0]}: {self._failure[1]}")
             hidden = await node.compute(worker.embed, key, mb, batch[mb, :, :-1])
             meta = self._meta(key, mb, "train")
-            if not await node.send_hop("forward", meta, hidden, 1):
+            if not await node.send_hop("forward", meta, hidden, meta["to_stage"]):
                 raise AttemptAborted(self._failure[1] if self._failure else "forward to stage 1 failed")
         await asyncio.gather(*self._pending.values())
 
     def _meta(self, key: AttemptKey, mb: int, kind: str) -> dict[str, Any]:
+        """A hop's metadata; `route` is the order of transformer stages it visits (swapped on odd training
+        microbatches under checkfree+, always in order for validation)."""
+        route = route_for(mb, self.cfg.model.num_stages, swaps=self.cfg.swaps and kind == "train")
         return {"run": self.node.run_id, "step": key.step, "attempt": key.attempt, "mb": mb,
                 "num_mb": self.cfg.train.num_microbatches, "generation": self.node.generation,
-                "from_stage": 0, "to_stage": 1, "kind": kind}
+                "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
 
     async def _commit_all(self, key: AttemptKey) -> None:
-        """Every stage clips and steps; stage 0 last. A stage that fails to commit is logged, not waited for."""
+        """Every stage clips and steps; stage 0 last. A stage that fails to commit is logged, not waited for.
+
+        Under checkfree+ stage 0 steps FIRST and pushes its new weights to the replica holders (stages 1 and L)
+        alongside the commits, so a replica is never behind the transformer stages it will be resumed with
+        (docs/recovery.md, "replica freshness")."""
         node = self.node
         worker = node.worker
         assert worker is not None and node.client is not None
         meta = {"run": node.run_id, "step": key.step, "attempt": key.attempt,
                 "num_mb": self.cfg.train.num_microbatches, "generation": node.generation}
         peers = {idx: node.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
+        if self.cfg.swaps:
+            await self._commit_with_replicas(key, meta, peers)
+            return
         results = await asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()),
                                        return_exceptions=True)
         failed = [(idx, r) for idx, r in zip(peers, results, strict=True) if isinstance(r, BaseException)]
@@ -289,6 +310,24 @@ class Driver:
             node.events.emit("commit_failed", stage=idx, step=key.step, error=str(err)[:200])
         norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
         node.after_commit(norm, raw)
+
+    async def _commit_with_replicas(self, key: AttemptKey, meta: dict[str, Any], peers: dict[int, str]) -> None:
+        node, worker = self.node, self.node.worker
+        assert worker is not None and node.client is not None
+        norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
+        node.after_commit(norm, raw)
+        state = await node.compute(worker.snapshot)
+        replica_meta = {"run": node.run_id, "step": worker.step, "generation": node.generation, "grad_norm": norm,
+                        "grad_norm_raw": raw, "config_hash": self.cfg.model.config_hash()}
+        holders = sorted({1, self.cfg.model.num_stages})
+        calls = [node.client.commit(p, meta) for p in peers.values()]
+        calls += [node.client.push_replica(peers[idx], replica_meta, state) for idx in holders]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        labels = [f"stage {idx} commit" for idx in peers] + [f"stage {idx} replica" for idx in holders]
+        for label, result in zip(labels, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("%s of step %d failed: %s", label, key.step, result)
+                node.events.emit("commit_failed", what=label, step=key.step, error=str(result)[:200])
 
     def _abort(self, key: AttemptKey, reason: str, detail: str) -> None:
         num_mb = self.cfg.train.num_microbatches
@@ -318,7 +357,8 @@ class Driver:
         try:
             for i in range(len(batches)):
                 hidden = await node.compute(worker.eval_embed, batches[i, :, :-1])
-                if not await node.send_hop("forward", self._meta(key, i, "val"), hidden, 1):
+                meta = self._meta(key, i, "val")
+                if not await node.send_hop("forward", meta, hidden, meta["to_stage"]):
                     raise AttemptAborted("validation forward failed")
             losses = await within(asyncio.gather(*self._val_pending.values()), train.step_timeout_s)
         except (AttemptAborted, TimeoutError, asyncio.TimeoutError) as e:

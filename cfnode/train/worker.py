@@ -34,6 +34,12 @@ class StageWorker:
         self.step = 0
         self.grad_norm = 1.0
         self.grad_norm_raw = 1.0
+        self.donor = True
+        """False from a rebuild's install() until the first commit (see StageRecord.donor)."""
+        self.replica: dict[str, torch.Tensor] | None = None
+        """CheckFree+ (stages 1 and L): stage 0's weights as of `replica_step`."""
+        self.replica_step = -1
+        self.replica_norms = (1.0, 1.0)
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.module.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -127,6 +133,7 @@ class StageWorker:
         self.step = key.step + 1
         self.grad_norm, self.grad_norm_raw = post, raw
         self.active = None
+        self.donor = True
         return post, raw
 
     # -- weights -----------------------------------------------------------------------------------------
@@ -144,3 +151,14 @@ class StageWorker:
         self.active = None
         self.backward_done = 0
         self.step = step
+        self.donor = False
+
+    def store_replica(self, state: dict[str, torch.Tensor], *, step: int, grad_norm: float,
+                      grad_norm_raw: float) -> bool:
+        """Keep stage 0's weights as of `step` (CheckFree+); an older push than the one held is ignored."""
+        if step < self.replica_step:
+            return False
+        self.replica = state
+        self.replica_step = step
+        self.replica_norms = (grad_norm, grad_norm_raw)
+        return True

@@ -44,12 +44,15 @@ class Harness:
         self.run_id = run_id
         self.swarm = Swarm(workdir)
         self.bootstrap_maddr: str | None = None
+        self.bootstrap_metrics_port: int | None = None
         self.extra = extra
 
-    def start_bootstrap(self) -> str:
+    def start_bootstrap(self, *args: str) -> str:
         proc = self.swarm.spawn("bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
-                                              "--identity-path", os.path.join(self.workdir, "boot.id")])
+                                              "--identity-path", os.path.join(self.workdir, "boot.id"), *args])
         self.bootstrap_maddr = wait_for_line(proc, JOIN_LINE, 60).group(1)
+        if "--metrics-port" in args:  # printed right after the join line
+            self.bootstrap_metrics_port = int(wait_for_line(proc, METRICS_LINE, 30).group(1))
         return self.bootstrap_maddr
 
     def join_args(self, *args: str) -> list[str]:
@@ -130,6 +133,7 @@ def kill_group(proc: Proc, sig: int = signal.SIGKILL) -> None:
 
 
 JOIN_RE = re.compile(r"^To join this swarm: cfnode join --peers (\S+)$", re.M)
+METRICS_LINE = re.compile(r"^metrics port (\d+)$", re.M)
 
 
 async def _fetch_weights(maddrs: list[str], peer_ids: list[str]) -> list[tuple[dict, dict]]:

@@ -266,3 +266,84 @@ def test_rebuilder_propagates_a_fetch_error(error: BaseException) -> None:
     fetch = FakeFetch(donors({1: 0.3}, {1: 5}), fail={3: error})
     with pytest.raises(type(error), match=str(error)):
         run(rebuilder(fetch), plan_recovery(2, {1, 3}, 3))
+
+
+# -- CheckFree+ ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("num", "stage", "partner"), [
+    (4, 1, 2), (4, 2, 1), (4, 3, 4), (4, 4, 3), (6, 1, 2), (6, 2, 1), (6, 5, 6), (6, 6, 5), (8, 7, 8),
+])
+def test_checkfree_plus_edge_stage_copies_its_swap_partner(num: int, stage: int, partner: int) -> None:
+    live = set(range(num + 1)) - {stage}
+    plan = plan_recovery(stage, live, num, swaps=True)
+    assert plan.kind == "partner" and not plan.degraded
+    assert {plan.prev_source, plan.next_source} == {partner, None}
+    assert (plan.prev_source if partner < stage else plan.next_source) == partner
+
+
+@pytest.mark.parametrize(("num", "stage"), [(6, 3), (6, 4), (8, 5)])
+def test_checkfree_plus_middle_stage_still_averages(num: int, stage: int) -> None:
+    plan = plan_recovery(stage, set(range(num + 1)) - {stage}, num, swaps=True)
+    assert plan == RecoveryPlan(stage, stage - 1, stage + 1)
+
+
+def test_checkfree_plus_partner_lost_too_falls_back_to_nearest_survivor() -> None:
+    plan = plan_recovery(1, {0, 3, 4}, 4, swaps=True)  # 1 and 2 both lost
+    assert (plan.kind, plan.prev_source, plan.next_source, plan.degraded) == ("neighbours", None, 3, True)
+
+
+def test_stage_zero_rebuilds_from_live_replica_holders_only() -> None:
+    plan = plan_recovery(0, {1, 2, 3, 4}, 4, swaps=True, replicas={1, 4})
+    assert (plan.kind, plan.replica_sources, plan.degraded) == ("replica", (1, 4), False)
+    assert plan_recovery(0, {2, 3, 4}, 4, swaps=True, replicas={1, 4}).replica_sources == (4,)
+    with pytest.raises(UnrecoverableError, match="replica"):
+        plan_recovery(0, {2, 3}, 4, swaps=True, replicas={1, 4})
+    with pytest.raises(UnrecoverableError, match="replica"):
+        plan_recovery(0, {1, 2, 3, 4}, 4, swaps=True, replicas=set())
+
+
+def test_a_freshly_rebuilt_stage_is_not_a_donor_while_a_survivor_exists() -> None:
+    # 2 and 3 lost together; 2 was rebuilt first from (1, 4): 3 must also use (1, 4), not the rebuilt 2
+    plan = plan_recovery(3, {1, 2, 4}, 4, fresh={2})
+    assert (plan.prev_source, plan.next_source, plan.degraded) == (1, 4, True)
+    # with no survivor left on either side, the rebuilt stage is better than nothing
+    assert plan_recovery(1, {2}, 4, fresh={2}) == RecoveryPlan(1, None, 2)
+
+
+def replica_meta(holder: int, step: int, norm: float = 0.5, **over: Any) -> dict[str, Any]:
+    return {**meta(0, grad_norm=norm, step=step), "holder": holder, **over}
+
+
+def test_rebuilder_stage_zero_takes_the_freshest_replica_exactly() -> None:
+    replicas = FakeFetch({1: (replica_meta(1, 40), state(11)), 4: (replica_meta(4, 41), state(44))})
+    rb = rebuilder(FakeFetch({}), fetch_replica=replicas)
+    result = asyncio.run(rb.run(plan_recovery(0, {1, 2, 3, 4}, 4, swaps=True, replicas={1, 4}), FRESH,
+                                known_step=41))
+    assert sorted(replicas.calls) == [1, 4]
+    assert (result.how, result.sources, result.step) == ("replica", {"replica": 4}, 41)
+    assert_state_equal(result.state, state(44))
+
+
+def test_rebuilder_stage_zero_survives_one_failed_replica_and_resumes_at_the_swarm_step() -> None:
+    replicas = FakeFetch({1: (replica_meta(1, 40), state(11))}, fail={4: PeerUnavailableError("gone")})
+    rb = rebuilder(FakeFetch({}), fetch_replica=replicas)
+    result = asyncio.run(rb.run(RecoveryPlan(0, None, None, kind="replica", replica_sources=(1, 4)), FRESH,
+                                known_step=41))
+    assert result.sources == {"replica": 1} and result.step == 41  # one update behind: logged, data continues
+    assert_state_equal(result.state, state(11))
+
+
+def test_rebuilder_stage_zero_rejects_bad_replicas() -> None:
+    bad = {1: (replica_meta(1, 40, config_hash="ffff"), state(11)),
+           4: (replica_meta(4, 40), {**state(44), "layers.0.q.weight": torch.full((4, 4), math.nan)})}
+    rb = rebuilder(FakeFetch({}), fetch_replica=FakeFetch(bad))
+    with pytest.raises(RecoveryError, match="no usable replica"):
+        asyncio.run(rb.run(RecoveryPlan(0, None, None, kind="replica", replica_sources=(1, 4)), FRESH))
+
+
+def test_rebuilder_partner_copy_is_exact_and_named() -> None:
+    fetch = FakeFetch(donors({2: 0.4}, {2: 30}))
+    result = run(rebuilder(fetch), plan_recovery(1, {2, 3, 4}, 4, swaps=True))
+    assert fetch.calls == [2] and result.how == "partner-copy" and result.sources == {"next": 2}
+    assert_state_equal(result.state, state(2))

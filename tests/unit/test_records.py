@@ -70,11 +70,17 @@ def test_key_builders() -> None:
 
 def test_stage_record_round_trip() -> None:
     rec = StageRecord(state=RECOVERING, step=17, generation=3, grad_norm=0.25, grad_norm_raw=4.5,
-                      throughput=123.5)
+                      throughput=123.5, donor=False, replica_step=16)
     wire = rec.to_wire()
     assert wire == {"state": "RECOVERING", "step": 17, "generation": 3, "grad_norm": 0.25,
-                    "grad_norm_raw": 4.5, "throughput": 123.5, "version": PROTOCOL_VERSION}
+                    "grad_norm_raw": 4.5, "throughput": 123.5, "donor": False, "replica_step": 16,
+                    "version": PROTOCOL_VERSION}
     assert StageRecord.from_wire(wire) == rec
+
+
+def test_stage_record_from_an_older_writer_is_a_donor_without_replica() -> None:
+    rec = StageRecord.from_wire({"state": "ONLINE", "step": 3, "version": 1})
+    assert rec is not None and rec.donor is True and rec.replica_step == -1
 
 
 @pytest.mark.parametrize("state", list(StageState))
@@ -122,10 +128,12 @@ def test_stage_record_infinite_int_field_is_none(field_name: str) -> None:
 
 
 def test_meta_record_round_trip_and_malformed() -> None:
-    meta = MetaRecord(num_stages=4, model_config_hash="abcd1234")
+    meta = MetaRecord(num_stages=4, model_config_hash="abcd1234", recovery_mode="checkfree+")
     wire = meta.to_wire()
-    assert wire == {"num_stages": 4, "model_config_hash": "abcd1234", "version": PROTOCOL_VERSION}
+    assert wire == {"num_stages": 4, "model_config_hash": "abcd1234", "recovery_mode": "checkfree+",
+                    "version": PROTOCOL_VERSION}
     assert MetaRecord.from_wire(wire) == meta
+    assert MetaRecord.from_wire({"num_stages": 2, "model_config_hash": "h"}).recovery_mode == "checkfree"
     assert MetaRecord.from_wire({"num_stages": 2, "model_config_hash": "h"}).version == 0
     for bad in (None, "meta", [4, "h"], {}, {"num_stages": 4}, {"model_config_hash": "h"},
                 {"num_stages": "four", "model_config_hash": "h"},
