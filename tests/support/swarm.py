@@ -136,7 +136,7 @@ JOIN_RE = re.compile(r"^To join this swarm: cfnode join --peers (\S+)$", re.M)
 METRICS_LINE = re.compile(r"^metrics port (\d+)$", re.M)
 
 
-async def _fetch_weights(maddrs: list[str], peer_ids: list[str]) -> list[tuple[dict, dict]]:
+async def _fetch_weights(maddrs: list[str], peer_ids: list[str], replica: bool) -> list[tuple[dict, dict]]:
     from hivemind.p2p import P2P
 
     from cfnode.config import NetworkConfig
@@ -146,13 +146,14 @@ async def _fetch_weights(maddrs: list[str], peer_ids: list[str]) -> list[tuple[d
     p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     try:
         client = StageClient(p2p, NetworkConfig(request_timeout_s=10), NodeMetrics())
-        return [await client.get_weights(pid, max_bytes=2**30, timeout_s=30) for pid in peer_ids]
+        return [await client.get_weights(pid, max_bytes=2**30, timeout_s=30, replica=replica) for pid in peer_ids]
     finally:
         await p2p.shutdown()
 
 
-def fetch_weights(infos: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
-    """rpc_get_weights from each node (given its ready info), as an outsider peer."""
+def fetch_weights(infos: list[dict[str, Any]], *, replica: bool = False) -> list[tuple[dict, dict]]:
+    """rpc_get_weights from each node (given its ready info), as an outsider peer; with `replica`, the
+    stage-0 replica each holds (CheckFree+)."""
     import asyncio
 
-    return asyncio.run(_fetch_weights([i["maddrs"][0] for i in infos], [i["peer_id"] for i in infos]))
+    return asyncio.run(_fetch_weights([i["maddrs"][0] for i in infos], [i["peer_id"] for i in infos], replica))

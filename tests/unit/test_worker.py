@@ -316,3 +316,26 @@ def test_install_rejects_mismatched_state() -> None:
     state.pop(next(iter(state)))
     with pytest.raises(RuntimeError):
         w.install(state, step=3, lr=1e-3)
+
+
+def test_a_rebuilt_stage_is_no_donor_until_its_first_commit() -> None:
+    w = make_worker(2)
+    assert w.donor
+    w.install(make_worker(3).snapshot(), step=5, lr=1e-3)
+    assert not w.donor
+    key = AttemptKey(5, 0)
+    run_block_attempt(w, key)
+    w.commit(key, M)
+    assert w.donor
+
+
+def test_store_replica_keeps_the_newest_push() -> None:
+    w = make_worker(1)
+    assert (w.replica, w.replica_step) == (None, -1)
+    head = make_worker(0).snapshot()
+    assert w.store_replica(head, step=4, grad_norm=0.5, grad_norm_raw=2.0)
+    assert w.replica is head and w.replica_step == 4 and w.replica_norms == (0.5, 2.0)
+    older = {k: t + 1 for k, t in head.items()}
+    assert not w.store_replica(older, step=3, grad_norm=0.1, grad_norm_raw=0.1)
+    assert w.replica is head and w.replica_step == 4
+    assert w.store_replica(older, step=5, grad_norm=0.1, grad_norm_raw=0.1) and w.replica is older
