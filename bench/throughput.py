@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -244,10 +245,29 @@ def _rpc_latency_ms(ready_file: str) -> dict[str, float]:
     return {k: round(1000 * sums[k] / counts[k], 2) for k in sums if counts.get(k)}
 
 
+def _bytes_sent(ready_files: list[str]) -> dict[str, float]:
+    """cfnode_transfer_bytes_total{direction="sent"} summed over the swarm's nodes, by kind."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for path in ready_files:
+        with open(path, encoding="utf-8") as f:
+            port = json.load(f)["metrics_port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "cfnode_transfer_bytes_total" and sample.labels.get("direction") == "sent":
+                    kind = sample.labels["kind"]
+                    out[kind] = out.get(kind, 0.0) + sample.value
+    return out
+
+
 def run_swarm(cfg: ModelConfig, train: TrainConfig, total_steps: int, warmup: int, workdir: str,
-              timeout_s: float) -> Result:
+              timeout_s: float, recovery: str = "checkfree") -> Result:
     num_procs = cfg.num_stages + 1
-    result = Result("(b) cfnode swarm", f"{num_procs} x 1 thread + bootstrap")
+    label = "(b) cfnode swarm" if recovery == "checkfree" else "(b+) swarm checkfree+"
+    result = Result(label, f"{num_procs} x 1 thread + bootstrap")
     swarm = Swarm(workdir)
     started = time.monotonic()
     try:
@@ -259,8 +279,12 @@ def run_swarm(cfg: ModelConfig, train: TrainConfig, total_steps: int, warmup: in
                   "--microbatches", str(train.num_microbatches),
                   "--microbatch-size", str(train.microbatch_size),
                   "--max-in-flight", str(train.max_in_flight), "--lr", str(train.lr), "--seed", str(DATA_SEED),
-                  "--val-every", "0"]
+                  "--val-every", "0", "--recovery", recovery]
         stages: list[Proc] = []
+        ready_files = [os.path.join(workdir, f"stage{idx}.ready.json") for idx in range(num_procs)]
+        bytes_at_warmup: dict[str, float] = {}
+        bytes_step_at_warmup = bytes_step_at_end = 0
+        bytes_at_end: dict[str, float] | None = None
         for idx in range(num_procs):
             extra = ["--max-steps", str(total_steps)] if idx == 0 else []
             extra += ["--metrics-port", "0", "--ready-file", os.path.join(workdir, f"stage{idx}.ready.json")]
@@ -284,6 +308,9 @@ def run_swarm(cfg: ModelConfig, train: TrainConfig, total_steps: int, warmup: in
             if steps and steps[-1]["step"] >= warmup and cpu_at_warmup is None:
                 cpu_at_warmup = {k: dict(v) for k, v in cpu_last.items()}
                 busy_start = system_busy_s()
+                bytes_at_warmup, bytes_step_at_warmup = _bytes_sent(ready_files), steps[-1]["step"]
+            if steps and steps[-1]["step"] >= total_steps - 2 and bytes_at_end is None:  # stage 0 still up
+                bytes_at_end, bytes_step_at_end = _bytes_sent(ready_files), steps[-1]["step"]
             busy_end = system_busy_s()
             if steps and steps[-1]["step"] >= reported + 10:
                 reported = steps[-1]["step"] // 10 * 10
@@ -301,6 +328,10 @@ def run_swarm(cfg: ModelConfig, train: TrainConfig, total_steps: int, warmup: in
             time.sleep(0.25)
         result.extra["rpc_ms"] = {p.name: _rpc_latency_ms(os.path.join(workdir, f"{p.name}.ready.json"))
                                   for p in stages[1:] if p.alive()}
+        if bytes_at_end is not None and bytes_step_at_end > bytes_step_at_warmup:
+            n = bytes_step_at_end - bytes_step_at_warmup
+            result.extra["bytes_sent_per_step"] = {k: round((v - bytes_at_warmup.get(k, 0.0)) / n)
+                                                   for k, v in bytes_at_end.items() if v > bytes_at_warmup.get(k, 0.0)}
     finally:
         swarm.stop()
     by_step: dict[int, dict[str, Any]] = {}
@@ -466,6 +497,18 @@ def max_loss_diff(a: list[float], b: list[float]) -> float | None:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
+def checkfree_plus_cost(plain: Result, plus: Result) -> dict[str, float]:
+    """Side-by-side cost of CheckFree+ (swapped routes + stage-0 replicas) over plain CheckFree."""
+    b_plain = sum(plain.extra.get("bytes_sent_per_step", {}).values())
+    b_plus = sum(plus.extra.get("bytes_sent_per_step", {}).values())
+    assert plain.step_s and plus.step_s
+    return {"step_s_ratio": plus.step_s / plain.step_s,
+            "median_step_s_ratio": plus.extra["median_step_s"] / plain.extra["median_step_s"],
+            "bytes_plain": int(b_plain), "bytes_plus": int(b_plus),
+            "bytes_ratio": b_plus / b_plain if b_plain else float("nan"),
+            "replica_bytes": int(plus.extra.get("bytes_sent_per_step", {}).get("replica", 0))}
+
+
 def print_table(results: list[Result], base: Result | None) -> None:
     head = f"{'setup':<22} {'processes':<28} {'tokens/s':>9} {'s/step':>8} {'vs (a)':>7} {'median':>8} " \
            f"{'cores':>6} {'tok/CPU-s':>9} {'other':>6} {'loss@end':>9} {'max|dloss| vs (a)':>18}"
@@ -500,7 +543,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2,
                         help="thread budget of (a): the cores the multi-process setups share")
     parser.add_argument("--setups", default="single,swarm,pipelining",
-                        help="comma-separated subset of single,swarm,pipelining")
+                        help="comma-separated subset of single,swarm,swarm+,pipelining (swarm+: the swarm with "
+                             "--recovery checkfree+, needs --stages >= 4)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed for (b) and for (c)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of all setups; the table shows each setup's best round")
@@ -516,8 +560,9 @@ def main() -> int:
     if args.warmup < 1 or args.steps < 1 or args.repeat < 1:
         parser.error("--warmup, --steps and --repeat must be >= 1")
     setups = {s.strip() for s in args.setups.split(",") if s.strip()}
-    if setups - {"single", "swarm", "pipelining"}:
-        parser.error(f"unknown setup(s) {sorted(setups - {'single', 'swarm', 'pipelining'})}")
+    known = {"single", "swarm", "swarm+", "pipelining"}
+    if setups - known:
+        parser.error(f"unknown setup(s) {sorted(setups - known)}")
 
     cfg = preset(args.preset, num_stages=args.stages)
     train = TrainConfig(num_microbatches=args.microbatches, microbatch_size=args.microbatch_size,
@@ -535,6 +580,7 @@ def main() -> int:
 
     names = {"single": ("(a) single process", f"1 x {args.threads} threads"),
              "swarm": ("(b) cfnode swarm", f"{cfg.num_stages + 1} x 1 thread + bootstrap"),
+             "swarm+": ("(b+) swarm checkfree+", f"{cfg.num_stages + 1} x 1 thread + bootstrap"),
              "pipelining": ("(c) torch pipelining", f"{cfg.num_stages + 2} x 1 thread (gloo)")}
     runs: dict[str, list[Result]] = {name: [] for name in names if name in setups}
     failed = False
@@ -551,8 +597,9 @@ def main() -> int:
             try:
                 if name == "single":
                     res = run_single(cfg, train, tokens, total, args.warmup, args.threads)
-                elif name == "swarm":
-                    res = run_swarm(cfg, train, total, args.warmup, rundir, args.timeout)
+                elif name in ("swarm", "swarm+"):
+                    res = run_swarm(cfg, train, total, args.warmup, rundir, args.timeout,
+                                    recovery="checkfree+" if name == "swarm+" else "checkfree")
                 else:
                     res = run_pipelining(cfg, train, tokens, total, args.warmup, rundir, args.timeout)
             except Exception as e:  # noqa: BLE001 - one failed setup must not sink the others
@@ -583,6 +630,13 @@ def main() -> int:
     base = next((r for r in results if r.setup.startswith("(a)") and r.tokens_per_s), None)
     print()
     print_table(results, base)
+    plain = next((r for r in results if r.setup.startswith("(b)") and r.step_s), None)
+    plus = next((r for r in results if r.setup.startswith("(b+)") and r.step_s), None)
+    if plain and plus:
+        cost = checkfree_plus_cost(plain, plus)
+        print(f"checkfree+ vs checkfree: step time {cost['step_s_ratio']:.3f}x (median {cost['median_step_s_ratio']:.3f}x)"
+              f", bytes sent per step {cost['bytes_ratio']:.3f}x "
+              f"({cost['bytes_plain']:,} -> {cost['bytes_plus']:,}; replica {cost['replica_bytes']:,})")
     print("median: tokens/s of the median timed step; cores: CPU cores the setup kept busy over the timed steps; "
           "tok/CPU-s: tokens per CPU-second the setup used; other: cores busy with anything else on the machine "
           "meanwhile (noise)")
@@ -598,6 +652,7 @@ def main() -> int:
                       "max_in_flight": train.max_in_flight, "lr": train.lr, "clip_norm": train.clip_norm},
             "warmup_steps": args.warmup, "timed_steps": args.steps, "tokens_per_step": tokens_step,
             "threads_single": args.threads, "rounds": args.repeat,
+            "checkfree_plus_cost": checkfree_plus_cost(plain, plus) if plain and plus else None,
             "results": [{**asdict(r),
                          "ratio_vs_single": (r.tokens_per_s / base.tokens_per_s
                                              if base and r.tokens_per_s else None),

@@ -16,7 +16,7 @@ from hivemind.p2p import P2P
 from hivemind.proto import runtime_pb2
 
 from cfnode.config import NetworkConfig, preset
-from cfnode.errors import PeerUnavailableError
+from cfnode.errors import PeerUnavailableError, RejectedError
 from cfnode.metrics import NodeMetrics
 from cfnode.net.client import StageClient
 from cfnode.net.codec import pack_metadata
@@ -105,7 +105,7 @@ async def _barrage(stage1_maddr: str, stage1_id: str) -> list[tuple[str, dict]]:
         model, b = preset("tiny", num_stages=2), 4
         shape = (b, model.seq_len, model.hidden_size)
         meta = {"run": RUN, "step": 10**9, "attempt": 1, "mb": 0, "num_mb": 4, "generation": 0,
-                "from_stage": 0, "to_stage": 1, "kind": "train"}
+                "from_stage": 0, "to_stage": 1, "kind": "train", "route": [1, 2]}
         nan = torch.zeros(shape)
         nan[0, 0, 0] = float("nan")
         cases: list[tuple[str, list[runtime_pb2.ExpertRequest]]] = [
@@ -125,6 +125,9 @@ async def _barrage(stage1_maddr: str, stage1_id: str) -> list[tuple[str, dict]]:
             ("wrong_run", list(client.iter_parts({**meta, "run": "other"}, [torch.zeros(shape)]))),
             ("wrong_stage", list(client.iter_parts({**meta, "to_stage": 2}, [torch.zeros(shape)]))),
             ("unauthorized", list(client.iter_parts(meta, [torch.zeros(shape)]))),
+            ("route", list(client.iter_parts({**meta, "route": [2, 1]}, [torch.zeros(shape)]))),  # no swaps here
+            ("route", list(client.iter_parts({**meta, "route": [1, 2, 3]}, [torch.zeros(shape)]))),
+            ("decode", list(client.iter_parts({**meta, "route": "1,2"}, [torch.zeros(shape)]))),
         ]
         replies = []
         for case, parts in cases:
@@ -133,6 +136,14 @@ async def _barrage(stage1_maddr: str, stage1_id: str) -> list[tuple[str, dict]]:
             except PeerUnavailableError as e:
                 # the server stops reading an oversized stream; the sender may only see the pipe close
                 replies.append((case, {"ok": False, "reason": "connection closed", "error": str(e)}))
+        # a stage-0 replica pushed by someone who is not stage 0 (and to a run without checkfree+)
+        try:
+            await client.push_replica(stage1_id, {"run": RUN, "step": 10**9, "generation": 0, "grad_norm": 0.5,
+                                                  "grad_norm_raw": 0.5, "config_hash": model.config_hash()},
+                                      {"embed_tokens.weight": torch.zeros(4, 4)})
+            replies.append(("replica", {"ok": True}))
+        except RejectedError as e:
+            replies.append(("replica", {"ok": False, "reason": e.reason}))
         return replies
     finally:
         await p2p.shutdown()
@@ -144,6 +155,9 @@ def test_malformed_barrage_is_rejected_while_training_continues(swarm: Harness) 
     before = scrape(info1["metrics_port"])
     steps_before = len(_steps(swarm))
     replies = asyncio.run(_barrage(info1["maddrs"][0], info1["peer_id"]))
+    replica_reply = dict(replies).pop("replica")
+    assert replica_reply == {"ok": False, "reason": "unauthorized"}, replica_reply
+    replies = [(case, reply) for case, reply in replies if case != "replica"]
     for case, reply in replies:
         assert reply["ok"] is False, (case, reply)
         if reply["reason"] != "connection closed":
