@@ -3,10 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import pytest
 
-from cfnode.membership import claimable_stages
-from cfnode.net.records import PeerRecord, StageRecord, StageState, SwarmView, swarm_has_trained
+from cfnode.config import NodeConfig, RecoveryConfig, preset
+from cfnode.errors import ConfigMismatchError
+from cfnode.membership import check_meta, claimable_stages
+from cfnode.net.records import MetaRecord, PeerRecord, StageRecord, StageState, SwarmView, swarm_has_trained
 
 NOW = 1000.0
 TTL = 8.0
@@ -130,3 +135,57 @@ def test_stage_zero_lost_after_training_leaves_only_transformer_stages() -> None
     del stages[3]
     v = view(stages)
     assert claimable_stages(v, L, None) == [3]
+
+
+def holder(peer_id: str, replica_step: int, step: int = 12) -> PeerRecord:
+    return PeerRecord(peer_id=peer_id, expiration_time=NOW + TTL,
+                      record=StageRecord(state=ONLINE, step=step, replica_step=replica_step))
+
+
+@pytest.mark.parametrize(("holders", "claimable"), [
+    ({1: 12, L: 12}, [0]),
+    ({1: -1, L: 12}, [0]),   # stage 1 was itself rebuilt and holds no replica yet; stage L does
+    ({1: 12}, [0]),          # stage L's record is gone, stage 1 still holds one
+    ({1: -1, L: -1}, []),    # nobody holds a replica: stage 0 is lost for good
+])
+def test_checkfree_plus_stage_zero_is_claimable_while_a_replica_lives(holders: dict[int, int],
+                                                                      claimable: list[int]) -> None:
+    stages = full(step=12)
+    del stages[0]
+    for idx in (1, L):
+        if idx in holders:
+            stages[idx] = [holder(f"h{idx}", holders[idx])]
+        else:
+            del stages[idx]
+    v = view(stages)
+    got = claimable_stages(v, L, None, swaps=True)
+    assert [s for s in got if s == 0] == claimable
+    assert 0 not in claimable_stages(v, L, None, swaps=False)  # plain checkfree never claims a trained stage 0
+
+
+class _Swarm:
+    def __init__(self, theirs: MetaRecord | None) -> None:
+        self.theirs, self.stored = theirs, []
+
+    async def read_meta(self) -> MetaRecord | None:
+        return self.theirs
+
+    async def store_meta(self, meta: MetaRecord) -> None:
+        self.stored.append(meta)
+
+
+def _node(mode: str, theirs: MetaRecord | None) -> SimpleNamespace:
+    config = NodeConfig(model=preset("tiny", num_stages=4), recovery=RecoveryConfig(mode=mode))
+    return SimpleNamespace(config=config, run_id="r", swarm=_Swarm(theirs))
+
+
+def test_a_joiner_with_another_recovery_mode_is_refused_naming_both() -> None:
+    theirs = MetaRecord(num_stages=4, model_config_hash=preset("tiny", num_stages=4).config_hash(),
+                        recovery_mode="checkfree+")
+    node = _node("checkfree", theirs)
+    with pytest.raises(ConfigMismatchError, match=r"--recovery checkfree\+.*--recovery checkfree\b") as info:
+        asyncio.run(check_meta(node))
+    assert info.value.exit_code == 2 and node.swarm.stored == []
+    ok = _node("checkfree+", theirs)
+    asyncio.run(check_meta(ok))
+    assert ok.swarm.stored == [theirs]
