@@ -1,0 +1,63 @@
+"""`run_experiment` end to end on the tiny preset: a failure-free run and a CheckFree run with one injected
+failure (a replayed schedule), the report files, and no process left behind."""
+
+from __future__ import annotations
+
+import json
+
+import psutil
+import pytest
+
+from cfnode.experiment.runner import ExperimentOptions, run_experiment
+from cfnode.experiment.schedule import FailureSchedule, step_probability
+
+pytestmark = [pytest.mark.loopback, pytest.mark.fault, pytest.mark.slow]
+
+
+def _procs_of(path: str) -> list[str]:
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(path in part for part in (p.info["cmdline"] or [])) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {' '.join(p.info['cmdline'])[:200]}")
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+@pytest.mark.timeout(600)  # two swarms one after the other; ~130 s on an idle 2-core machine, ~250 s loaded
+def test_none_and_checkfree_with_one_failure(tmp_path) -> None:
+    out = tmp_path / "exp"
+    schedule = FailureSchedule(seed=0, p=step_probability(10, 90), rate=10.0, steps=15, num_stages=3,
+                               at_risk=(1, 2, 3), events=((6, 2),))
+    replay = tmp_path / "schedule.json"
+    replay.write_text(schedule.to_json())
+    options = ExperimentOptions(strategies=("none", "checkfree"), steps=15, stages=3, preset_name="tiny",
+                                microbatch_size=4, val_every=5, heartbeat_period=0.5, heartbeat_ttl=3.0,
+                                out=str(out), replay=str(replay))
+    try:
+        code = run_experiment(options)
+        for name in ("results.csv", "results.json", "results.md", "loss_vs_time.png", "schedules.json"):
+            assert (out / name).exists(), name
+        data = json.loads((out / "results.json").read_text())
+        runs = {r["strategy"]: r for r in data["runs"]}
+        assert code == 0, [(r["strategy"], r["status"], r["meta"]) for r in data["runs"]]
+        assert set(runs) == {"none", "checkfree"}
+        none, cf = runs["none"], runs["checkfree"]
+        assert none["steps"][-1]["step"] == cf["steps"][-1]["step"] == 15
+        assert not none["events"]
+        assert none["meta"]["recorded_schedules"][0]["events"] == [{"step": 6, "stage": 2}]
+        fails = [e for e in cf["events"] if e["kind"] == "failure"]
+        recs = [e for e in cf["events"] if e["kind"] == "recovery"]
+        assert [(f["stage"], f["planned_step"]) for f in fails] == [(2, 6)]
+        assert fails[0]["step"] >= 6
+        assert [r["stage"] for r in recs] == [2] and recs[0]["rule"] == "grad-avg"
+        assert recs[0]["time_s"] > fails[0]["time_s"]
+        rows = {r["strategy"]: r for r in data["summary"]}
+        assert rows["checkfree"]["failures"] == 1 and rows["checkfree"]["rebuild_mean_s"] > 0
+        assert rows["none"]["final_val_loss"] is not None and rows["checkfree"]["final_val_loss"] is not None
+        assert data["meta"]["step time T (s)"] > 0
+        md = (out / "results.md").read_text()
+        assert "| none |" in md and "| checkfree | 10%/h |" in md
+    finally:
+        assert not _procs_of(str(out)), "the experiment must stop every process it started"
