@@ -141,13 +141,18 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s, help="Seconds before a silent node is gone.")
 @click.option("--recovery", default="checkfree", type=click.Choice(list(RECOVERY_MODES)),
               help="checkfree: rebuild lost transformer stages; checkfree+ (needs --stages >= 4): also swap edge "
-                   "stages on odd microbatches and replicate stage 0 on stages 1 and L, so every stage survives.")
+                   "stages on odd microbatches and replicate stage 0 on stages 1 and L, so every stage survives. "
+                   "checkpoint and redundant are the baselines of `cfnode experiment`.")
 @click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]),
               help="How a lost middle stage is rebuilt.")
 @click.option("--lr-scale", type=float, default=1.1, help="LR multiplier of a rebuilt stage's fresh optimizer.")
 @click.option("--audit-recovery", default=None, help="Write each rebuild's donor and rebuilt tensors to this dir.")
 @click.option("--debug-recovery-stall", type=float, default=0.0, hidden=True)
 @click.option("--debug-hold-at-step", type=int, default=None, hidden=True)
+@click.option("--checkpoint-dir", default=None,
+              help="--recovery checkpoint: the checkpoint store, a directory every node of the swarm can reach.")
+@click.option("--checkpoint-every", type=int, default=50, show_default=True,
+              help="--recovery checkpoint: save every stage's weights and Adam state every N steps.")
 @click.option("--events-file", default=None, help="Append JSON-lines swarm events here.")
 @click.option("--ready-file", default=None, help="Write {peer_id, maddrs, stage, metrics_port} here when ready.")
 @_with(logging_options)
@@ -197,7 +202,8 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
         heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
                                   claim_jitter_s=min(1.0, kw["heartbeat_period"])),
         recovery=RecoveryConfig(mode=kw["recovery"], rule=kw["recovery_rule"], lr_scale=kw["lr_scale"],
-                                audit_dir=kw["audit_recovery"], debug_stall_s=kw["debug_recovery_stall"]),
+                                audit_dir=kw["audit_recovery"], debug_stall_s=kw["debug_recovery_stall"],
+                                checkpoint_dir=kw["checkpoint_dir"], checkpoint_every=kw["checkpoint_every"]),
         metrics=MetricsConfig(host=kw["metrics_host"], port=kw["metrics_port"]),
         events_path=kw["events_file"], ready_file=kw["ready_file"],
     )
@@ -312,7 +318,9 @@ def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: fl
 @click.option("--kill", multiple=True, help="STAGE@STEP: SIGKILL that stage's process at that step (repeatable).")
 @click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]))
 @click.option("--recovery", default="checkfree", type=click.Choice(list(RECOVERY_MODES)),
-              help="checkfree+ (needs --stages >= 4) also survives the loss of stage 0 and the edge stages.")
+              help="checkfree+ (needs --stages >= 4) also survives the loss of stage 0 and the edge stages; "
+                   "checkpoint and redundant are baselines.")
+@click.option("--checkpoint-every", type=int, default=50, help="With --recovery checkpoint: save every N steps.")
 @_with(logging_options)
 def demo(**kw: Any) -> None:
     """Start a bootstrap, L+1 stage nodes and a spare on 127.0.0.1 and train on the embedded corpus."""

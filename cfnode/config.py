@@ -158,7 +158,8 @@ class HeartbeatConfig:
             raise ConfigError(f"heartbeat ttl ({self.ttl_s}) must exceed the period ({self.period_s})")
 
 
-RECOVERY_MODES = ("checkfree", "checkfree+")
+RECOVERY_MODES = ("checkfree", "checkfree+", "checkpoint", "redundant")
+"""`checkpoint` and `redundant` are the baselines of `cfnode experiment` (docs/experiments.md)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -166,7 +167,11 @@ class RecoveryConfig:
     mode: str = "checkfree"
     """`checkfree`: rebuild intermediate stages from both neighbours, copy edge stages, stage 0 unrecoverable.
     `checkfree+`: swap stages 1<->2 and L-1<->L on odd microbatches, rebuild those by copying the swap
-    partner, and keep replicas of stage 0 (embedding, final norm, head) on stages 1 and L (needs L >= 4)."""
+    partner, and keep replicas of stage 0 (embedding, final norm, head) on stages 1 and L (needs L >= 4).
+    `checkpoint`: every `checkpoint_every` steps each stage saves weights + Adam state to `checkpoint_dir`; a
+    lost stage makes the whole swarm roll back to the newest complete checkpoint.
+    `redundant` (Bamboo-style): each stage keeps a shadow copy of its ring successor, pushed after every
+    commit, and runs the successor's forward redundantly; a lost stage is restored from its shadow."""
     rule: str = "grad-avg"
     """How a lost stage is rebuilt: grad-avg (CheckFree), uniform-avg, copy, random (ablations)."""
     lr_scale: float = 1.1
@@ -178,6 +183,9 @@ class RecoveryConfig:
     """Write every rebuild's inputs and output here (for verification; costs a copy of three stages)."""
     debug_stall_s: float = 0.0
     """Test seam: pause this long between fetching and installing, so a test can kill a rebuilding node."""
+    checkpoint_dir: str | None = None
+    """`checkpoint` mode: the store every node of the (one-machine) swarm reads and writes."""
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         if self.mode not in RECOVERY_MODES:
@@ -186,6 +194,10 @@ class RecoveryConfig:
             raise ConfigError(f"--recovery-rule must be grad-avg, uniform-avg, copy or random, got {self.rule!r}")
         if self.lr_scale <= 0:
             raise ConfigError(f"--lr-scale must be > 0, got {self.lr_scale}")
+        if self.mode == "checkpoint" and not self.checkpoint_dir:
+            raise ConfigError("--recovery checkpoint needs --checkpoint-dir (a directory every node can reach)")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
 
 
 @dataclass(frozen=True, kw_only=True)

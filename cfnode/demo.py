@@ -45,7 +45,9 @@ class DemoOptions:
     """STAGE@STEP: SIGKILL the process holding STAGE once STEP steps have committed (repeatable)."""
     recovery_rule: str = "grad-avg"
     recovery: str = "checkfree"
-    """checkfree or checkfree+ (every stage, stage 0 included, survives a kill; needs --stages >= 4)."""
+    """checkfree or checkfree+ (every stage, stage 0 included, survives a kill; needs --stages >= 4), or the
+    baselines checkpoint (store in WORKDIR/checkpoints) and redundant."""
+    checkpoint_every: int = 50
 
     def kill_plan(self) -> list[tuple[int, int]]:
         plan = []
@@ -205,6 +207,9 @@ def run_demo(options: DemoOptions) -> int:
                   "--heartbeat-period", str(options.heartbeat_period),
                   "--heartbeat-ttl", str(options.heartbeat_ttl), "--recovery-rule", options.recovery_rule,
                   "--recovery", options.recovery]
+        if options.recovery == "checkpoint":
+            common += ["--checkpoint-dir", os.path.join(workdir, "checkpoints"),
+                       "--checkpoint-every", str(options.checkpoint_every)]
         common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
         stage_procs = [swarm.spawn(f"stage{idx}", ["join", *common, "--stage", str(idx)], events=True)
                        for idx in range(options.stages + 1)]

@@ -18,9 +18,11 @@ from cfnode.errors import (
     RejectedError,
     UnrecoverableError,
 )
-from cfnode.model.stages import build_stage  # transformers: ~2 s to import, so paid at start, not on a claim
+from cfnode.model.stages import build_stage, empty_stage  # transformers: ~2 s to import: paid at start
 from cfnode.net.records import MetaRecord, StageState, SwarmView, is_occupied, keeps_claim, swarm_has_trained
+from cfnode.recovery import store
 from cfnode.recovery.coordinator import Rebuilder, RecoveryResult, plan_recovery
+from cfnode.recovery.replicas import replica_of, replica_targets
 from cfnode.train.schedule import next_stage, prev_stage
 from cfnode.train.worker import StageWorker
 
@@ -61,17 +63,23 @@ async def store_meta(node: Node) -> None:
     await node.swarm.store_meta(_meta_record(node))
 
 
-def replica_holders(view: SwarmView, num_stages: int) -> set[int]:
-    """Live stages (1 or L) that report holding a replica of stage 0."""
-    return {i for i in {1, num_stages} if (o := view.online_owner(i)) is not None and o.record.replica_step >= 0}
+def copy_holders(view: SwarmView, stage: int, num_stages: int, mode: str) -> set[int]:
+    """Live stages that keep a copy of `stage` (recovery/replicas.py) and report holding one."""
+    return {i for i in replica_targets(stage, num_stages, mode)
+            if (o := view.online_owner(i)) is not None and o.record.replica_step >= 0}
 
 
-def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None, *, swaps: bool = False) -> list[int]:
+def stage0_recoverable(view: SwarmView, num_stages: int, mode: str) -> bool:
+    """Stage 0 can be rebuilt: from a live copy (checkfree+, redundant) or from the checkpoint store."""
+    return mode == "checkpoint" or bool(copy_holders(view, 0, num_stages, mode))
+
+
+def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None, *, mode: str = "checkfree") -> list[int]:
     """Empty stages this node may take, lowest first. Once the swarm has trained, stage 0 is taken only to
-    rebuild it from a replica (checkfree+ with a live holder): otherwise its embedding and head exist
-    nowhere else, and a fresh one would be garbage."""
+    rebuild it (from a live copy or the checkpoint store): otherwise its embedding and head exist nowhere
+    else, and a fresh one would be garbage."""
     candidates = range(num_stages + 1) if wanted is None else [wanted]
-    stage0_ok = not swarm_has_trained(view, num_stages) or (swaps and bool(replica_holders(view, num_stages)))
+    stage0_ok = not swarm_has_trained(view, num_stages) or stage0_recoverable(view, num_stages, mode)
     return [i for i in candidates if not is_occupied(view.members(i), view.now) and (i != 0 or stage0_ok)]
 
 
@@ -82,7 +90,7 @@ async def claim_stage(node: Node) -> int:
     while True:
         view = await node.refresh_view()
         note_unrecoverable(node, view)
-        targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, swaps=cfg.swaps)
+        targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, mode=cfg.recovery.mode)
         if not targets:
             if not announced_standby:
                 node.set_state(StageState.STANDBY, stage=None)
@@ -113,20 +121,25 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
     """Build the stage: the seeded init if the swarm never trained, else a CheckFree rebuild from the
     neighbours (fresh Adam at lr * lr_scale, generation + 1, step = the donors' step)."""
     cfg = node.config
+    num = cfg.model.num_stages
     module = await node.compute(build_stage, cfg.model, stage, cfg.model_path)
     worker = StageWorker(module, stage_idx=stage, lr=cfg.train.lr, clip_norm=cfg.train.clip_norm)
+    successor = replica_of(stage, num, cfg.recovery.mode)
+    if cfg.recovery.mode == "redundant" and successor not in (None, 0):  # runs its successor's forward too
+        worker.shadow_module = await node.compute(empty_stage, cfg.model, successor)
     view = await node.refresh_view()
-    if not swarm_has_trained(view, cfg.model.num_stages):
+    if not swarm_has_trained(view, num):
         return worker
     node.set_state(StageState.RECOVERING, stage=stage)
     node.generation = view.max_generation(stage) + 1
     await node.announce()
+    if cfg.recovery.mode == "checkpoint":
+        return await _rejoin_from_checkpoint(node, worker, stage, view)
     started = time.perf_counter()
-    num = cfg.model.num_stages
-    live = {i for i in range(1, num + 1) if i != stage and view.online_owner(i) is not None}
+    live = {i for i in range(num + 1) if i != stage and view.online_owner(i) is not None}
     fresh = {i for i in live if not view.online_owner(i).record.donor}  # type: ignore[union-attr]
     plan = plan_recovery(stage, live, num, swaps=cfg.swaps, fresh=fresh,  # UnrecoverableError: stage 0
-                         replicas=replica_holders(view, num))
+                         replicas=copy_holders(view, stage, num, cfg.recovery.mode))
     node.events.emit("recovery_started", stage=stage, rule=cfg.recovery.rule, kind=plan.kind,
                      prev=plan.prev_source, next=plan.next_source, replicas=list(plan.replica_sources),
                      degraded=plan.degraded, generation=node.generation)
@@ -170,6 +183,35 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
     return worker
 
 
+async def _rejoin_from_checkpoint(node: Node, worker: StageWorker, stage: int, view: SwarmView) -> StageWorker:
+    """`checkpoint` baseline: a replacement stage 0 loads its part of the newest complete checkpoint (and its
+    driver then rolls every stage back to it); any other stage joins with the seeded weights, which stage 0's
+    rollback overwrites before the next step."""
+    cfg = node.config
+    started = time.perf_counter()
+    node.events.emit("recovery_started", stage=stage, rule="checkpoint", kind="checkpoint", prev=None, next=None,
+                     replicas=[], degraded=False, generation=node.generation)
+    step = max((o.record.step for i in range(cfg.model.num_stages + 1)
+                if (o := view.online_owner(i)) is not None), default=0)
+    how = "rollback-pending"
+    if stage == 0:
+        step = store.latest_complete(cfg.recovery.checkpoint_dir)
+        if step > 0:
+            assert cfg.recovery.checkpoint_dir is not None
+            payload = await asyncio.to_thread(store.load_stage, cfg.recovery.checkpoint_dir, step, 0)
+            await node.compute(worker.restore, payload, step=step, fresh={})
+        how = "checkpoint"
+    else:
+        worker.step = step
+    took = time.perf_counter() - started
+    node.events.emit("recovery_finished", stage=stage, how=how, kind="checkpoint", sources={}, degraded=False,
+                     rule="checkpoint", duration_s=round(took, 4), fetch_s=0.0, average_s=0.0, install_s=round(took, 4),
+                     step=step, generation=node.generation, lr=worker.lr, norms={})
+    node.metrics.recoveries.labels(role="recovered", rule=cfg.recovery.rule, result="success").inc()
+    node.metrics.recovery_duration.observe(took)
+    return worker
+
+
 def _write_audit(directory: str, stage: int, generation: int, result: RecoveryResult) -> None:
     """--audit-recovery: the donors' tensors and norms and the rebuilt tensors, for independent checking."""
     import os
@@ -209,12 +251,13 @@ def note_unrecoverable(node: Node, view: SwarmView) -> None:
     """Log once (and export) that stage 0 is gone from a swarm that had trained."""
     num = node.config.model.num_stages
     lost = (view.online_owner(0) is None and not is_occupied(view.members(0), view.now)
-            and swarm_has_trained(view, num) and not (node.config.swaps and replica_holders(view, num)))
+            and swarm_has_trained(view, num) and not stage0_recoverable(view, num, node.config.recovery.mode))
     node.metrics.unrecoverable.set(1 if lost else 0)
     if lost and not node.unrecoverable_logged:
         node.unrecoverable_logged = True
         left = any(p.record.state is StageState.OFFLINE for p in view.members(0))
-        why = "no live stage 1 or L holds its replica" if node.config.swaps else "it cannot be rebuilt without checkfree+"
+        why = ("no live stage holds a copy of it" if replica_targets(0, num, node.config.recovery.mode)
+               else "it cannot be rebuilt without checkfree+")
         err = UnrecoverableError(
             f"stage 0 (embedding, final norm, LM head) {'left the run' if left else 'was lost'} and {why}; "
             "training is paused for good")

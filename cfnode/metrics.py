@@ -20,9 +20,9 @@ from prometheus_client import (
 from cfnode import __version__
 from cfnode.errors import REJECT_REASONS
 
-RPC_METHODS = ("forward", "backward", "get_weights", "info", "commit", "abort", "replica")
+RPC_METHODS = ("forward", "backward", "get_weights", "info", "commit", "abort", "replica", "restore")
 RPC_SIDES = ("client", "server")
-RPC_RESULTS = ("ok", "rejected", "error")
+RPC_RESULTS = ("ok", "rejected")  # incoming RPCs answered; an exception escaping a handler is not counted
 RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STATES = ("joining", "online", "recovering", "standby", "fenced", "offline")
 ABORT_REASONS = ("peer_unavailable", "rejected", "timeout", "stage_missing", "reported", "error")

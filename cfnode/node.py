@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from hivemind.dht import DHT
 
-from cfnode import membership
+from cfnode import membership, replication
 from cfnode.config import NodeConfig
 from cfnode.deadline import within
 from cfnode.errors import (
@@ -297,7 +297,9 @@ class Node:
             self.metrics.microbatches_dropped.labels(reason="reported").inc(dropped)
         if worker.active != key:
             raise KeyError(key)
-        return worker.forward(key, mb, x)
+        y = worker.forward(key, mb, x)
+        worker.shadow_forward(y)  # `redundant` only: the successor's forward, computed again here
+        return y
 
     def _backward_train(self, key: AttemptKey, mb: int, g: torch.Tensor) -> torch.Tensor:
         worker = self.worker
@@ -376,7 +378,13 @@ class Node:
         except ValueError as e:
             raise InvalidPayload("stale_step", str(e)) from e
         self.after_commit(norm, raw)
-        return {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
+        reply = {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
+        if self.config.recovery.mode == "redundant":  # the shadow on our predecessor follows every commit
+            state = await self.compute(worker.snapshot)
+            await replication.push_copies(self, state, replication.replica_meta(
+                self, step=worker.step, grad_norm=norm, grad_norm_raw=raw))
+        reply.update(await replication.save_checkpoint(self))
+        return reply
 
     def after_commit(self, norm: float, raw: float) -> None:
         w = self.worker
@@ -413,11 +421,7 @@ class Node:
         worker = self.worker
         assert worker is not None
         if replica:
-            held, step, (norm, raw) = worker.replica, worker.replica_step, worker.replica_norms
-            if held is None:
-                raise InvalidPayload("not_ready", f"stage {self.stage} holds no replica of stage 0")
-            return {"stage": 0, "step": step, "generation": -1, "grad_norm": norm, "grad_norm_raw": raw,
-                    "config_hash": self.config.model.config_hash(), "holder": self.stage}, held
+            return replication.replica_snapshot(self)
         state = await self.compute(worker.snapshot)
         meta = {"stage": self.stage, "step": worker.step, "generation": self.generation,
                 "grad_norm": worker.grad_norm, "grad_norm_raw": worker.grad_norm_raw,
@@ -425,35 +429,16 @@ class Node:
         return meta, state
 
     async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-        """CheckFree+: keep stage 0's weights pushed after its commit (stages 1 and L only)."""
-        num = self.config.model.num_stages
-        worker = self.worker
-        if not self.config.swaps or self.stage not in (1, num) or worker is None:
-            raise InvalidPayload("wrong_stage", f"stage {self.stage} keeps no replica of stage 0")
-        if meta["config_hash"] != self.config.model.config_hash():
-            raise InvalidPayload("wrong_run", f"replica of model {meta['config_hash']}")
-        expected = self.replica_shapes()
-        if set(state) != set(expected):
-            raise InvalidPayload("shape", f"replica tensors {sorted(state)[:4]} are not stage 0's")
-        for name, t in state.items():
-            if tuple(t.shape) != expected[name]:
-                raise InvalidPayload("shape", f"replica {name} is {tuple(t.shape)}, expected {expected[name]}")
-            if t.dtype != torch.float32:
-                raise InvalidPayload("dtype", f"replica {name} is {t.dtype}")
-        norm, raw = float(meta["grad_norm"]), float(meta["grad_norm_raw"])
-        if not worker.store_replica(state, step=meta["step"], grad_norm=norm, grad_norm_raw=raw):
-            raise InvalidPayload("stale_step", f"replica of step {meta['step']} is older than the one held "
-                                               f"({worker.replica_step})")
-        self.metrics.replica_step.set(meta["step"])
+        await replication.accept_replica(self, meta, state)
 
-    _replica_shapes: dict[str, tuple[int, ...]] | None = None
+    async def accept_restore(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
+        return await replication.accept_restore(self, meta)
 
-    def replica_shapes(self) -> dict[str, tuple[int, ...]]:
-        if self._replica_shapes is None:
-            from cfnode.model.stages import head_stage_shapes
+    def stage_shapes(self, stage_idx: int) -> dict[str, tuple[int, ...]]:
+        """Tensor shapes of a stage's state dict (what a copy of it must look like)."""
+        from cfnode.model.stages import stage_shapes
 
-            self._replica_shapes = head_stage_shapes(self.config.model)
-        return self._replica_shapes
+        return stage_shapes(self.config.model, stage_idx)
 
     def info(self) -> dict[str, Any]:
         w = self.worker

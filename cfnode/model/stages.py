@@ -17,6 +17,7 @@ attention implementation. No networking here; this module must not import hivemi
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterable
 
 import torch
@@ -229,10 +230,17 @@ def build_stage(cfg: ModelConfig, stage_idx: int, model_path: str | None = None)
     return stage
 
 
-def head_stage_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of stage 0's state_dict (what a CheckFree+ replica must look like), without allocating."""
+def empty_stage(cfg: ModelConfig, stage_idx: int) -> nn.Module:
+    """An uninitialised stage module of the right shape (load a state_dict into it): a shadow copy's module."""
+    config = llama_config(cfg)
+    return HeadStage(config) if stage_idx == 0 else BlockStage(config, cfg.layers_per_stage)
+
+
+@functools.lru_cache(maxsize=8)
+def stage_shapes(cfg: ModelConfig, stage_idx: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a stage's state_dict (what a replica of it must look like), without allocating."""
     with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in HeadStage(llama_config(cfg)).state_dict().items()}
+        return {name: tuple(t.shape) for name, t in empty_stage(cfg, stage_idx).state_dict().items()}
 
 
 def model_config_from_pretrained(model_path: str, num_stages: int, seq_len: int | None = None) -> ModelConfig:

@@ -89,6 +89,14 @@ class StageClient:
         reply = await self._unary("commit", peer_id, stub.rpc_commit(req, timeout=timeout_s), timeout_s)
         return _check_reply(unpack_metadata(reply.metadata))
 
+    async def restore(self, peer_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+        """rpc_restore (checkpoint baseline): roll the peer's stage back to a checkpoint."""
+        timeout_s = max(self.net.request_timeout_s, 60.0)  # loading weights + Adam state from the store
+        req = runtime_pb2.ExpertRequest(metadata=pack_metadata(meta))
+        reply = await self._unary("restore", peer_id, self._stub(peer_id).rpc_restore(req, timeout=timeout_s),
+                                  timeout_s)
+        return _check_reply(unpack_metadata(reply.metadata))
+
     async def abort(self, peer_id: str, meta: dict[str, Any]) -> None:
         stub = self._stub(peer_id)
         timeout_s = self.net.ping_timeout_s

@@ -37,7 +37,7 @@ HOP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "from_stage": int, "to_stage": int, "kind": str, "route": list,
 }
 REPLICA_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "run": str, "step": int, "generation": int, "names": list, "grad_norm": (int, float),
+    "run": str, "stage": int, "step": int, "generation": int, "names": list, "grad_norm": (int, float),
     "grad_norm_raw": (int, float), "config_hash": str,
 }
 
@@ -59,6 +59,7 @@ class StageHost(Protocol):
     async def accept_commit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]: ...
     async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None: ...
     async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None: ...
+    async def accept_restore(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]: ...
     async def weights_snapshot(self, replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
     def info(self) -> dict[str, Any]: ...
 
@@ -164,8 +165,8 @@ class StageServicer(ServicerBase):
 
     async def rpc_replica(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> runtime_pb2.ExpertResponse:
-        """CheckFree+: stage 0 pushes its weights (embedding, final norm, head) after each commit to stages 1
-        and L, which keep them as a replica to rebuild stage 0 from."""
+        """A stage pushes its weights after each commit to the stages that keep a copy of it (checkfree+: stage
+        0 to stages 1 and L; redundant: every stage to its predecessor), to rebuild it from."""
         peer_id = context.remote_id.to_base58()
         host = self.host
         try:
@@ -180,7 +181,7 @@ class StageServicer(ServicerBase):
             for name, t in zip(meta["names"], tensors, strict=True):
                 if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
                     raise InvalidPayload("nonfinite", f"replica tensor {name} is not finite floats")
-            await host.check_sender(peer_id, 0, meta["generation"])
+            await host.check_sender(peer_id, meta["stage"], meta["generation"])
             await host.accept_replica(meta, dict(zip(meta["names"], tensors, strict=True)))
         except InvalidPayload as e:
             return self._reject("replica", e, peer_id)
@@ -188,6 +189,22 @@ class StageServicer(ServicerBase):
         host.metrics.transfer_bytes.labels(direction="received", kind="replica").inc(
             sum(t.numel() * t.element_size() for t in tensors))
         return _ok()
+
+    async def rpc_restore(self, request: runtime_pb2.ExpertRequest,
+                          context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """`checkpoint` baseline: stage 0 makes every stage roll back to the checkpoint of `to_step`."""
+        peer_id = context.remote_id.to_base58()
+        try:
+            meta = unpack_metadata(request.metadata)
+            require_fields(meta, {"run": str, "to_step": int, "generation": int})
+            if meta["run"] != self.host.run_id:
+                raise InvalidPayload("wrong_run", f"restore for run {meta['run']!r}")
+            await self.host.check_sender(peer_id, 0, meta["generation"])
+            result = await self.host.accept_restore(meta, peer_id)
+        except InvalidPayload as e:
+            return self._reject("restore", e, peer_id)
+        self.host.metrics.rpc_requests.labels(method="restore", result="ok").inc()
+        return _ok(**result)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         self.host.metrics.rpc_requests.labels(method="info", result="ok").inc()

@@ -55,22 +55,23 @@ def plan_recovery(stage_idx: int, live_stages: set[int], num_stages: int, *, swa
 
     `live_stages` have an ONLINE owner; `fresh` ones were themselves rebuilt and have not committed since (used
     only when nothing else survives, so two adjacent losses are both rebuilt from the same survivors);
-    `replicas` hold a copy of stage 0. Stage 0 is rebuilt from a replica (CheckFree+ only; otherwise
-    UnrecoverableError). With CheckFree+ a swap-pair stage copies its partner. Any other transformer stage
+    `replicas` are live stages holding a copy of the lost one (CheckFree+: stages 1 and L keep stage 0; the
+    `redundant` baseline: every stage's predecessor keeps it). A stage with a live copy is restored from it;
+    stage 0 without one is unrecoverable. With CheckFree+ a swap-pair stage copies its partner. Any other stage
     uses the nearest eligible transformer stage on each side (stage 0 never, its shapes differ): both direct
     neighbours is plain CheckFree; one side only is a copy (degraded); farther survivors are weighted by
     distance (docs/recovery.md).
     """
+    if not 0 <= stage_idx <= num_stages:
+        raise ValueError(f"stage {stage_idx} outside 0..{num_stages}")
+    holders = tuple(sorted(s for s in set(replicas) & set(live_stages) if 0 <= s <= num_stages and s != stage_idx))
+    if holders:
+        return RecoveryPlan(stage_idx, None, None, kind="replica", replica_sources=holders)
     if stage_idx == 0:
         if not swaps:
             raise UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
                                      "without checkfree+ (its replicas on stages 1 and L)")
-        holders = tuple(sorted(s for s in replicas & set(live_stages) if s in (1, num_stages)))
-        if not holders:
-            raise UnrecoverableError("stage 0 was lost and no live stage 1 or L holds a replica of it")
-        return RecoveryPlan(0, None, None, kind="replica", replica_sources=holders)
-    if not 1 <= stage_idx <= num_stages:
-        raise ValueError(f"stage {stage_idx} outside 1..{num_stages}")
+        raise UnrecoverableError("stage 0 was lost and no live stage 1 or L holds a replica of it")
     survivors = {s for s in live_stages if 1 <= s <= num_stages and s != stage_idx}
     eligible = (survivors - set(fresh)) or survivors
     partner = swap_partner(stage_idx, num_stages) if swaps else None
@@ -158,7 +159,7 @@ class Rebuilder:
 
 
     async def _from_replica(self, plan: RecoveryPlan, fresh: StateDict, *, known_step: int) -> RecoveryResult:
-        """Stage 0 from the freshest replica that arrives intact (one failed holder is tolerated)."""
+        """A stage from the freshest copy that arrives intact (one failed holder is tolerated)."""
         if self.fetch_replica is None:
             raise RecoveryError("no replica fetcher configured")
         started = time.perf_counter()
@@ -173,18 +174,19 @@ class Rebuilder:
                 continue
             meta, state = got
             try:
-                norm, step = check_meta(meta, stage=0, config_hash=self.config_hash, clip_norm=self.clip_norm)
+                norm, step = check_meta(meta, stage=plan.stage, config_hash=self.config_hash,
+                                        clip_norm=self.clip_norm)
                 check_compatible(fresh, state, what=f"replica on stage {idx}")
             except (RecoveryError, ValueError) as e:
                 errors.append(f"stage {idx}: {e}")
                 continue
             candidates.append((step, -idx, Neighbour(state=state, grad_norm=norm, step=step)))
         if not candidates:
-            raise RecoveryError(f"no usable replica of stage 0: {'; '.join(errors)}")
+            raise RecoveryError(f"no usable replica of stage {plan.stage}: {'; '.join(errors)}")
         step, neg_idx, best = max(candidates, key=lambda c: (c[0], c[1]))
         if step < known_step:
-            logger.warning("the freshest stage-0 replica is at step %d but the swarm committed step %d; its "
-                           "embedding and head miss %d update(s)", step, known_step, known_step - step)
+            logger.warning("the freshest replica of stage %d is at step %d but the swarm committed step %d; it "
+                           "misses %d update(s)", plan.stage, step, known_step, known_step - step)
         averaged = time.perf_counter()
         state = copy_of(best)
         return RecoveryResult(state=state, how="replica", step=max(step, known_step), fetch_s=fetch_s,

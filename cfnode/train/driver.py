@@ -19,9 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cfnode import replication
 from cfnode.deadline import within
 from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.net.records import SwarmView
+from cfnode.recovery import store
+from cfnode.recovery.replicas import replica_targets
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
 
 if TYPE_CHECKING:
@@ -52,6 +55,7 @@ class Driver:
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
         self.stats = {"issued": 0, "committed": 0, "dropped": 0}
+        self._owners_at_rollback: dict[int, str | None] | None = None
         self.history: list[dict[str, Any]] = []
 
     async def prepare(self) -> None:
@@ -194,6 +198,8 @@ class Driver:
                 self.node.events.emit("held", step=worker.step)
                 await asyncio.Event().wait()
             await self.wait_for_ring()
+            if self.cfg.recovery.mode == "checkpoint" and not await self._rollback_if_needed():
+                continue
             step = worker.step
             started = time.perf_counter()
             try:
@@ -218,6 +224,32 @@ class Driver:
             self.history.append(record)
             self.node.events.emit("step", **record)
         self.node.events.emit("training_finished", step=worker.step, **self.stats)
+
+    def _ring_owners(self) -> dict[int, str | None]:
+        view = self.node.view
+        return {i: (o.peer_id if (o := view.online_owner(i)) is not None else None)
+                for i in range(1, self.cfg.model.num_stages + 1)}
+
+    async def _rollback_if_needed(self) -> bool:
+        """`checkpoint` baseline: whenever a stage changed hands since the last rollback (a node was lost and
+        replaced), or this stage 0 is itself a replacement, roll every stage back to the newest complete
+        checkpoint. Returns False if the rollback failed (the caller waits for the ring and tries again)."""
+        owners = self._ring_owners()
+        if self._owners_at_rollback is None and self.node.generation == 0:
+            self._owners_at_rollback = owners  # the original stage 0 of a run: nothing was lost yet
+            return True
+        if owners == self._owners_at_rollback:
+            return True
+        to_step = store.latest_complete(self.cfg.recovery.checkpoint_dir)
+        try:
+            await replication.rollback_swarm(self.node, to_step)
+        except (RejectedError, PeerUnavailableError) as e:
+            logger.warning("rollback to the checkpoint of step %d failed (%s); retrying", to_step, e)
+            await asyncio.sleep(self.cfg.train.retry_backoff_s)
+            await self.node.refresh_view()
+            return False
+        self._owners_at_rollback = owners
+        return True
 
     async def run_attempt(self, step: int) -> tuple[float, str]:
         """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data
@@ -272,6 +304,7 @@ class Driver:
             if self._failure is not None:
                 raise AttemptAborted(f"{self._failure[0]}: {self._failure[1]}")
             hidden = await node.compute(worker.embed, key, mb, batch[mb, :, :-1])
+            await node.compute(worker.shadow_forward, hidden)  # `redundant` only: stage 1's forward, again
             meta = self._meta(key, mb, "train")
             if not await node.send_hop("forward", meta, hidden, meta["to_stage"]):
                 raise AttemptAborted(self._failure[1] if self._failure else "forward to stage 1 failed")
@@ -297,7 +330,7 @@ class Driver:
         meta = {"run": node.run_id, "step": key.step, "attempt": key.attempt,
                 "num_mb": self.cfg.train.num_microbatches, "generation": node.generation}
         peers = {idx: node.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
-        if self.cfg.swaps:
+        if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode):
             await self._commit_with_replicas(key, meta, peers)
             return
         results = await asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()),
@@ -310,6 +343,23 @@ class Driver:
             node.events.emit("commit_failed", stage=idx, step=key.step, error=str(err)[:200])
         norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
         node.after_commit(norm, raw)
+        await self._checkpoint(failed=bool(failed), results=results)
+
+    async def _checkpoint(self, *, failed: bool, results: list[Any]) -> None:
+        """`checkpoint` baseline: after a checkpoint step, save stage 0 too and mark the step complete if every
+        stage saved it."""
+        saved = await replication.save_checkpoint(self.node)
+        if not saved:
+            return
+        step = saved["checkpoint_step"]
+        if failed or any(not isinstance(r, dict) or r.get("checkpoint_step") != step for r in results):
+            logger.warning("checkpoint of step %d is incomplete (a stage did not save it); keeping the previous one",
+                           step)
+            return
+        root = self.cfg.recovery.checkpoint_dir
+        assert root is not None
+        await asyncio.to_thread(store.mark_complete, root, step, self.cfg.model.num_stages)
+        self.node.events.emit("checkpoint_complete", step=step)
 
     async def _commit_with_replicas(self, key: AttemptKey, meta: dict[str, Any], peers: dict[int, str]) -> None:
         node, worker = self.node, self.node.worker
@@ -317,17 +367,13 @@ class Driver:
         norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
         node.after_commit(norm, raw)
         state = await node.compute(worker.snapshot)
-        replica_meta = {"run": node.run_id, "step": worker.step, "generation": node.generation, "grad_norm": norm,
-                        "grad_norm_raw": raw, "config_hash": self.cfg.model.config_hash()}
-        holders = sorted({1, self.cfg.model.num_stages})
-        calls = [node.client.commit(p, meta) for p in peers.values()]
-        calls += [node.client.push_replica(peers[idx], replica_meta, state) for idx in holders]
-        results = await asyncio.gather(*calls, return_exceptions=True)
-        labels = [f"stage {idx} commit" for idx in peers] + [f"stage {idx} replica" for idx in holders]
-        for label, result in zip(labels, results, strict=True):
+        replica_meta = replication.replica_meta(node, step=worker.step, grad_norm=norm, grad_norm_raw=raw)
+        commits = asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()), return_exceptions=True)
+        results, _ = await asyncio.gather(commits, replication.push_copies(node, state, replica_meta, peers))
+        for idx, result in zip(peers, results, strict=True):
             if isinstance(result, BaseException):
-                logger.warning("%s of step %d failed: %s", label, key.step, result)
-                node.events.emit("commit_failed", what=label, step=key.step, error=str(result)[:200])
+                logger.warning("stage %d did not commit step %d: %s", idx, key.step, result)
+                node.events.emit("commit_failed", stage=idx, step=key.step, error=str(result)[:200])
 
     def _abort(self, key: AttemptKey, reason: str, detail: str) -> None:
         num_mb = self.cfg.train.num_microbatches

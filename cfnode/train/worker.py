@@ -7,8 +7,10 @@ backward. Partial state of an aborted attempt is dropped by `begin()` when a new
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,9 +39,11 @@ class StageWorker:
         self.donor = True
         """False from a rebuild's install() until the first commit (see StageRecord.donor)."""
         self.replica: dict[str, torch.Tensor] | None = None
-        """CheckFree+ (stages 1 and L): stage 0's weights as of `replica_step`."""
+        """A copy of another stage's weights as of `replica_step` (recovery/replicas.py says whose)."""
         self.replica_step = -1
         self.replica_norms = (1.0, 1.0)
+        self.shadow_module: nn.Module | None = None
+        """`redundant` mode: a module holding the replica, whose forward this stage runs redundantly."""
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.module.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -155,10 +159,46 @@ class StageWorker:
 
     def store_replica(self, state: dict[str, torch.Tensor], *, step: int, grad_norm: float,
                       grad_norm_raw: float) -> bool:
-        """Keep stage 0's weights as of `step` (CheckFree+); an older push than the one held is ignored."""
+        """Keep another stage's weights as of `step`; an older push than the one held is ignored. With a
+        shadow module (`redundant`), load them into it too."""
         if step < self.replica_step:
             return False
         self.replica = state
         self.replica_step = step
         self.replica_norms = (grad_norm, grad_norm_raw)
+        if self.shadow_module is not None:
+            self.shadow_module.load_state_dict(state, strict=True)
         return True
+
+    @torch.no_grad()
+    def shadow_forward(self, hidden: torch.Tensor) -> None:
+        """`redundant`: compute the successor's forward on our output, as Bamboo does (the result is the
+        redundancy's cost; it is discarded)."""
+        if self.shadow_module is not None and self.replica is not None:
+            self.shadow_module(hidden)
+
+    # -- checkpoint baseline -----------------------------------------------------------------------------
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        """Weights, Adam state, step and lr: what `--recovery checkpoint` saves (copied, so it can be written
+        while training goes on)."""
+        return {"step": self.step, "lr": self.lr, "state": self.snapshot(),
+                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def restore(self, payload: dict[str, Any] | None, *, step: int, fresh: dict[str, torch.Tensor]) -> None:
+        """Roll back to a checkpoint (or, with None, to the seeded `fresh` weights at step 0)."""
+        if payload is None:
+            self.module.load_state_dict(fresh, strict=True)
+            self.optimizer = self._make_optimizer(self.lr)
+        else:
+            if payload["step"] != step:
+                raise ValueError(f"checkpoint holds step {payload['step']}, expected {step}")
+            self.module.load_state_dict(payload["state"], strict=True)
+            self.lr = float(payload["lr"])
+            self.optimizer = self._make_optimizer(self.lr)
+            self.optimizer.load_state_dict(payload["optimizer"])
+        self.stash.clear()
+        self.module.zero_grad(set_to_none=True)
+        self.active = None
+        self.backward_done = 0
+        self.step = step

@@ -158,9 +158,9 @@ def test_checkfree_plus_stage_zero_is_claimable_while_a_replica_lives(holders: d
         else:
             del stages[idx]
     v = view(stages)
-    got = claimable_stages(v, L, None, swaps=True)
+    got = claimable_stages(v, L, None, mode="checkfree+")
     assert [s for s in got if s == 0] == claimable
-    assert 0 not in claimable_stages(v, L, None, swaps=False)  # plain checkfree never claims a trained stage 0
+    assert 0 not in claimable_stages(v, L, None, mode="checkfree")  # plain checkfree never claims a trained stage 0
 
 
 class _Swarm:

@@ -112,8 +112,9 @@ DEMO_FLAGS = ["--stages", "--steps", "--preset", "--workdir", "--json-summary"]
 
 @pytest.mark.parametrize(("command", "flags"), [("join", JOIN_FLAGS), ("demo", DEMO_FLAGS),
                                                 ("bootstrap", ["--host-maddrs", "--announce-maddrs",
-                                                               "--identity-path"]),
-                                                ("status", ["--peers", "--run-id", "--json"])])
+                                                               "--identity-path", "--metrics-host",
+                                                               "--metrics-port"]),
+                                                ("status", ["--peers", "--run-id", "--json", "--watch"])])
 def test_help_lists_flags(command: str, flags: list[str]) -> None:
     result = invoke(command, "--help")
     assert result.exit_code == 0, output(result)

@@ -72,7 +72,7 @@ def test_the_lost_stage_and_out_of_range_entries_are_ignored() -> None:
 
 @pytest.mark.parametrize("stage", [5, 6, -1])
 def test_out_of_range_stage(stage: int) -> None:
-    with pytest.raises(ValueError, match=re.escape("outside 1..4")):
+    with pytest.raises(ValueError, match=re.escape("outside 0..4")):
         plan_recovery(stage, {1, 2, 3, 4}, 4)
 
 
@@ -347,3 +347,21 @@ def test_rebuilder_partner_copy_is_exact_and_named() -> None:
     result = run(rebuilder(fetch), plan_recovery(1, {2, 3, 4}, 4, swaps=True))
     assert fetch.calls == [2] and result.how == "partner-copy" and result.sources == {"next": 2}
     assert_state_equal(result.state, state(2))
+
+
+def test_redundant_any_stage_restores_from_its_predecessors_copy() -> None:
+    plan = plan_recovery(3, {0, 1, 2, 4}, 4, replicas={2})
+    assert (plan.kind, plan.replica_sources, plan.degraded) == ("replica", (2,), False)
+    assert plan_recovery(0, {1, 2, 3, 4}, 4, replicas={4}).replica_sources == (4,)
+    # the keeper is gone too: a transformer stage falls back to CheckFree, stage 0 is lost
+    assert plan_recovery(3, {0, 1, 4}, 4, replicas={2}) == RecoveryPlan(3, 1, 4)
+    with pytest.raises(UnrecoverableError):
+        plan_recovery(0, {1, 2, 3}, 4, replicas={4})
+
+
+def test_rebuilder_restores_a_transformer_stage_from_its_shadow_exactly() -> None:
+    shadows = FakeFetch({2: ({**meta(3, step=40), "holder": 2}, state(33))})
+    rb = rebuilder(FakeFetch({}), fetch_replica=shadows)
+    result = asyncio.run(rb.run(plan_recovery(3, {0, 1, 2, 4}, 4, replicas={2}), FRESH, known_step=40))
+    assert (result.how, result.sources, result.step) == ("replica", {"replica": 2}, 40)
+    assert_state_equal(result.state, state(33))
