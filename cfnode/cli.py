@@ -1,4 +1,4 @@
-"""The `cfnode` command: bootstrap, join, status, demo. Builds the one frozen NodeConfig; no business logic.
+"""The `cfnode` command: bootstrap, join, status, demo, experiment. Builds the one frozen NodeConfig; no business logic.
 
 Every flag also reads an environment variable `CFNODE_<COMMAND>_<FLAG>` (click auto_envvar_prefix).
 Exit codes: 0 clean, 2 usage, 3 no peer reachable, 4 identity taken, 5 unrecoverable swarm state.
@@ -332,6 +332,59 @@ def demo(**kw: Any) -> None:
     except ConfigError as e:
         raise click.UsageError(str(e)) from e
     sys.exit(run_demo(options))
+
+
+@main.command()
+@click.option("--strategies", default="none,checkfree,checkfree+",
+              help="Comma-separated: none, checkfree, checkfree+, uniform-avg, copy, random, checkpoint, redundant.")
+@click.option("--rates", default="5,10,16", help="Hourly failure rates of one stage in percent, comma-separated.")
+@click.option("--probabilities", default="",
+              help="Per-stage, per-step failure probabilities instead of --rates, comma-separated.")
+@click.option("--steps", type=int, default=300, help="Steps per run.")
+@click.option("--out", default="experiment", help="Directory for results.*, loss_vs_time.png, schedules.json, runs/.")
+@click.option("--seed", type=int, default=0, help="Failure schedule seed.")
+@click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)))
+@click.option("--stages", type=int, default=4, help="Transformer stages L (each run has stages 0..L).")
+@click.option("--spares", type=int, default=2, help="Spares started with each swarm.")
+@click.option("--microbatches", type=int, default=_T.num_microbatches)
+@click.option("--microbatch-size", type=int, default=_T.microbatch_size)
+@click.option("--lr", type=float, default=_T.lr)
+@click.option("--val-every", type=int, default=10)
+@click.option("--heartbeat-period", type=float, default=_H.period_s)
+@click.option("--heartbeat-ttl", type=float, default=_H.ttl_s)
+@click.option("--checkpoint-every", type=int, default=50, help="Strategy checkpoint: save every N steps.")
+@click.option("--compression", type=float, default=None,
+              help="Time-compression factor c (default: c = --reference-step-time / T).")
+@click.option("--reference-step-time", "reference_step_s", type=float, default=90.0,
+              help="Without --compression: the seconds one step stands for (c * T).")
+@click.option("--step-time", "step_time_s", type=float, default=None,
+              help="T in seconds (default: measured on the 'none' run or a warm-up run).")
+@click.option("--warmup-steps", type=int, default=20, help="Length of the warm-up run that measures T if needed.")
+@click.option("--min-gap", type=int, default=10, help="Minimum steps between two injected failures.")
+@click.option("--max-per-step", type=int, default=1, help="Most failures injected in one step.")
+@click.option("--target", "target_val_loss", type=float, default=None,
+              help="Target validation loss (default: the 'none' run's final one + 2%).")
+@click.option("--replay", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="schedules.json of an earlier experiment (or one schedule's JSON) to replay.")
+@_with(logging_options)
+def experiment(**kw: Any) -> None:
+    """Run recovery strategies on fresh local swarms under one seeded failure schedule; write a report."""
+    from cfnode.experiment.runner import ExperimentOptions, parse_floats, run_experiment, split_csv
+
+    setup_logging(kw.pop("log_level"), kw.pop("log_format"))
+    try:
+        kw["strategies"] = split_csv(kw["strategies"])
+        kw["probabilities"] = parse_floats(kw["probabilities"], "--probabilities")
+        kw["rates"] = () if kw["probabilities"] else parse_floats(kw["rates"], "--rates")
+        options = ExperimentOptions(**kw)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        code = run_experiment(options)
+    except CfnodeError as e:
+        _fail(e)
+        return
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -39,12 +39,7 @@ from cfnode.experiment.schedule import (
 
 logger = logging.getLogger(__name__)
 
-IMPLEMENTED = ("none", "checkfree", "checkfree+", "uniform-avg", "copy", "random")
-NOT_IMPLEMENTED = {
-    "checkpoint": "it needs nodes that stream weights and optimizer state to a store every N steps and a "
-                  "swarm-wide rollback on a loss",
-    "redundant": "it needs nodes that keep and train a shadow copy of the next stage (Bamboo)",
-}
+IMPLEMENTED = ("none", "checkfree", "checkfree+", "uniform-avg", "copy", "random", "checkpoint", "redundant")
 REFERENCE_STEP_S = 90.0
 """Default c * T: one step of the local swarm stands for ~90 s, a step of the paper's 500M model (§3.4)."""
 EXIT_RUN_FAILED = 1
@@ -62,13 +57,10 @@ class StrategyPlan:
 
 
 def strategy_plan(name: str) -> StrategyPlan:
-    if name in NOT_IMPLEMENTED:
-        raise ConfigError(f"strategy {name!r} is not implemented yet: {NOT_IMPLEMENTED[name]}. "
-                          f"Implemented: {', '.join(IMPLEMENTED)}")
     if name not in IMPLEMENTED:
         raise ConfigError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
-    if name == "checkfree+":
-        return StrategyPlan(name, recovery="checkfree+")
+    if name in ("checkfree+", "checkpoint", "redundant"):
+        return StrategyPlan(name, recovery=name)
     if name in ("uniform-avg", "copy", "random"):
         return StrategyPlan(name, recovery_rule=name)
     return StrategyPlan(name, injects=injects(name))
@@ -134,6 +126,8 @@ class ExperimentOptions:
     target_val_loss: float | None = None
     replay: str | None = None
     """A schedules.json (or one schedule's JSON) from an earlier experiment: replay its failures."""
+    checkpoint_every: int = 50
+    """`checkpoint` strategy: every stage saves weights + Adam state every N steps (the paper's 10/50/100)."""
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -168,6 +162,8 @@ class ExperimentOptions:
             raise ConfigError(f"--reference-step-time must be > 0, got {self.reference_step_s}")
         if self.min_gap < 1 or self.max_per_step < 1 or self.warmup_steps < 2:
             raise ConfigError("--min-gap and --max-per-step must be >= 1, --warmup-steps >= 2")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
         if self.val_every < 1:
             raise ConfigError("--val-every must be >= 1: the report compares validation curves")
         if self.replay and not os.path.isfile(self.replay):
@@ -246,8 +242,15 @@ def run_record(*, strategy: str, level: FailureLevel | None, events: Sequence[di
         elif e.get("event") == "recovery_failed":
             out.append({"kind": "recovery_failed", "stage": e.get("stage"), "time_s": round(e["ts"] - t0, 4),
                         "error": e.get("error"), "node": e.get("node")})
+        elif e.get("event") == "rollback":  # the checkpoint baseline: the whole swarm went back
+            out.append({"kind": "rollback", "step": e.get("to_step"), "from_step": e.get("from_step"),
+                        "steps_lost": e.get("steps_lost"), "duration_s": e.get("restore_s"),
+                        "time_s": round(e["ts"] - t0, 4), "node": e.get("node")})
     out.sort(key=lambda e: e["time_s"])
     aborted = sum(1 for e in events if e.get("event") == "step_aborted")
+    saves = [e["save_s"] for e in events if e.get("event") == "checkpoint_saved"]
+    if saves:
+        meta = {**(meta or {}), "checkpoint_saves": len(saves), "checkpoint_save_s_total": round(sum(saves), 4)}
     return RunRecord(strategy=strategy, level=level.label if level else None, rate=level.rate if level else None,
                      p=level.p if level else None, steps=steps, events=out, planned_steps=planned_steps,
                      exit_code=exit_code, meta={"steps_aborted": aborted, **(meta or {})})
@@ -332,7 +335,7 @@ def _run_swarm(options: ExperimentOptions, plan: StrategyPlan, level: FailureLev
                        microbatches=options.microbatches, microbatch_size=options.microbatch_size, lr=options.lr,
                        val_every=options.val_every, heartbeat_period=options.heartbeat_period,
                        heartbeat_ttl=options.heartbeat_ttl, kill=kills, recovery_rule=plan.recovery_rule,
-                       recovery=plan.recovery)
+                       recovery=plan.recovery, checkpoint_every=options.checkpoint_every)
     logger.info("run %s: %d steps%s; logs in %s", name, steps,
                 f", kills {' '.join(kills)}" if kills else ", no failures injected", workdir)
     error = None

@@ -61,3 +61,47 @@ def test_none_and_checkfree_with_one_failure(tmp_path) -> None:
         assert "| none |" in md and "| checkfree | 10%/h |" in md
     finally:
         assert not _procs_of(str(out)), "the experiment must stop every process it started"
+
+
+# One injected failure per strategy (tiny preset, L = 4): which stage is lost and how it must come back.
+ONE_FAILURE = {
+    "checkpoint": (2, "rollback-pending"),   # the whole swarm rolls back to the last complete checkpoint
+    "redundant": (2, "replica"),             # restored from its predecessor's shadow
+    "checkfree+": (0, "replica"),            # stage 0 from the replica on stage 1 or 4
+    "checkfree": (1, "copy(next)"),          # an edge stage without swaps: a copy of its one neighbour
+    "uniform-avg": (2, "uniform-avg"),
+    "copy": (3, "copy(prev)"),
+    "random": (2, "random"),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", [
+    pytest.param(name, marks=() if name == "checkpoint" else pytest.mark.slow) for name in ONE_FAILURE])
+def test_every_strategy_survives_one_injected_failure(tmp_path, strategy: str) -> None:
+    stage, how = ONE_FAILURE[strategy]
+    out = tmp_path / "exp"
+    schedule = FailureSchedule(seed=0, p=0.01, rate=None, steps=12, num_stages=4, at_risk=(0, 1, 2, 3, 4),
+                               events=((6, stage),))
+    replay = tmp_path / "schedule.json"
+    replay.write_text(schedule.to_json())
+    options = ExperimentOptions(strategies=(strategy,), steps=12, stages=4, preset_name="tiny", microbatch_size=4,
+                                val_every=3, heartbeat_period=0.5, heartbeat_ttl=3.0, out=str(out),
+                                replay=str(replay), step_time_s=1.0, checkpoint_every=3, spares=1)
+    try:
+        code = run_experiment(options)
+        data = json.loads((out / "results.json").read_text())
+        [run] = data["runs"]
+        assert code == 0, (run["status"], run["meta"])
+        assert run["steps"][-1]["step"] == 12
+        fails = [e for e in run["events"] if e["kind"] == "failure"]
+        recs = [e for e in run["events"] if e["kind"] == "recovery"]
+        assert [f["stage"] for f in fails] == [stage]
+        assert [r["stage"] for r in recs] == [stage] and recs[0]["how"] == how, recs
+        if strategy == "checkpoint":  # the rollback is real: the whole swarm went back to a complete checkpoint
+            [rollback] = [e for e in run["events"] if e["kind"] == "rollback"]
+            assert rollback["step"] % 3 == 0 and rollback["step"] <= rollback["from_step"], rollback
+            assert rollback["from_step"] >= fails[0]["step"] and rollback["time_s"] > fails[0]["time_s"]
+            assert run["meta"]["checkpoint_saves"] >= 5 * 4  # 5 stages saved steps 3, 6, 9, 12
+    finally:
+        assert not _procs_of(str(out)), "the experiment must stop every process it started"

@@ -36,11 +36,10 @@ def test_strategies_map_to_node_flags() -> None:
 
 
 @pytest.mark.parametrize("name", ["checkpoint", "redundant"])
-def test_unimplemented_strategies_are_refused(name) -> None:
-    with pytest.raises(ConfigError, match=f"strategy '{name}' is not implemented yet"):
-        strategy_plan(name)
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        ExperimentOptions(strategies=("none", name))
+def test_baseline_strategies_map_to_their_recovery_mode(name) -> None:
+    plan = strategy_plan(name)
+    assert (plan.recovery, plan.injects) == (name, True)
+    assert ExperimentOptions(strategies=("none", name), checkpoint_every=10).checkpoint_every == 10
 
 
 def test_options_validation() -> None:
