@@ -1,0 +1,189 @@
+"""How a node moves microbatches: the route checks of incoming hops, running them on the compute thread, and
+pushing results to the next stage of the route with a ping-confirmed retry, de-duplication and failure reports
+to stage 0. A mixin of `Node` (node.py), which owns the state it uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cfnode.errors import InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.train.schedule import AttemptKey, route_for, route_neighbours
+
+if TYPE_CHECKING:
+    from cfnode.config import NodeConfig
+    from cfnode.logs import EventLog
+    from cfnode.metrics import NodeMetrics
+    from cfnode.net.client import StageClient
+    from cfnode.train.worker import StageWorker
+
+logger = logging.getLogger(__name__)
+SEEN_HOPS_LIMIT = 4096
+"""Hops remembered for de-duplication: a push retried after a lost ack must not be processed twice."""
+
+
+class HopHandling:
+    """The hop-handling half of a Node."""
+
+    config: NodeConfig
+    stage: int | None
+    worker: StageWorker | None
+    metrics: NodeMetrics
+    events: EventLog
+    client: StageClient | None
+    driver: Any
+    run_id: str
+    generation: int
+    _seen_hops: OrderedDict[tuple[Any, ...], None]
+
+    def check_route(self, meta: dict[str, Any]) -> None:
+        """A hop's route must be the one this run prescribes for its microbatch (in order for validation)."""
+        swaps = self.config.swaps and meta["kind"] == "train"
+        expected = route_for(meta["mb"], self.config.model.num_stages, swaps=swaps)
+        if tuple(meta["route"]) != expected:
+            raise InvalidPayload("route", f"{meta['kind']} microbatch {meta['mb']} must take route {list(expected)}, "
+                                          f"got {meta['route']!r:.80}")
+
+    def expected_sender(self, method: str, meta: dict[str, Any]) -> int:
+        """The stage a hop must come from: the forward predecessor on its route, or for gradients the forward
+        successor (the backward pass runs the route reversed)."""
+        assert self.stage is not None
+        before, after = route_neighbours(meta["route"], self.stage)
+        return before if method == "forward" else after
+
+    def route_target(self, method: str, meta: dict[str, Any]) -> int:
+        """Where this stage sends a hop's result next."""
+        assert self.stage is not None
+        before, after = route_neighbours(meta["route"], self.stage)
+        return after if method == "forward" else before
+
+
+    # -- hop handling (the servicer calls these) ---------------------------------------------------------
+
+    async def accept_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
+        key = AttemptKey(meta["step"], meta["attempt"])
+        if meta["kind"] == "train" and not 0 <= meta["mb"] < meta["num_mb"]:
+            raise InvalidPayload("decode", f"microbatch {meta['mb']} of {meta['num_mb']}")
+        hop_id = (meta["kind"], key.step, key.attempt, method, meta["mb"])
+        if hop_id in self._seen_hops:
+            logger.debug("duplicate %s of %s mb %d (a retried push); acknowledged again", method, key, meta["mb"])
+            return
+        if self.stage == 0:
+            assert self.driver is not None
+            self.driver.accept(method, meta, key)  # raises InvalidPayload("stale_step") for a foreign attempt
+        elif meta["kind"] == "train":
+            w = self.worker
+            assert w is not None
+            if w.active is not None and tuple(key) < tuple(w.active):
+                raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {tuple(w.active)}")
+        self._seen_hops[hop_id] = None
+        while len(self._seen_hops) > SEEN_HOPS_LIMIT:
+            self._seen_hops.popitem(last=False)
+        self.metrics.microbatches_processed.labels(direction=method).inc()
+        if meta["kind"] == "train":
+            self.metrics.hops_received.labels(direction=method, from_stage=str(meta["from_stage"])).inc()
+        self.spawn(self._process_hop(method, meta, tensor), name=f"hop-{method}")
+
+    async def _process_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
+        if self.stage == 0:
+            await self.driver.process(method, meta, tensor)
+            return
+        worker = self.worker
+        assert worker is not None and self.stage is not None
+        key, mb = AttemptKey(meta["step"], meta["attempt"]), meta["mb"]
+        try:
+            if meta["kind"] == "val":
+                out = await self.compute(worker.eval_forward, tensor)
+            elif method == "forward":
+                out = await self.compute(self._forward_train, key, mb, tensor)
+            else:
+                out = await self.compute(self._backward_train, key, mb, tensor)
+        except KeyError:
+            self.metrics.microbatches_dropped.labels(reason="error").inc()
+            logger.debug("dropped %s of %s mb %d: its attempt was superseded", method, tuple(key), mb)
+            return
+        await self.send_hop(method, meta, out, self.route_target(method, meta))
+
+    def _forward_train(self, key: AttemptKey, mb: int, x: torch.Tensor) -> torch.Tensor:
+        worker = self.worker
+        assert worker is not None
+        dropped = worker.begin(key)
+        if dropped:
+            self.metrics.microbatches_dropped.labels(reason="reported").inc(dropped)
+        if worker.active != key:
+            raise KeyError(key)
+        y = worker.forward(key, mb, x)
+        worker.shadow_forward(y)  # `redundant` only: the successor's forward, computed again here
+        return y
+
+    def _backward_train(self, key: AttemptKey, mb: int, g: torch.Tensor) -> torch.Tensor:
+        worker = self.worker
+        assert worker is not None
+        if worker.active != key:
+            raise KeyError(key)
+        return worker.backward(key, mb, g)
+
+    async def send_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor, target: int) -> bool:
+        """Push to the owner of `target`; on failure ban it and tell stage 0 to abort. Returns success."""
+        assert self.stage is not None
+        out_meta = {**meta, "from_stage": self.stage, "to_stage": target, "generation": self.generation}
+        try:
+            peer = self.route(target)
+        except PeerUnavailableError:
+            await self.refresh_view()  # a new holder may have come online since the last poll
+            try:
+                peer = self.route(target)
+            except PeerUnavailableError as e:
+                await self.report_failure(meta, f"stage {target} unavailable: {e}", suspect=target)
+                return False
+        assert self.client is not None
+        try:
+            try:
+                await self.client.push(method, peer, out_meta, tensor)
+            except PeerUnavailableError as first:
+                if not await self.is_reachable(peer):
+                    raise
+                logger.info("%s to stage %d failed (%s) but the peer answers a ping; retrying once",
+                            method, target, first)
+                self.metrics.rpc_retries.labels(method=method).inc()
+                await self.client.push(method, peer, out_meta, tensor)  # receivers de-duplicate hops
+            return True
+        except (PeerUnavailableError, RejectedError) as e:
+            logger.warning("%s to stage %d (%s) failed: %s", method, target, peer[:12], e)
+            if isinstance(e, PeerUnavailableError):
+                self.ban(peer, "rpc_failure")  # counted as a failure once its record expires (membership.watch)
+                self.events.emit("neighbour_unreachable", stage=target, peer=peer[:12], error=str(e)[:200])
+            await self.report_failure(meta, f"{method} to stage {target} failed: {e}",
+                                      suspect=target if isinstance(e, PeerUnavailableError) else None)
+            return False
+
+    async def is_reachable(self, peer_id: str) -> bool:
+        """Confirm a suspected failure with a short rpc_info ping."""
+        assert self.client is not None
+        try:
+            await self.client.info(peer_id)
+            return True
+        except PeerUnavailableError:
+            return False
+
+    async def report_failure(self, meta: dict[str, Any], reason: str, *, suspect: int | None = None) -> None:
+        """Fast path: tell stage 0 that this attempt cannot complete (it would time out otherwise), and which
+        stage we could not reach, so stage 0 can confirm and stop routing to it."""
+        if meta.get("kind") != "train":
+            return
+        if self.stage == 0:
+            self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "peer_unavailable", reason)
+            return
+        try:
+            peer0 = self.route(0)
+            await self.client.abort(peer0, {"run": self.run_id, "step": meta["step"], "attempt": meta["attempt"],
+                                            "reason": reason[:300], "from_stage": self.stage,
+                                            "generation": self.generation,
+                                            "suspect_stage": -1 if suspect is None else suspect})
+        except (PeerUnavailableError, RejectedError) as e:
+            logger.debug("could not report the failure to stage 0: %s", e)
+
