@@ -133,7 +133,7 @@ class NodeMetrics:
                                            registry=r, buckets=(1, 2, 5, 10, 30, 60, 120, 300, 600))
         self.last_recovery = Gauge("cfnode_last_recovery_timestamp_seconds", "Unix time of the last rebuild",
                                    registry=r)
-        self.replica_step = Gauge("cfnode_replica_step", "CheckFree+: step of the stage-0 replica held (-1: none)",
+        self.replica_step = Gauge("cfnode_replica_step", "Step of the copy of another stage held (-1: none)",
                                   registry=r)
         self.hops_received = Counter("cfnode_hops_received", "Training hops accepted, by the stage they came from "
                                      "(shows the CheckFree+ swapped routes)", ["direction", "from_stage"],
