@@ -80,6 +80,9 @@ class HopHandling:
             assert w is not None
             if w.active is not None and tuple(key) < tuple(w.active):
                 raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {tuple(w.active)}")
+            if key.step < w.step or key.attempt <= w.attempt_floor:
+                raise InvalidPayload("stale_step", f"attempt {tuple(key)} is for step {key.step}, this stage has "
+                                                   f"committed {w.step} steps (or it predates a rollback)")
         self._seen_hops[hop_id] = None
         while len(self._seen_hops) > SEEN_HOPS_LIMIT:
             self._seen_hops.popitem(last=False)

@@ -11,6 +11,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
+from cfnode import replication
 from cfnode.errors import (
     ConfigMismatchError,
     PeerUnavailableError,
@@ -195,11 +196,14 @@ async def _rejoin_from_checkpoint(node: Node, worker: StageWorker, stage: int, v
                 if (o := view.online_owner(i)) is not None), default=0)
     how = "rollback-pending"
     if stage == 0:
-        step = store.latest_complete(cfg.recovery.checkpoint_dir)
+        root = replication.checkpoint_root(node)
+        step = store.latest_complete(root)
         if step > 0:
-            assert cfg.recovery.checkpoint_dir is not None
-            payload = await asyncio.to_thread(store.load_stage, cfg.recovery.checkpoint_dir, step, 0)
-            await node.compute(worker.restore, payload, step=step, fresh={})
+            try:
+                payload = await asyncio.to_thread(store.load_stage, root, step, 0)
+                await node.compute(worker.restore, payload, step=step, fresh={})
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                raise RecoveryError(f"cannot load stage 0's checkpoint of step {step}: {e}") from e
         how = "checkpoint"
     else:
         worker.step = step

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -64,6 +65,7 @@ class Node(HopHandling):
         self.events = EventLog(config.events_path, peer=self.peer_id[:12])
         set_log_context(peer=self.peer_id, stage=None, step=None)
         self.max_message_bytes = config.network.max_message_bytes
+        self.max_replica_bytes = _max_stage_bytes(config) + 2**20  # the largest stage, plus framing
         self.chunk_bytes = config.network.chunk_bytes
         self.on_ready = on_ready
         self.compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfnode-compute")
@@ -402,3 +404,11 @@ def _warm_up_optimizer() -> None:
     """The first torch.optim construction takes ~1 s; pay it before claiming a stage."""
     p = torch.nn.Parameter(torch.zeros(1))
     torch.optim.Adam([p], lr=1e-3).step()
+
+
+def _max_stage_bytes(config: NodeConfig) -> int:
+    """float32 bytes of the largest stage's state dict (stage 0 or a transformer stage)."""
+    from cfnode.model.stages import stage_shapes
+
+    return max(4 * sum(math.prod(shape) for shape in stage_shapes(config.model, idx).values())
+               for idx in (0, min(1, config.model.num_stages)))

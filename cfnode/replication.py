@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -73,11 +74,18 @@ async def accept_replica(node: Node, meta: dict[str, Any], state: dict[str, torc
             raise InvalidPayload("shape", f"replica {name} is {tuple(t.shape)}, expected {expected[name]}")
         if t.dtype != torch.float32:
             raise InvalidPayload("dtype", f"replica {name} is {t.dtype}")
+    bad = await node.compute(_first_nonfinite, state)  # torch math stays off the event loop
+    if bad is not None:
+        raise InvalidPayload("nonfinite", f"replica tensor {bad} contains NaN or Inf")
     norm, raw = float(meta["grad_norm"]), float(meta["grad_norm_raw"])
     if not await node.compute(worker.store_replica, state, step=meta["step"], grad_norm=norm, grad_norm_raw=raw):
         raise InvalidPayload("stale_step", f"replica of step {meta['step']} is older than the one held "
                                            f"({worker.replica_step})")
     node.metrics.replica_step.set(meta["step"])
+
+
+def _first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
+    return next((name for name, t in state.items() if not bool(torch.isfinite(t).all())), None)
 
 
 def replica_snapshot(node: Node) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -94,6 +102,14 @@ def replica_snapshot(node: Node) -> tuple[dict[str, Any], dict[str, torch.Tensor
 # -- the checkpoint baseline -------------------------------------------------------------------------------
 
 
+def checkpoint_root(node: Node) -> str:
+    """This run's part of the store: `--checkpoint-dir/RUN-HASH`, so a reused directory never mixes runs or
+    models."""
+    cfg = node.config
+    assert cfg.recovery.checkpoint_dir is not None
+    return os.path.join(cfg.recovery.checkpoint_dir, f"{cfg.run_id}-{cfg.model.config_hash()}")
+
+
 async def save_checkpoint(node: Node) -> dict[str, Any]:
     """After a commit: save this stage (weights + Adam) if its new step is a checkpoint step. Synchronous with
     the commit, so the save time is part of the step time, as it is for a real checkpointing system."""
@@ -101,14 +117,18 @@ async def save_checkpoint(node: Node) -> dict[str, Any]:
     assert worker is not None and node.stage is not None
     if cfg.mode != "checkpoint" or not store.is_checkpoint_step(worker.step, cfg.checkpoint_every):
         return {}
-    assert cfg.checkpoint_dir is not None
     payload = await node.compute(worker.checkpoint_payload)
-    _, seconds, size = await asyncio.to_thread(store.save_stage, cfg.checkpoint_dir, worker.step, node.stage, payload)
+    try:
+        _, seconds, size = await asyncio.to_thread(store.save_stage, checkpoint_root(node), worker.step, node.stage,
+                                                   payload)
+    except OSError as e:
+        logger.error("could not save the checkpoint of step %d: %s", worker.step, e)
+        return {}
     node.events.emit("checkpoint_saved", stage=node.stage, step=worker.step, save_s=round(seconds, 4), bytes=size)
     return {"checkpoint_step": worker.step, "checkpoint_s": round(seconds, 4)}
 
 
-async def restore_checkpoint(node: Node, step: int) -> float:
+async def restore_checkpoint(node: Node, step: int, attempt_floor: int = -1) -> float:
     """Roll this stage back to the checkpoint of `step` (0: the seeded initial weights); returns seconds."""
     from cfnode.model.stages import build_stage
 
@@ -117,12 +137,10 @@ async def restore_checkpoint(node: Node, step: int) -> float:
     started = time.perf_counter()
     if step == 0:
         fresh = (await node.compute(build_stage, node.config.model, node.stage, node.config.model_path)).state_dict()
-        await node.compute(worker.restore, None, step=0, fresh=fresh)
+        await node.compute(worker.restore, None, step=0, fresh=fresh, attempt_floor=attempt_floor)
     else:
-        root = node.config.recovery.checkpoint_dir
-        assert root is not None
-        payload = await asyncio.to_thread(store.load_stage, root, step, node.stage)
-        await node.compute(worker.restore, payload, step=step, fresh={})
+        payload = await asyncio.to_thread(store.load_stage, checkpoint_root(node), step, node.stage)
+        await node.compute(worker.restore, payload, step=step, fresh={}, attempt_floor=attempt_floor)
     took = time.perf_counter() - started
     node.metrics.training_step.set(worker.step)
     node.heartbeat_soon()
@@ -136,28 +154,31 @@ async def accept_restore(node: Node, meta: dict[str, Any]) -> dict[str, Any]:
     if node.worker is None or node.stage in (None, 0):
         raise InvalidPayload("not_ready", "no stage to restore")
     step = meta["to_step"]
-    root = node.config.recovery.checkpoint_dir
+    root = checkpoint_root(node)
     if step != 0 and (root is None or step > store.latest_complete(root)):
         raise InvalidPayload("stale_step", f"no complete checkpoint of step {step}")
     try:
-        took = await restore_checkpoint(node, step)
+        took = await restore_checkpoint(node, step, attempt_floor=meta["attempt_floor"])
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise InvalidPayload("not_ready", f"cannot load the checkpoint of step {step}: {e}") from e
     node.events.emit("restored", stage=node.stage, step=step, restore_s=round(took, 4))
     return {"step": step, "restore_s": round(took, 4)}
 
 
-async def rollback_swarm(node: Node, to_step: int) -> dict[str, Any]:
-    """Stage 0: every stage (itself included) loads the checkpoint of `to_step`; raises if any stage fails."""
+async def rollback_swarm(node: Node, to_step: int, from_step: int, attempt_floor: int) -> dict[str, Any]:
+    """Stage 0: every stage (itself included) loads the checkpoint of `to_step` and ignores attempts up to
+    `attempt_floor` from then on; raises RejectedError if any stage fails."""
     assert node.client is not None and node.worker is not None
     num = node.config.model.num_stages
     started = time.perf_counter()
-    from_step = node.worker.step
     peers = {idx: node.route(idx) for idx in range(1, num + 1)}
-    meta = {"run": node.run_id, "to_step": to_step, "generation": node.generation}
-    local = asyncio.ensure_future(restore_checkpoint(node, to_step))
+    meta = {"run": node.run_id, "to_step": to_step, "generation": node.generation, "attempt_floor": attempt_floor}
+    local = asyncio.ensure_future(restore_checkpoint(node, to_step, attempt_floor))
     results = await asyncio.gather(*(node.client.restore(p, meta) for p in peers.values()), return_exceptions=True)
-    await local
+    try:
+        await local
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise RejectedError("not_ready", f"stage 0 could not load the checkpoint of step {to_step}: {e}") from e
     failed = [(idx, r) for idx, r in zip(peers, results, strict=True) if isinstance(r, BaseException)]
     if failed:
         raise RejectedError("not_ready", f"stage {failed[0][0]} could not roll back: {failed[0][1]}")

@@ -119,7 +119,8 @@ class StageClient:
         """rpc_replica: stream stage 0's weights to a replica holder (stage 1 or L), wait for the ack."""
         names = list(state)
         parts = list(self.iter_parts({**meta, "names": names}, [state[n] for n in names]))
-        timeout_s = self.net.request_timeout_s
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        timeout_s = self.net.request_timeout_s + size / (10 * 2**20)  # allow 10 MiB/s on top of the request timeout
         reply = await self._unary("replica", peer_id, self._stub(peer_id).rpc_replica(_aiter(parts), timeout=timeout_s),
                                   timeout_s)
         try:

@@ -48,6 +48,7 @@ class StageHost(Protocol):
     run_id: str
     metrics: NodeMetrics
     max_message_bytes: int
+    max_replica_bytes: int
     chunk_bytes: int
 
     def serving_stage(self) -> int | None: ...
@@ -170,7 +171,7 @@ class StageServicer(ServicerBase):
         peer_id = context.remote_id.to_base58()
         host = self.host
         try:
-            meta, tensors = await read_message(requests, max_bytes=2**31)
+            meta, tensors = await read_message(requests, max_bytes=host.max_replica_bytes)
             require_fields(meta, REPLICA_FIELDS)
             if meta["run"] != host.run_id:
                 raise InvalidPayload("wrong_run", f"replica for run {meta['run']!r}")
@@ -178,9 +179,6 @@ class StageServicer(ServicerBase):
                 raise InvalidPayload("not_ready", "this node serves no stage")
             if len(meta["names"]) != len(tensors) or not all(isinstance(n, str) for n in meta["names"]):
                 raise InvalidPayload("decode", "replica names do not match the tensors sent")
-            for name, t in zip(meta["names"], tensors, strict=True):
-                if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
-                    raise InvalidPayload("nonfinite", f"replica tensor {name} is not finite floats")
             await host.check_sender(peer_id, meta["stage"], meta["generation"])
             await host.accept_replica(meta, dict(zip(meta["names"], tensors, strict=True)))
         except InvalidPayload as e:
@@ -196,7 +194,7 @@ class StageServicer(ServicerBase):
         peer_id = context.remote_id.to_base58()
         try:
             meta = unpack_metadata(request.metadata)
-            require_fields(meta, {"run": str, "to_step": int, "generation": int})
+            require_fields(meta, {"run": str, "to_step": int, "generation": int, "attempt_floor": int})
             if meta["run"] != self.host.run_id:
                 raise InvalidPayload("wrong_run", f"restore for run {meta['run']!r}")
             await self.host.check_sender(peer_id, 0, meta["generation"])

@@ -68,14 +68,14 @@ def plan_recovery(stage_idx: int, live_stages: set[int], num_stages: int, *, swa
     if holders:
         return RecoveryPlan(stage_idx, None, None, kind="replica", replica_sources=holders)
     if stage_idx == 0:
-        if not swaps:
+        if not swaps and not replicas:
             raise UnrecoverableError("stage 0 (embedding, final norm, LM head) was lost and cannot be rebuilt "
                                      "without checkfree+ (its replicas on stages 1 and L)")
-        raise UnrecoverableError("stage 0 was lost and no live stage 1 or L holds a replica of it")
+        raise UnrecoverableError("stage 0 was lost and no live stage holds a replica of it")
     survivors = {s for s in live_stages if 1 <= s <= num_stages and s != stage_idx}
     eligible = (survivors - set(fresh)) or survivors
     partner = swap_partner(stage_idx, num_stages) if swaps else None
-    if partner is not None and partner in eligible:
+    if partner is not None and partner in survivors:  # even a fresh partner: it may be the lost stage's own copy
         side = (partner, None) if partner < stage_idx else (None, partner)
         return RecoveryPlan(stage_idx, *side, kind="partner")
     below = [s for s in eligible if s < stage_idx]

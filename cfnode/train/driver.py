@@ -55,7 +55,8 @@ class Driver:
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
         self.stats = {"issued": 0, "committed": 0, "dropped": 0}
-        self._owners_at_rollback: dict[int, str | None] | None = None
+        self._owners_at_rollback: dict[int, tuple[str, int] | None] | None = None
+        self._rollback_from: int | None = None
         self.history: list[dict[str, Any]] = []
 
     async def prepare(self) -> None:
@@ -225,9 +226,11 @@ class Driver:
             self.node.events.emit("step", **record)
         self.node.events.emit("training_finished", step=worker.step, **self.stats)
 
-    def _ring_owners(self) -> dict[int, str | None]:
+    def _ring_owners(self) -> dict[int, tuple[str, int] | None]:
+        """Who holds each stage at which generation (a rebuild always bumps the generation, even when the same
+        peer id comes back)."""
         view = self.node.view
-        return {i: (o.peer_id if (o := view.online_owner(i)) is not None else None)
+        return {i: ((o.peer_id, o.record.generation) if (o := view.online_owner(i)) is not None else None)
                 for i in range(1, self.cfg.model.num_stages + 1)}
 
     async def _rollback_if_needed(self) -> bool:
@@ -240,15 +243,18 @@ class Driver:
             return True
         if owners == self._owners_at_rollback:
             return True
-        to_step = store.latest_complete(self.cfg.recovery.checkpoint_dir)
+        assert self.node.worker is not None
+        if self._rollback_from is None:
+            self._rollback_from = self.node.worker.step
+        to_step = store.latest_complete(replication.checkpoint_root(self.node))
         try:
-            await replication.rollback_swarm(self.node, to_step)
+            await replication.rollback_swarm(self.node, to_step, self._rollback_from, self._last_attempt_id)
         except (RejectedError, PeerUnavailableError) as e:
             logger.warning("rollback to the checkpoint of step %d failed (%s); retrying", to_step, e)
             await asyncio.sleep(self.cfg.train.retry_backoff_s)
             await self.node.refresh_view()
             return False
-        self._owners_at_rollback = owners
+        self._owners_at_rollback, self._rollback_from = owners, None
         return True
 
     async def run_attempt(self, step: int) -> tuple[float, str]:
@@ -307,7 +313,8 @@ class Driver:
             await node.compute(worker.shadow_forward, hidden)  # `redundant` only: stage 1's forward, again
             meta = self._meta(key, mb, "train")
             if not await node.send_hop("forward", meta, hidden, meta["to_stage"]):
-                raise AttemptAborted(self._failure[1] if self._failure else "forward to stage 1 failed")
+                raise AttemptAborted(self._failure[1] if self._failure else
+                                     f"forward to stage {meta['to_stage']} failed")
         await asyncio.gather(*self._pending.values())
 
     def _meta(self, key: AttemptKey, mb: int, kind: str) -> dict[str, Any]:
@@ -330,7 +337,7 @@ class Driver:
         meta = {"run": node.run_id, "step": key.step, "attempt": key.attempt,
                 "num_mb": self.cfg.train.num_microbatches, "generation": node.generation}
         peers = {idx: node.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
-        if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode):
+        if self.cfg.swaps:
             await self._commit_with_replicas(key, meta, peers)
             return
         results = await asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()),
@@ -343,6 +350,10 @@ class Driver:
             node.events.emit("commit_failed", stage=idx, step=key.step, error=str(err)[:200])
         norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
         node.after_commit(norm, raw)
+        if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode):  # redundant: stage L's shadow
+            state = await node.compute(worker.snapshot)
+            await replication.push_copies(node, state, replication.replica_meta(
+                node, step=worker.step, grad_norm=norm, grad_norm_raw=raw), peers)
         await self._checkpoint(failed=bool(failed), results=results)
 
     async def _checkpoint(self, *, failed: bool, results: list[Any]) -> None:
@@ -356,9 +367,12 @@ class Driver:
             logger.warning("checkpoint of step %d is incomplete (a stage did not save it); keeping the previous one",
                            step)
             return
-        root = self.cfg.recovery.checkpoint_dir
-        assert root is not None
-        await asyncio.to_thread(store.mark_complete, root, step, self.cfg.model.num_stages)
+        try:
+            await asyncio.to_thread(store.mark_complete, replication.checkpoint_root(self.node), step,
+                                    self.cfg.model.num_stages)
+        except OSError as e:
+            logger.error("could not mark the checkpoint of step %d complete: %s", step, e)
+            return
         self.node.events.emit("checkpoint_complete", step=step)
 
     async def _commit_with_replicas(self, key: AttemptKey, meta: dict[str, Any], peers: dict[int, str]) -> None:

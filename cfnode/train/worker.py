@@ -32,6 +32,8 @@ class StageWorker:
         self.optimizer = self._make_optimizer(lr)
         self.stash: dict[StashKey, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.active: AttemptKey | None = None
+        self.attempt_floor = -1
+        """Attempt ids at or below this belong to before the last rollback and are never started."""
         self.backward_done = 0
         self.step = 0
         self.grad_norm = 1.0
@@ -55,8 +57,11 @@ class StageWorker:
     # -- attempt lifecycle -------------------------------------------------------------------------------
 
     def begin(self, key: AttemptKey) -> int:
-        """Make `key` the active attempt if it is newer; drop older partial state. Returns stash entries dropped."""
-        if not is_newer(key, self.active):
+        """Make `key` the active attempt if it is newer; drop older partial state. Returns stash entries dropped.
+
+        After a rollback (`restore`) the step goes down, so attempts from before it would compare as newer:
+        `attempt_floor` (stage 0's last attempt id at the rollback) keeps them out."""
+        if not is_newer(key, self.active) or key.attempt <= self.attempt_floor:
             return 0
         dropped = len(self.stash)
         self.stash.clear()
@@ -185,8 +190,10 @@ class StageWorker:
         return {"step": self.step, "lr": self.lr, "state": self.snapshot(),
                 "optimizer": copy.deepcopy(self.optimizer.state_dict())}
 
-    def restore(self, payload: dict[str, Any] | None, *, step: int, fresh: dict[str, torch.Tensor]) -> None:
-        """Roll back to a checkpoint (or, with None, to the seeded `fresh` weights at step 0)."""
+    def restore(self, payload: dict[str, Any] | None, *, step: int, fresh: dict[str, torch.Tensor],
+                attempt_floor: int = -1) -> None:
+        """Roll back to a checkpoint (or, with None, to the seeded `fresh` weights at step 0); attempts with an id
+        up to `attempt_floor` (issued before the rollback) are ignored from now on."""
         if payload is None:
             self.module.load_state_dict(fresh, strict=True)
             self.optimizer = self._make_optimizer(self.lr)
@@ -202,3 +209,4 @@ class StageWorker:
         self.active = None
         self.backward_done = 0
         self.step = step
+        self.attempt_floor = max(self.attempt_floor, attempt_floor)

@@ -97,3 +97,13 @@ def test_restore_to_step_zero_is_the_seeded_init() -> None:
     w.restore(None, step=0, fresh=fresh)
     assert w.step == 0 and len(w.optimizer.state) == 0
     assert all(torch.equal(w.module.state_dict()[k], t) for k, t in fresh.items())
+
+
+def test_after_a_rollback_attempts_from_before_it_never_start_again() -> None:
+    """A late hop of the aborted attempt (step 57) must not become active after the swarm rolled back to 50."""
+    w = _trained_worker(1)
+    w.begin(AttemptKey(57, 1000))
+    w.restore(None, step=0, fresh=build_stage(PRESETS["tiny"], 1).state_dict(), attempt_floor=1005)
+    assert w.begin(AttemptKey(57, 1000)) == 0 and w.active is None  # the late hop is ignored
+    w.begin(AttemptKey(50, 1006))
+    assert w.active == AttemptKey(50, 1006)

@@ -365,3 +365,9 @@ def test_rebuilder_restores_a_transformer_stage_from_its_shadow_exactly() -> Non
     result = asyncio.run(rb.run(plan_recovery(3, {0, 1, 2, 4}, 4, replicas={2}), FRESH, known_step=40))
     assert (result.how, result.sources, result.step) == ("replica", {"replica": 2}, 40)
     assert_state_equal(result.state, state(33))
+
+
+def test_a_fresh_swap_partner_is_still_copied() -> None:
+    # stage 1 was just rebuilt as a copy of stage 2; stage 2 dies before the next commit: copy stage 1 back
+    plan = plan_recovery(2, {0, 1, 3, 4}, 4, swaps=True, fresh={1})
+    assert (plan.kind, plan.prev_source) == ("partner", 1)
