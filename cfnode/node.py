@@ -341,6 +341,7 @@ class Node(HopHandling):
                     self.driver = Driver(self)
                     await self.driver.prepare()
                 self.lost_neighbours.clear()
+                self._seen_hops.clear()  # hop ids are only unique per stage
                 self.seen_neighbours.clear()
                 self.stage_lost.clear()
                 self.set_state(StageState.ONLINE, stage=stage)

@@ -91,10 +91,11 @@ def _first_nonfinite(state: dict[str, torch.Tensor]) -> str | None:
 def replica_snapshot(node: Node) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     worker = node.worker
     assert worker is not None and node.stage is not None
-    held, step, (norm, raw) = worker.replica, worker.replica_step, worker.replica_norms
+    bundle = worker.held  # one read: weights, step and norms of the same push
     of = replica_of(node.stage, node.config.model.num_stages, node.config.recovery.mode)
-    if held is None or of is None:
+    if bundle is None or of is None:
         raise InvalidPayload("not_ready", f"stage {node.stage} holds no copy of another stage")
+    held, step, (norm, raw) = bundle
     return {"stage": of, "step": step, "generation": -1, "grad_norm": norm, "grad_norm_raw": raw,
             "config_hash": node.config.model.config_hash(), "holder": node.stage}, held
 

@@ -40,10 +40,9 @@ class StageWorker:
         self.grad_norm_raw = 1.0
         self.donor = True
         """False from a rebuild's install() until the first commit (see StageRecord.donor)."""
-        self.replica: dict[str, torch.Tensor] | None = None
-        """A copy of another stage's weights as of `replica_step` (recovery/replicas.py says whose)."""
-        self.replica_step = -1
-        self.replica_norms = (1.0, 1.0)
+        self.held: tuple[dict[str, torch.Tensor], int, tuple[float, float]] | None = None
+        """A copy of another stage's (weights, step, (grad norm, raw grad norm)), replaced as one tuple so a
+        reader on another thread never mixes two pushes (recovery/replicas.py says whose copy)."""
         self.shadow_module: nn.Module | None = None
         """`redundant` mode: a module holding the replica, whose forward this stage runs redundantly."""
 
@@ -162,15 +161,25 @@ class StageWorker:
         self.step = step
         self.donor = False
 
+    @property
+    def replica(self) -> dict[str, torch.Tensor] | None:
+        return self.held[0] if self.held is not None else None
+
+    @property
+    def replica_step(self) -> int:
+        return self.held[1] if self.held is not None else -1
+
+    @property
+    def replica_norms(self) -> tuple[float, float]:
+        return self.held[2] if self.held is not None else (1.0, 1.0)
+
     def store_replica(self, state: dict[str, torch.Tensor], *, step: int, grad_norm: float,
                       grad_norm_raw: float) -> bool:
         """Keep another stage's weights as of `step`; an older push than the one held is ignored. With a
         shadow module (`redundant`), load them into it too."""
         if step < self.replica_step:
             return False
-        self.replica = state
-        self.replica_step = step
-        self.replica_norms = (grad_norm, grad_norm_raw)
+        self.held = (state, step, (grad_norm, grad_norm_raw))
         if self.shadow_module is not None:
             self.shadow_module.load_state_dict(state, strict=True)
         return True
