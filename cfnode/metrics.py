@@ -70,17 +70,16 @@ class BootstrapMetrics:
         self.dht_peers = Gauge("cfnode_dht_peers", "Peers in this node's DHT routing table", registry=r)
 
     def serve(self, host: str, port: int) -> int:
+        """Start the HTTP exporter; returns the bound port (useful with port 0)."""
         return serve(self.registry, host, port)
 
 
-class NodeMetrics:
+class NodeMetrics(BootstrapMetrics):
+    """A stage node's registry: the bootstrap's series plus everything about its stage, training and RPCs."""
+
     def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        build_info(r)
-        ProcessCollector(registry=r)
-        self.node_info = Gauge("cfnode_node_info", "This process (value 1): its peer id, role and run",
-                               ["peer_id", "role", "run_id"], registry=r)
-        self.dht_peers = Gauge("cfnode_dht_peers", "Peers in this node's DHT routing table", registry=r)
+        super().__init__()
+        r = self.registry
         self.stage_index = Gauge("cfnode_stage_index", "Stage held by this node (-1: none)", registry=r)
         self.stage_generation = Gauge("cfnode_stage_generation", "Generation of the stage held", registry=r)
         self.stage_state = Gauge("cfnode_stage_state", "1 for the node's current state", ["state"], registry=r)
@@ -174,7 +173,3 @@ class NodeMetrics:
     def set_state(self, state: str) -> None:
         for s in STATES:
             self.stage_state.labels(state=s).set(1 if s == state else 0)
-
-    def serve(self, host: str, port: int) -> int:
-        """Start the HTTP exporter; returns the bound port (useful with port 0)."""
-        return serve(self.registry, host, port)
