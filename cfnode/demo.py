@@ -267,7 +267,7 @@ def holders(procs: list[Proc]) -> dict[int, Proc]:
 
 def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc]) -> int:
     bar = tqdm(total=options.steps, desc="training", unit="step", dynamic_ncols=True)
-    last_step, val = 0, None
+    last_step, last_step_ts, val = 0, 0.0, None
     pending = sorted(options.kill_plan(), key=lambda k: k[1])
     try:
         while True:
@@ -279,6 +279,8 @@ def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc])
             for e in steps:
                 if e.get("val_loss") is not None:
                     val = e["val_loss"]
+            if steps:
+                last_step_ts = max(last_step_ts, steps[-1]["ts"])
             if steps and steps[-1]["step"] > last_step:
                 e = steps[-1]
                 bar.update(e["step"] - last_step)
@@ -304,7 +306,7 @@ def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc])
                     spawn_spare()
             if any(e["event"] == "training_finished" for e in events):
                 return 0
-            if head is None and last_step > 0 and _unrecoverable_since_kill(swarm, nodes):
+            if head is None and last_step > 0 and _unrecoverable_reported(nodes, last_step_ts):
                 logger.error("stage 0 (embedding/head/data) is gone and cannot be rebuilt (it can with "
                              "--recovery checkfree+); the swarm cannot continue. Logs: %s", swarm.workdir)
                 return EXIT_UNRECOVERABLE
@@ -313,11 +315,9 @@ def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc])
         bar.close()
 
 
-def _unrecoverable_since_kill(swarm: Swarm, nodes: list[Proc]) -> bool:
-    """A live node reported, after our last kill, that the swarm lost state it cannot rebuild."""
-    if not swarm.kills:
-        return False
-    since = swarm.kills[-1]["ts"]
+def _unrecoverable_reported(nodes: list[Proc], since: float) -> bool:
+    """A live node reported, after the last committed step, that the swarm lost state it cannot rebuild (under
+    checkfree+ a lost stage 0 is rebuilt instead, and nobody reports this)."""
     return any(e["event"] == "unrecoverable" and e["ts"] >= since
                for p in nodes if p.alive() for e in read_events(p.events_path))
 

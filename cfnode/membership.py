@@ -266,7 +266,9 @@ def note_unrecoverable(node: Node, view: SwarmView) -> None:
             f"stage 0 (embedding, final norm, LM head) {'left the run' if left else 'was lost'} and {why}; "
             "training is paused for good")
         logger.log(logging.WARNING if left else logging.ERROR, "%s", err)
-        node.events.emit("unrecoverable", stage=0, reason=f"stage 0 lost; {why}")
+        has_copies = bool(replica_targets(0, num, node.config.recovery.mode))
+        node.events.emit("unrecoverable", stage=0,
+                         reason="stage 0 lost; no live copy" if has_copies else "stage 0 lost; needs checkfree+")
         node.metrics.recoveries.labels(role="recovered", rule=node.config.recovery.rule,
                                        result="unrecoverable").inc()
     elif not lost:

@@ -138,7 +138,8 @@ async def _barrage(stage1_maddr: str, stage1_id: str) -> list[tuple[str, dict]]:
                 replies.append((case, {"ok": False, "reason": "connection closed", "error": str(e)}))
         # a stage-0 replica pushed by someone who is not stage 0 (and to a run without checkfree+)
         try:
-            await client.push_replica(stage1_id, {"run": RUN, "step": 10**9, "generation": 0, "grad_norm": 0.5,
+            await client.push_replica(stage1_id, {"run": RUN, "stage": 0, "step": 10**9, "generation": 0,
+                                                  "grad_norm": 0.5,
                                                   "grad_norm_raw": 0.5, "config_hash": model.config_hash()},
                                       {"embed_tokens.weight": torch.zeros(4, 4)})
             replies.append(("replica", {"ok": True}))
