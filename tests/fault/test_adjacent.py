@@ -14,7 +14,7 @@ import torch
 
 from tests.support.swarm import Harness, fetch_weights, kill_group, wait_until
 
-pytestmark = [pytest.mark.loopback, pytest.mark.fault]
+pytestmark = [pytest.mark.loopback, pytest.mark.fault, pytest.mark.slow]  # ~70 s; run with -m slow
 
 
 def formula(prev: dict, nxt: dict, n_prev: float, n_next: float, d_prev: int, d_next: int) -> dict:
