@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from cfnode.experiment.runner import ExperimentOptions, run_experiment
-from cfnode.experiment.schedule import FailureSchedule, step_probability
+from cfnode.experiment.schedule import FailureSchedule, at_risk_stages, step_probability
 
 pytestmark = [pytest.mark.loopback, pytest.mark.fault, pytest.mark.slow]
 
@@ -81,7 +81,8 @@ ONE_FAILURE = {
 def test_every_strategy_survives_one_injected_failure(tmp_path, strategy: str) -> None:
     stage, how = ONE_FAILURE[strategy]
     out = tmp_path / "exp"
-    schedule = FailureSchedule(seed=0, p=0.01, rate=None, steps=12, num_stages=4, at_risk=(0, 1, 2, 3, 4),
+    at_risk = at_risk_stages(strategy, 4)  # a replayed schedule applies to strategies with these stages at risk
+    schedule = FailureSchedule(seed=0, p=0.01, rate=None, steps=12, num_stages=4, at_risk=at_risk,
                                events=((6, stage),))
     replay = tmp_path / "schedule.json"
     replay.write_text(schedule.to_json())
