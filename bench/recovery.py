@@ -42,6 +42,7 @@ import traceback
 from typing import Any
 
 import torch
+from revision import git_revision  # bench/revision.py (bench/ is on sys.path when a script runs)
 
 from cfnode.config import NetworkConfig, preset
 from cfnode.demo import JOIN_LINE, Swarm, read_events, wait_for_line
@@ -118,17 +119,6 @@ def fmt(x: float | None, digits: int = 3) -> str:
 def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("PASS" if ok else "MISS")
 
-
-def git_revision() -> str | None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        rev = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "cfnode"], capture_output=True,
-                               text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + ("-dirty" if dirty else "")
 
 
 # ------------------------------------------------------------------------------------------ 1. in-process

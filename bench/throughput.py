@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from revision import git_revision  # bench/revision.py (bench/ is on sys.path when a script runs)
 from torch import nn
 
 from cfnode.config import ModelConfig, TrainConfig, preset
@@ -117,20 +118,6 @@ def wait_until_quiet(max_wait_s: float, threshold_cores: float = 0.3, window_s: 
             break
     return time.monotonic() - started
 
-
-def git_revision() -> str | None:
-    """The checked-out commit of the repository the benchmark ran from (+ "-dirty" if cfnode/ has changes)."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        rev = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "cfnode"], capture_output=True,
-                               text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return rev + ("-dirty" if dirty else "")
 
 
 def load_train_tokens() -> torch.Tensor:
