@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +104,7 @@ async def claim_stage(node: Node) -> int:
         node.generation = view.max_generation(target)
         node.set_state(StageState.JOINING, stage=target)
         await node.announce()
-        await asyncio.sleep(random.uniform(0.1, max(0.1, cfg.heartbeat.claim_jitter_s)))
+        await asyncio.sleep(node.rng.uniform(0.1, max(0.1, cfg.heartbeat.claim_jitter_s)))
         view = await node.refresh_view()
         if keeps_claim(view, target, node.peer_id):
             logger.info("claimed stage %d", target)
@@ -115,7 +114,7 @@ async def claim_stage(node: Node) -> int:
         node.set_state(StageState.OFFLINE, stage=target)
         await node.swarm.store_stage(target, node.own_record(), ttl_s=cfg.heartbeat.ttl_s + 1)
         node.set_state(StageState.STANDBY if announced_standby else StageState.JOINING, stage=None)
-        await asyncio.sleep(random.uniform(0.0, cfg.heartbeat.claim_jitter_s))
+        await asyncio.sleep(node.rng.uniform(0.0, cfg.heartbeat.claim_jitter_s))
 
 
 async def acquire_stage(node: Node, stage: int) -> StageWorker:
@@ -179,7 +178,7 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
     m = node.metrics
     m.recoveries.labels(role="recovered", rule=cfg.recovery.rule, result="success").inc()
     m.recovery_duration.observe(took)
-    m.last_recovery.set(time.time())
+    m.last_recovery.set(node.clock.time())
     m.learning_rate.set(lr)
     return worker
 

@@ -12,16 +12,16 @@ import asyncio
 import functools
 import logging
 import math
-import time
+import random
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
-from hivemind.dht import DHT
 
 from cfnode import membership, replication
+from cfnode.clock import SYSTEM_CLOCK, Clock
 from cfnode.config import NodeConfig
 from cfnode.deadline import within
 from cfnode.errors import (
@@ -34,13 +34,13 @@ from cfnode.hops import HopHandling
 from cfnode.logs import EventLog, set_log_context
 from cfnode.metrics import NodeMetrics
 from cfnode.net.client import StageClient
-from cfnode.net.dht import SwarmDHT, visible_maddrs
+from cfnode.net.dht import SwarmStore
+from cfnode.net.network import Endpoint, Network
 from cfnode.net.records import (
     StageRecord,
     StageState,
     SwarmView,
 )
-from cfnode.net.service import StageServicer
 from cfnode.train.schedule import AttemptKey
 from cfnode.train.worker import StageWorker
 
@@ -50,13 +50,18 @@ META_REFRESH_S = 60.0
 
 
 class Node(HopHandling):
-    def __init__(self, config: NodeConfig, dht: DHT, *,
+    """`swarm` is the DHT (net/dht.py `SwarmDHT`), `network` the RPC transport (net/network.py `P2PNetwork`);
+    the protocol harness passes in-memory ones, a virtual `clock`, a seeded `rng` and an inline `executor`."""
+
+    def __init__(self, config: NodeConfig, swarm: SwarmStore, network: Network, *, clock: Clock = SYSTEM_CLOCK,
+                 rng: random.Random | None = None, executor: Executor | None = None,
                  on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
         self.run_id = config.run_id
-        self.dht = dht
-        self.swarm = SwarmDHT(dht, run_id=config.run_id, num_stages=config.model.num_stages,
-                              ttl_s=config.heartbeat.ttl_s)
+        self.swarm = swarm
+        self.network = network
+        self.clock = clock
+        self.rng = rng or random.Random()
         self.peer_id = self.swarm.peer_id
         self.metrics = NodeMetrics()
         for direction in ("forward", "backward"):
@@ -68,7 +73,8 @@ class Node(HopHandling):
         self.max_replica_bytes = _max_stage_bytes(config) + 2**20  # the largest stage, plus framing
         self.chunk_bytes = config.network.chunk_bytes
         self.on_ready = on_ready
-        self.compute_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfnode-compute")
+        self.compute_pool = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="cfnode-compute")
+        self.endpoint: Endpoint | None = None
         self.stage: int | None = None
         self.state = StageState.JOINING
         self.generation = 0
@@ -80,11 +86,11 @@ class Node(HopHandling):
         self.metrics_port: int | None = None
         self._view_refreshed_at = 0.0
         self._heartbeat_now = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: dict[asyncio.Task[Any], None] = {}  # ordered: teardown cancels in a replayable order
         self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.stopped = asyncio.Event()
         self.stage_lost = asyncio.Event()
-        self._meta_stored_at = time.monotonic()
+        self._meta_stored_at = clock.monotonic()
         self.lost_neighbours: set[int] = set()
         self.seen_neighbours: set[int] = set()  # neighbour stages seen ONLINE since this node went ONLINE
         self.unrecoverable_logged = False
@@ -99,12 +105,12 @@ class Node(HopHandling):
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
-        self._tasks.add(task)
+        self._tasks[task] = None
         task.add_done_callback(self._task_done)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             logger.error("task %s failed", task.get_name(), exc_info=task.exception())
 
@@ -124,7 +130,7 @@ class Node(HopHandling):
     def route(self, stage_idx: int) -> str:
         """The live ONLINE owner of a stage, or PeerUnavailableError."""
         owner = self.view.online_owner(stage_idx)
-        if owner is None or self.banned.get(owner.peer_id, 0) > time.time():
+        if owner is None or self.banned.get(owner.peer_id, 0) > self.clock.time():
             raise PeerUnavailableError(f"stage {stage_idx} has no live owner")
         return owner.peer_id
 
@@ -133,7 +139,7 @@ class Node(HopHandling):
         # until its record expires, plus one membership period so the view has dropped it by then
         expiry = self.config.heartbeat.period_s + max(
             (p.expiration_time for ps in self.view.stages.values() for p in ps if p.peer_id == peer_id),
-            default=time.time() + self.config.heartbeat.ttl_s)
+            default=self.clock.time() + self.config.heartbeat.ttl_s)
         if self.banned.get(peer_id, 0) < expiry:
             self.banned[peer_id] = expiry
             self.metrics.peer_bans.labels(reason=reason).inc()
@@ -142,8 +148,8 @@ class Node(HopHandling):
 
     async def refresh_view(self) -> SwarmView:
         self.view = await self.swarm.read_view()
-        self._view_refreshed_at = time.monotonic()
-        now = time.time()
+        self._view_refreshed_at = self.clock.monotonic()
+        now = self.clock.time()
         self.banned = {p: t for p, t in self.banned.items() if t > now}
         online = sum(1 for i in range(self.config.model.num_stages + 1) if self.view.online_owner(i) is not None)
         self.metrics.swarm_stages_online.set(online)
@@ -152,7 +158,7 @@ class Node(HopHandling):
 
     async def check_sender(self, peer_id: str, stage_idx: int, generation: int) -> None:
         owner = self.view.online_owner(stage_idx)
-        if (owner is None or owner.peer_id != peer_id) and time.monotonic() - self._view_refreshed_at > 0.3:
+        if (owner is None or owner.peer_id != peer_id) and self.clock.monotonic() - self._view_refreshed_at > 0.3:
             await self.refresh_view()
             owner = self.view.online_owner(stage_idx)
         if owner is None or owner.peer_id != peer_id:
@@ -196,12 +202,12 @@ class Node(HopHandling):
     async def _heartbeat_loop(self) -> None:
         period = self.config.heartbeat.period_s
         while True:
-            started = time.monotonic()
+            started = self.clock.monotonic()
             try:
                 await self.announce()
             except (TimeoutError, asyncio.TimeoutError):
                 logger.warning("heartbeat store timed out")
-            took = time.monotonic() - started
+            took = self.clock.monotonic() - started
             if took > period:
                 logger.warning("heartbeat took %.2fs, longer than its period %.2fs", took, period)
             self._heartbeat_now.clear()
@@ -211,13 +217,13 @@ class Node(HopHandling):
                 pass
 
     async def announce(self) -> None:
-        if time.monotonic() - self._meta_stored_at > META_REFRESH_S:
+        if self.clock.monotonic() - self._meta_stored_at > META_REFRESH_S:
             await membership.store_meta(self)  # keep {run}:meta alive for as long as the run has nodes
-            self._meta_stored_at = time.monotonic()
+            self._meta_stored_at = self.clock.monotonic()
         record = self.own_record()
         stage = None if self.state is StageState.STANDBY else self.stage
         await self.swarm.store_stage(stage, record)
-        self.metrics.last_announce.set(time.time())
+        self.metrics.last_announce.set(self.clock.time())
 
     def heartbeat_soon(self) -> None:
         self._heartbeat_now.set()
@@ -311,10 +317,8 @@ class Node(HopHandling):
 
         torch.set_num_threads(self.config.train.num_threads)
         await self.compute(_warm_up_optimizer)
-        p2p = await self.dht.replicate_p2p()
-        servicer = StageServicer(self)
-        await servicer.add_p2p_handlers(p2p)
-        self.client = StageClient(p2p, self.config.network, self.metrics)
+        self.endpoint = endpoint = await self.network.open(self, self.metrics)
+        self.client = endpoint.client
         if self.config.metrics.port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics.host, self.config.metrics.port)
         self.metrics.node_info.labels(peer_id=self.peer_id, role="stage", run_id=self.run_id).set(1)
@@ -347,11 +351,11 @@ class Node(HopHandling):
                 self.set_state(StageState.ONLINE, stage=stage)
                 await self.announce()
                 self.events.emit("online", stage=stage, generation=self.generation, step=worker.step)
-                self._ready(visible_maddrs(self.dht))
+                self._ready(endpoint.maddrs())
                 if await self._serve_until_fenced():
                     return
         finally:
-            await self.leave(p2p, servicer)
+            await self.leave(endpoint)
 
     async def _serve_until_fenced(self) -> bool:
         """Serve the stage; True when stage 0's driver finished, False when the stage was taken from us."""
@@ -380,7 +384,7 @@ class Node(HopHandling):
         if self.on_ready is not None:
             self.on_ready(info)
 
-    async def leave(self, p2p: Any, servicer: StageServicer) -> None:
+    async def leave(self, endpoint: Endpoint) -> None:
         """Graceful exit: announce OFFLINE (best effort), stop tasks and handlers, stop the compute thread."""
         for task in list(self._tasks):
             task.cancel()
@@ -392,11 +396,7 @@ class Node(HopHandling):
                     ttl_s=self.config.heartbeat.ttl_s + 1), 2)
             except Exception as e:  # noqa: BLE001 - best effort on the way out
                 logger.debug("could not announce OFFLINE: %s", e)
-        try:
-            await within(servicer.remove_p2p_handlers(p2p), 2)
-            await within(p2p.shutdown(), 2)
-        except Exception as e:  # noqa: BLE001 - best effort on the way out
-            logger.debug("p2p shutdown: %s", e)
+        await endpoint.close()
         self.compute_pool.shutdown(wait=False, cancel_futures=True)
         self.events.emit("left", stage=self.stage)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -36,12 +36,19 @@ def _check_reply(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 class StageClient:
-    def __init__(self, p2p: P2P, net: NetworkConfig, metrics: NodeMetrics) -> None:
+    """`stub_for` replaces hivemind's stubs (the protocol harness passes in-memory ones); with it, p2p may be
+    None."""
+
+    def __init__(self, p2p: P2P | None, net: NetworkConfig, metrics: NodeMetrics, *,
+                 stub_for: Callable[[str], Any] | None = None) -> None:
         self.p2p = p2p
         self.net = net
         self.metrics = metrics
+        self._stub_for = stub_for
 
     def _stub(self, peer_id: str) -> Any:
+        if self._stub_for is not None:
+            return self._stub_for(peer_id)
         return StageServicer.get_stub(self.p2p, PeerID.from_base58(peer_id))
 
     async def _unary(self, method: str, peer_id: str, call: Any, timeout_s: float) -> Any:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from hivemind.dht import DHT, DHTNode
 from hivemind.p2p import P2PDaemonError
@@ -128,51 +128,76 @@ def visible_maddrs(dht: DHT) -> list[str]:
     return sorted(maddrs, key=lambda m: (not m.startswith("/ip4/"), m.startswith(("/ip4/127.", "/ip6/::1/")), m))
 
 
+class SwarmStore(Protocol):
+    """What a node needs from the DHT: its own records written, everyone's read. `SwarmDHT` is hivemind's; the
+    protocol harness has an in-memory one with expiry, visibility delay and injected faults."""
+
+    peer_id: str
+
+    async def store_stage(self, stage_idx: int | None, record: StageRecord, *, ttl_s: float | None = None) -> bool: ...
+    async def store_meta(self, meta: MetaRecord) -> bool: ...
+    async def read_meta(self) -> MetaRecord | None: ...
+    async def read_view(self) -> SwarmView: ...
+    async def dht_peers(self) -> int: ...
+
+
+def call_timeout_s(ttl_s: float) -> float:
+    """Deadline of one DHT call: well under ttl/2, so one stuck call cannot let a record expire while the node
+    waits on it (two heartbeats still fit in a ttl)."""
+    return max(0.2, min(DHT_CALL_TIMEOUT_S, ttl_s / 3))
+
+
 class SwarmDHT:
-    """Async, serialised access to one run's records. One instance per node, used on the node's loop."""
+    """Async access to one run's records. One instance per node, used on the node's loop.
+
+    Writes and reads go through two separate locks: the heartbeat's store never waits behind a slow read. Both
+    are issued from the loop's one thread, so the DHT's control pipe is never written concurrently (the
+    corruption trap of reference/p2p.md §9 needs several threads)."""
 
     def __init__(self, dht: DHT, *, run_id: str, num_stages: int, ttl_s: float) -> None:
         self.dht = dht
         self.run_id = run_id
         self.num_stages = num_stages
         self.ttl_s = ttl_s
+        self.timeout_s = call_timeout_s(ttl_s)
         self.peer_id = dht.peer_id.to_base58()
-        self._lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._read_lock = asyncio.Lock()
 
     async def _call(self, future: Any) -> Any:
-        return await within(future, DHT_CALL_TIMEOUT_S)
+        return await within(future, self.timeout_s)
 
     async def store_stage(self, stage_idx: int | None, record: StageRecord, *, ttl_s: float | None = None) -> bool:
         """Heartbeat: write our record under the stage key (or the standby key when stage_idx is None)."""
         key = standby_key(self.run_id) if stage_idx is None else stage_key(self.run_id, stage_idx)
         expiration = get_dht_time() + (ttl_s if ttl_s is not None else self.ttl_s)
-        async with self._lock:
+        async with self._write_lock:
             fut = self.dht.store(key, record.to_wire(), expiration_time=expiration, subkey=self.peer_id,
                                  return_future=True)
             return bool(await self._call(fut))
 
     async def store_meta(self, meta: MetaRecord, *, ttl_s: float = 3600.0) -> bool:
-        async with self._lock:
+        async with self._write_lock:
             fut = self.dht.store(meta_key(self.run_id), meta.to_wire(), expiration_time=get_dht_time() + ttl_s,
                                  return_future=True)
             return bool(await self._call(fut))
 
     async def read_meta(self) -> MetaRecord | None:
-        async with self._lock:
+        async with self._read_lock:
             fut = self.dht.get(meta_key(self.run_id), latest=True, return_future=True)
             item = await self._call(fut)
         return None if item is None else MetaRecord.from_wire(item.value)
 
     async def dht_peers(self) -> int:
         """Peers in this node's DHT routing table (the `cfnode_dht_peers` gauge)."""
-        async with self._lock:
+        async with self._read_lock:
             fut = self.dht.run_coroutine(_routing_table_size, return_future=True)
             return int(await self._call(fut))
 
     async def read_view(self) -> SwarmView:
         """Fresh view of every stage key and the standby key."""
         keys = (*(stage_key(self.run_id, i) for i in range(self.num_stages + 1)), standby_key(self.run_id))
-        async with self._lock:
+        async with self._read_lock:
             fut = self.dht.run_coroutine(partial(_get_many, keys=keys), return_future=True)
             raw = await self._call(fut)
         now = get_dht_time()
@@ -197,4 +222,4 @@ def _as_entries(raw: Any) -> dict[str, _Entry]:
     return {sub: _Entry(v, exp) for sub, (v, exp) in raw.items() if isinstance(sub, str)}
 
 
-__all__ = ["PeerRecord", "SwarmDHT", "create_dht", "routing_table_size", "visible_maddrs"]
+__all__ = ["PeerRecord", "SwarmDHT", "SwarmStore", "call_timeout_s", "create_dht", "routing_table_size", "visible_maddrs"]

@@ -177,7 +177,7 @@ class Driver:
                     if self.node.worker is not None and self.node.worker.step > 0:
                         # One warning per loss: a new holder that flaps right after its rebuild (e.g. a
                         # libp2p dial backoff) is the same incident, so it is only counted as an event.
-                        now = time.monotonic()
+                        now = self.node.clock.monotonic()
                         if now - self._lost_logged_at.get(idx, -math.inf) > 3 * self.cfg.heartbeat.ttl_s:
                             logger.warning("stage %d lost; waiting for a node to rebuild it "
                                            "(cfnode join --peers %s)", idx, addr)
@@ -218,7 +218,7 @@ class Driver:
             m.tokens_processed.inc(tokens)
             record: dict[str, Any] = {"step": worker.step, "loss": loss, "step_s": elapsed,
                                       "tokens_per_s": tokens / elapsed, "grad_norm": worker.grad_norm,
-                                      "batch_sha": batch_sha, "time": time.time()}
+                                      "batch_sha": batch_sha, "time": self.node.clock.time()}
             if train.val_every and (worker.step % train.val_every == 0 or worker.step == 1
                                     or worker.step == train.max_steps):
                 record["val_loss"] = await self.validate()
