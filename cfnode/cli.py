@@ -223,7 +223,11 @@ def _run_join(config: NodeConfig) -> None:
         if config.ready_file:
             _write_json_atomic(config.ready_file, info)
 
-    node = Node(config, dht, on_ready=on_ready)
+    from cfnode.net.dht import SwarmDHT
+    from cfnode.net.network import P2PNetwork
+
+    swarm = SwarmDHT(dht, run_id=config.run_id, num_stages=config.model.num_stages, ttl_s=config.heartbeat.ttl_s)
+    node = Node(config, swarm, P2PNetwork(dht, config.network), on_ready=on_ready)
 
     async def _main() -> None:
         loop = asyncio.get_running_loop()
