@@ -82,6 +82,10 @@ REJECT_REASONS = (
     "generation",    # sender's generation differs from its record
     "not_ready",     # this node is not serving a stage
     "route",         # a hop's route is not the one this run's mode prescribes for its microbatch
+    "behind",        # a hop or commit for a step this stage has not reached: it missed a commit
+    "nonfinite_grad",  # the stage's accumulated gradient has a NaN/Inf norm: the step cannot be committed
+    "banned",        # the sender was banned after repeated rejections (until the ban expires)
+    "rate_limited",  # too many requests of this kind from the sender
 )
 
 
