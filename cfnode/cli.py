@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -44,7 +44,55 @@ def _split_peers(peers: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def _fail(err: CfnodeError) -> None:
+PEERS_SHAPE = "/ip4/HOST/tcp/PORT/p2p/PEER_ID"
+
+
+def parse_peers(values: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """--peers values (repeated, comma or space separated) as multiaddrs that end in `/p2p/<peer id>` after an
+    address, which hivemind's initial_peers need; ConfigError (one line naming --peers and the value) for the
+    first that is not."""
+    from hivemind.utils.multiaddr import Multiaddr  # hivemind 1.1.12 vendors py-multiaddr here
+
+    peers = _split_peers(tuple(values))
+    if not peers:
+        raise _bad_peer(" ".join(values), "no address given")
+    for value in peers:
+        try:
+            protocols = [p.name for p in Multiaddr(value).protocols()]
+        except Exception as e:  # noqa: BLE001 - any parse failure is the user's value, never a traceback
+            raise _bad_peer(value, _parse_reason(e)) from None
+        if "p2p" not in protocols:
+            raise _bad_peer(value, "no /p2p/PEER_ID part (the peer id that `cfnode bootstrap` prints)")
+        if protocols[-1] != "p2p":
+            raise _bad_peer(value, "/p2p/PEER_ID must come last")
+        if len(protocols) < 2:
+            raise _bad_peer(value, "no address before /p2p/PEER_ID")
+    return peers
+
+
+def _parse_reason(e: Exception) -> str:
+    """py-multiaddr's StringParseError without the value it repeats ('protocol ip4: <message>')."""
+    message = getattr(e, "message", None)
+    if not isinstance(message, str):
+        return str(e) or type(e).__name__
+    protocol = getattr(e, "protocol", None)
+    return f"protocol {protocol}: {message}" if protocol else message
+
+
+def _bad_peer(value: str, reason: str) -> ConfigError:
+    reason = " ".join(str(reason).split())  # one line, whatever the parser said
+    return ConfigError(f"--peers {value!r} is not a valid multiaddr (expected {PEERS_SHAPE}): {reason}")
+
+
+def _checked_peers(values: tuple[str, ...]) -> tuple[str, ...]:
+    """parse_peers, or exit 2 with its one-line error before anything starts."""
+    try:
+        return parse_peers(values)
+    except ConfigError as e:
+        _fail(e)
+
+
+def _fail(err: CfnodeError) -> NoReturn:
     click.echo(f"error: {err}", err=True)
     sys.exit(err.exit_code)
 
@@ -159,6 +207,7 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 def join(**kw: Any) -> None:
     """Join a training run: claim a stage (or wait as a spare) and train it with the neighbours."""
     setup_logging(kw["log_level"], kw["log_format"])
+    kw["peers"] = _checked_peers(kw["peers"])
     try:
         config = _join_config(kw)
     except ConfigError as e:
@@ -195,7 +244,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                           max_in_flight=kw["max_in_flight"], max_steps=kw["max_steps"], val_every=kw["val_every"],
                           val_batches=kw["val_batches"], step_timeout_s=kw["step_timeout"],
                           num_threads=kw["threads"], debug_hold_at_step=kw["debug_hold_at_step"]),
-        network=NetworkConfig(initial_peers=_split_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
+        network=NetworkConfig(initial_peers=parse_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
                               request_timeout_s=kw["request_timeout"],
                               max_message_bytes=kw["max_message_bytes"]),
@@ -285,16 +334,17 @@ def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: fl
     from cfnode.status import read_status, render_frame, render_table, watch_status
 
     setup_logging("WARNING" if log_level.upper() == "INFO" else log_level, log_format)
+    peers = _checked_peers(peers)
     try:
         if watch is None:
-            snapshot = read_status(_split_peers(peers), run_id, ttl_s=heartbeat_ttl)
+            snapshot = read_status(peers, run_id, ttl_s=heartbeat_ttl)
             if "error" in snapshot:
                 click.echo(f"error: {snapshot['error']}", err=True)
                 sys.exit(1)
             click.echo(json.dumps(snapshot, indent=2) if as_json else render_table(snapshot))
             return
         clear = not as_json and sys.stdout.isatty()
-        frames = watch_status(_split_peers(peers), run_id, ttl_s=heartbeat_ttl, interval_s=watch, count=count)
+        frames = watch_status(peers, run_id, ttl_s=heartbeat_ttl, interval_s=watch, count=count)
         with closing(frames):
             for snapshot in frames:
                 click.echo(json.dumps(snapshot) if as_json else render_frame(snapshot, interval_s=watch, clear=clear))

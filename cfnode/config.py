@@ -129,10 +129,16 @@ class NetworkConfig:
     request_timeout_s: float = 30.0
     """Timeout of one forward/backward push (opening the stream and each reply part)."""
     ping_timeout_s: float = 3.0
+    part_timeout_s: float = 10.0
+    """Incoming streams: the longest wait for any one part (the first included); a stalled stream is rejected."""
     max_message_bytes: int = 64 * 2**20
-    """Byte cap of one incoming tensor stream; longer streams are rejected while they arrive."""
+    """Upper bound of one incoming hop stream (a hop is also capped at its tensor's exact size); longer streams
+    are rejected while they arrive."""
     chunk_bytes: int = 2**20
     startup_timeout_s: float = 30.0
+    weights_readers: tuple[str, ...] = ()
+    """Peer ids (base58) outside the run that may fetch weights (`rpc_get_weights`): an operator's exporter or
+    auditor. Ring members and spares always may; nobody else."""
 
     def __post_init__(self) -> None:
         for maddr in self.announce_maddrs:
@@ -140,6 +146,8 @@ class NetworkConfig:
                 raise ConfigError(f"announce_maddrs needs an explicit port, got {maddr!r}")
         if self.chunk_bytes > 2**20:
             raise ConfigError("network.chunk_bytes must be <= 1 MiB")
+        if self.part_timeout_s <= 0:
+            raise ConfigError(f"network.part_timeout_s must be > 0, got {self.part_timeout_s}")
 
 
 @dataclass(frozen=True, kw_only=True)

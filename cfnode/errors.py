@@ -52,21 +52,24 @@ class PeerUnavailableError(CfnodeError):
 class RejectedError(CfnodeError):
     """The remote peer refused our message (typed reason in `.reason`)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", *, holds: tuple[int, int] | None = None) -> None:
         super().__init__(f"rejected ({reason}): {detail}" if detail else f"rejected ({reason})")
         self.reason = reason
         self.detail = detail
+        self.holds = holds
 
 
 class InvalidPayload(CfnodeError):
     """An incoming message failed validation. `reason` is one of REJECT_REASONS (a metric label)."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, holds: tuple[int, int] | None = None) -> None:
         if reason not in REJECT_REASONS:
             raise ValueError(f"unknown reject reason {reason!r}")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.holds = holds
+        """(committed steps, active attempt id) of the receiver, for `stale_step`: the sender adopts it."""
 
 
 REJECT_REASONS = (

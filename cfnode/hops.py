@@ -13,6 +13,7 @@ import torch
 
 from cfnode.errors import InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.train.schedule import AttemptKey, route_for, route_neighbours
+from cfnode.train.worker import worker_holds
 
 if TYPE_CHECKING:
     from cfnode.config import NodeConfig
@@ -66,8 +67,9 @@ class HopHandling:
 
     async def accept_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
         key = AttemptKey(meta["step"], meta["attempt"])
-        if meta["kind"] == "train" and not 0 <= meta["mb"] < meta["num_mb"]:
-            raise InvalidPayload("decode", f"microbatch {meta['mb']} of {meta['num_mb']}")
+        num_mb = self.config.train.num_microbatches  # our own bound, never the sender's
+        if meta["kind"] == "train" and (meta["num_mb"] != num_mb or not 0 <= meta["mb"] < num_mb):
+            raise InvalidPayload("decode", f"microbatch {meta['mb']} of {meta['num_mb']} (this run has {num_mb})")
         hop_id = (meta["kind"], key.step, key.attempt, method, meta["mb"])
         if hop_id in self._seen_hops:
             logger.debug("duplicate %s of %s mb %d (a retried push); acknowledged again", method, key, meta["mb"])
@@ -78,11 +80,10 @@ class HopHandling:
         elif meta["kind"] == "train":
             w = self.worker
             assert w is not None
+            self.check_step(w, key)  # the step must be the one this stage is at (node.py)
             if w.active is not None and tuple(key) < tuple(w.active):
-                raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {tuple(w.active)}")
-            if key.step < w.step or key.attempt <= w.attempt_floor:
-                raise InvalidPayload("stale_step", f"attempt {tuple(key)} is for step {key.step}, this stage has "
-                                                   f"committed {w.step} steps (or it predates a rollback)")
+                raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {tuple(w.active)}",
+                                     holds=worker_holds(w))
         self._seen_hops[hop_id] = None
         while len(self._seen_hops) > SEEN_HOPS_LIMIT:
             self._seen_hops.popitem(last=False)
@@ -161,7 +162,8 @@ class HopHandling:
                 self.ban(peer, "rpc_failure")  # counted as a failure once its record expires (membership.watch)
                 self.events.emit("neighbour_unreachable", stage=target, peer=peer[:12], error=str(e)[:200])
             await self.report_failure(meta, f"{method} to stage {target} failed: {e}",
-                                      suspect=target if isinstance(e, PeerUnavailableError) else None)
+                                      suspect=target if isinstance(e, PeerUnavailableError) else None,
+                                      holds=getattr(e, "holds", None))
             return False
 
     async def is_reachable(self, peer_id: str) -> bool:
@@ -173,12 +175,14 @@ class HopHandling:
         except PeerUnavailableError:
             return False
 
-    async def report_failure(self, meta: dict[str, Any], reason: str, *, suspect: int | None = None) -> None:
+    async def report_failure(self, meta: dict[str, Any], reason: str, *, suspect: int | None = None,
+                             holds: tuple[int, int] | None = None) -> None:
         """Fast path: tell stage 0 that this attempt cannot complete (it would time out otherwise), and which
         stage we could not reach, so stage 0 can confirm and stop routing to it."""
         if meta.get("kind") != "train":
             return
         if self.stage == 0:
+            self.driver.adopt(holds)
             self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "peer_unavailable", reason)
             return
         try:
@@ -186,7 +190,8 @@ class HopHandling:
             await self.client.abort(peer0, {"run": self.run_id, "step": meta["step"], "attempt": meta["attempt"],
                                             "reason": reason[:300], "from_stage": self.stage,
                                             "generation": self.generation,
-                                            "suspect_stage": -1 if suspect is None else suspect})
+                                            "suspect_stage": -1 if suspect is None else suspect,
+                                            "holds": list(holds) if holds is not None else None})
         except (PeerUnavailableError, RejectedError) as e:
             logger.debug("could not report the failure to stage 0: %s", e)
 

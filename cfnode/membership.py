@@ -19,7 +19,15 @@ from cfnode.errors import (
     UnrecoverableError,
 )
 from cfnode.model.stages import build_stage, empty_stage  # transformers: ~2 s to import: paid at start
-from cfnode.net.records import MetaRecord, StageState, SwarmView, is_occupied, keeps_claim, swarm_has_trained
+from cfnode.net.records import (
+    MetaRecord,
+    StageState,
+    SwarmView,
+    claim_rivals,
+    is_occupied,
+    keeps_claim,
+    swarm_has_trained,
+)
 from cfnode.recovery import store
 from cfnode.recovery.coordinator import Rebuilder, RecoveryResult, plan_recovery
 from cfnode.recovery.replicas import replica_of, replica_targets
@@ -88,8 +96,14 @@ async def claim_stage(node: Node) -> int:
     cfg = node.config
     announced_standby = False
     while True:
-        view = await node.refresh_view()
-        note_unrecoverable(node, view)
+        try:
+            view = await node.routes.refresh()  # a claim decides on a fresh read, never on a kept one
+        except Exception as e:  # noqa: BLE001 - a DHT failure delays the claim, it does not end the node
+            node.metrics.loop_errors.labels(loop="claim").inc()
+            logger.warning("claim: DHT read failed (%s: %s); retrying", type(e).__name__, e)
+            await asyncio.sleep(cfg.heartbeat.period_s)
+            continue
+        await confirm_unrecoverable(node, view)
         targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, mode=cfg.recovery.mode)
         if not targets:
             if not announced_standby:
@@ -101,20 +115,48 @@ async def claim_stage(node: Node) -> int:
             await asyncio.sleep(cfg.heartbeat.period_s)
             continue
         target = targets[0]
-        node.generation = view.max_generation(target)
+        node.generation = node.routes.generations.get(target, 0)
         node.set_state(StageState.JOINING, stage=target)
-        await node.announce()
-        await asyncio.sleep(node.rng.uniform(0.1, max(0.1, cfg.heartbeat.claim_jitter_s)))
-        view = await node.refresh_view()
-        if keeps_claim(view, target, node.peer_id):
+        try:
+            await node.announce()
+            await asyncio.sleep(node.rng.uniform(0.1, max(0.1, cfg.heartbeat.claim_jitter_s)))
+            view = await node.routes.refresh()
+            kept = keeps_claim(view, target, node.peer_id)
+        except Exception as e:  # noqa: BLE001 - a failed write or read loses this round, not the node
+            node.metrics.loop_errors.labels(loop="claim").inc()
+            logger.warning("claim of stage %d: DHT call failed (%s: %s); retrying", target, type(e).__name__, e)
+            kept = False
+        if kept:
             logger.info("claimed stage %d", target)
             node.events.emit("claimed", stage=target)
             return target
         logger.info("lost the race for stage %d; retrying", target)
-        node.set_state(StageState.OFFLINE, stage=target)
-        await node.swarm.store_stage(target, node.own_record(), ttl_s=cfg.heartbeat.ttl_s + 1)
+        await retreat(node, target)
         node.set_state(StageState.STANDBY if announced_standby else StageState.JOINING, stage=None)
         await asyncio.sleep(node.rng.uniform(0.0, cfg.heartbeat.claim_jitter_s))
+
+
+async def retreat(node: Node, stage: int) -> None:
+    """Announce OFFLINE for a stage we claimed or held (best effort; a later expiration than our last
+    heartbeat, so it replaces it and the stage reads as empty at once)."""
+    node.set_state(StageState.OFFLINE, stage=stage)
+    try:
+        await node.swarm.store_stage(stage, node.own_record(), ttl_s=node.config.heartbeat.ttl_s + 1)
+    except Exception as e:  # noqa: BLE001 - the record expires on its own
+        logger.info("could not announce OFFLINE for stage %d: %s", stage, e)
+
+
+async def confirm_claim(node: Node, stage: int) -> None:
+    """After announcing RECOVERING (and rebuilding), before ONLINE: re-read and make sure no other claimant
+    outranks us (a higher generation, or ours with a peer id that sorts first: two spares that did not see each
+    other's JOINING). Raises RecoveryError to give the stage back."""
+    view = await node.routes.refresh()
+    rivals = claim_rivals(view, stage, node.peer_id, node.generation)
+    if rivals:
+        best = max(rivals, key=lambda p: (p.record.generation, -ord(p.peer_id[0])))
+        node.events.emit("claim_lost", stage=stage, to=best.peer_id[:12], generation=best.record.generation)
+        raise RecoveryError(f"stage {stage} is claimed by {best.peer_id[:12]} at generation "
+                            f"{best.record.generation} (ours {node.generation})")
 
 
 async def acquire_stage(node: Node, stage: int) -> StageWorker:
@@ -127,12 +169,13 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
     successor = replica_of(stage, num, cfg.recovery.mode)
     if cfg.recovery.mode == "redundant" and successor not in (None, 0):  # runs its successor's forward too
         worker.shadow_module = await node.compute(empty_stage, cfg.model, successor)
-    view = await node.refresh_view()
-    if not swarm_has_trained(view, num):
-        return worker
+    view = await node.routes.refresh()
+    node.generation = node.routes.next_generation(stage)  # never one the swarm used for this stage
     node.set_state(StageState.RECOVERING, stage=stage)
-    node.generation = view.max_generation(stage) + 1
     await node.announce()
+    if not swarm_has_trained(view, num):  # a seeded init: just leave rival claims time to show (confirm_claim)
+        await asyncio.sleep(node.rng.uniform(0.1, max(0.1, cfg.heartbeat.claim_jitter_s)))
+        return worker
     if cfg.recovery.mode == "checkpoint":
         return await _rejoin_from_checkpoint(node, worker, stage, view)
     started = time.perf_counter()
@@ -146,7 +189,8 @@ async def acquire_stage(node: Node, stage: int) -> StageWorker:
     rebuilder = Rebuilder(rule=cfg.recovery.rule, config_hash=cfg.model.config_hash(),
                           clip_norm=cfg.train.clip_norm, fetch=lambda idx: _fetch(node, idx),
                           fetch_replica=lambda idx: _fetch(node, idx, replica=True),
-                          norm_power=cfg.recovery.norm_power)
+                          norm_power=cfg.recovery.norm_power,
+                          norms=await _committed_norms(node) if plan.kind == "neighbours" else {})
     fresh = await node.compute(worker.snapshot)
     known_step = max((o.record.step for i in range(cfg.model.num_stages + 1)
                       if (o := view.online_owner(i)) is not None), default=0)
@@ -240,7 +284,7 @@ async def _fetch(node: Node, stage_idx: int, *, replica: bool = False
     peer = node.route(stage_idx)
     for attempt in range(1, FETCH_ATTEMPTS + 1):
         try:
-            return await node.client.get_weights(peer, max_bytes=2**31, replica=replica,
+            return await node.client.get_weights(peer, max_bytes=node.max_replica_bytes, replica=replica,
                                                  timeout_s=node.config.recovery.fetch_timeout_s)
         except RejectedError as e:
             if e.reason != "decode" or attempt == FETCH_ATTEMPTS:
@@ -250,11 +294,33 @@ async def _fetch(node: Node, stage_idx: int, *, replica: bool = False
     raise AssertionError("unreachable")
 
 
+def stage0_lost(node: Node, view: SwarmView) -> bool:
+    """Stage 0 is gone from a swarm that had trained, and nothing can rebuild it."""
+    num = node.config.model.num_stages
+    return (view.online_owner(0) is None and not is_occupied(view.members(0), view.now)
+            and swarm_has_trained(view, num) and not stage0_recoverable(view, num, node.config.recovery.mode))
+
+
+async def confirm_unrecoverable(node: Node, view: SwarmView) -> None:
+    """Log once (and export) that stage 0 is gone for good, but only after its last known holder fails a ping:
+    a read that merely missed its record (a slow DHT) is not a loss."""
+    if not stage0_lost(node, view):
+        node.metrics.unrecoverable.set(0)
+        node.unrecoverable_logged = False
+        return
+    if node.unrecoverable_logged:
+        return
+    last = node.last_stage0_peer
+    if last is not None and node.client is not None and await node.is_reachable(last):
+        logger.info("stage 0's record is missing from the view but its holder %s answers; not a loss", last[:12])
+        return
+    note_unrecoverable(node, view)
+
+
 def note_unrecoverable(node: Node, view: SwarmView) -> None:
     """Log once (and export) that stage 0 is gone from a swarm that had trained."""
     num = node.config.model.num_stages
-    lost = (view.online_owner(0) is None and not is_occupied(view.members(0), view.now)
-            and swarm_has_trained(view, num) and not stage0_recoverable(view, num, node.config.recovery.mode))
+    lost = stage0_lost(node, view)
     node.metrics.unrecoverable.set(1 if lost else 0)
     if lost and not node.unrecoverable_logged:
         node.unrecoverable_logged = True
@@ -274,14 +340,16 @@ def note_unrecoverable(node: Node, view: SwarmView) -> None:
         node.unrecoverable_logged = False
 
 
-def watch(node: Node, view: SwarmView) -> None:
-    """What a stage holder learns from each membership read."""
-    note_unrecoverable(node, view)
+async def watch(node: Node, view: SwarmView) -> None:
+    """What a stage holder learns from each membership read (our own record is always in `view`)."""
+    if (owner0 := view.online_owner(0)) is not None:
+        node.last_stage0_peer = owner0.peer_id
+    await confirm_unrecoverable(node, view)
     stage = node.stage
     if stage is None or node.state is not StageState.ONLINE:
         return
     owner = view.online_owner(stage)
-    if owner is not None and owner.peer_id != node.peer_id and owner.record.generation > node.generation:
+    if owner is not None and owner.peer_id != node.peer_id:  # whoever outranks us: one owner per stage
         logger.warning("stage %d is now held by %s at generation %d (ours %d); stepping down to STANDBY",
                        stage, owner.peer_id[:12], owner.record.generation, node.generation)
         node.events.emit("fenced", stage=stage, by=owner.peer_id[:12], generation=owner.record.generation)
@@ -304,3 +372,23 @@ def watch(node: Node, view: SwarmView) -> None:
         elif alive and idx in node.lost_neighbours:
             node.lost_neighbours.discard(idx)
             node.events.emit("neighbour_back", stage=idx, side=side)
+
+
+async def _committed_norms(node: Node) -> dict[int, tuple[int, float]]:
+    """The gradient norms the transformer stages reported to stage 0 in their last commits, as stage 0 keeps
+    them: {stage: (steps committed, post-clip norm)}. A donor's own claim is not trusted for its weight in the
+    average. Empty if stage 0 cannot be asked (the rebuild then falls back to the donors' reports)."""
+    assert node.client is not None
+    try:
+        info = await node.client.info(node.route(0))
+    except (PeerUnavailableError, RejectedError) as e:
+        logger.warning("cannot ask stage 0 for the committed gradient norms (%s); using the donors' own", e)
+        return {}
+    out: dict[int, tuple[int, float]] = {}
+    raw = info.get("commit_norms")
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if (isinstance(key, str) and key.isdigit() and isinstance(value, list) and len(value) >= 2
+                    and type(value[0]) is int and isinstance(value[1], (int, float))):
+                out[int(key)] = (value[0], float(value[1]))
+    return out

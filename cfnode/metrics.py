@@ -25,10 +25,12 @@ RPC_SIDES = ("client", "server")
 RPC_RESULTS = ("ok", "rejected")  # incoming RPCs answered; an exception escaping a handler is not counted
 RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STATES = ("joining", "online", "recovering", "standby", "fenced", "offline")
-ABORT_REASONS = ("peer_unavailable", "rejected", "timeout", "stage_missing", "reported", "error")
+ABORT_REASONS = ("peer_unavailable", "rejected", "timeout", "stage_missing", "reported", "error", "nonfinite_grad")
+LOOPS = ("heartbeat", "membership", "driver", "claim", "dht_read")
+DROP_REASONS = ("generation",)
 TRANSFER_DIRECTIONS = ("sent", "received")
 TRANSFER_KINDS = ("activations", "gradients", "weights", "replica")
-BAN_REASONS = ("rpc_failure", "confirmed_dead")
+BAN_REASONS = ("rpc_failure", "confirmed_dead", "rejections")  # rejections: banned as a sender (net/guard.py)
 NEIGHBORS = ("prev", "next")
 RECOVERY_ROLES = ("recovered",)
 RECOVERY_RULES = ("grad-avg", "uniform-avg", "copy", "random")
@@ -117,7 +119,8 @@ class NodeMetrics(BootstrapMetrics):
         self.rpc_failures = Counter("cfnode_rpc_failures", "Outgoing RPCs that failed", ["method"], registry=r)
         self.transfer_bytes = Counter("cfnode_transfer_bytes", "Tensor payload bytes sent and received",
                                       ["direction", "kind"], registry=r)
-        self.peer_bans = Counter("cfnode_peer_bans", "Peers banned after a failed call", ["reason"], registry=r)
+        self.peer_bans = Counter("cfnode_peer_bans", "Peers banned: not routed to after a failed call, or refused "
+                                 "as a sender after repeated rejections (reason=rejections)", ["reason"], registry=r)
         self.swarm_stages_online = Gauge("cfnode_swarm_stages_online", "Stages with an ONLINE owner", registry=r)
         self.swarm_standby = Gauge("cfnode_swarm_standby_nodes", "Spares seen in the DHT", registry=r)
         self.last_announce = Gauge("cfnode_last_announce_timestamp_seconds", "Unix time of the last heartbeat",
@@ -139,6 +142,13 @@ class NodeMetrics(BootstrapMetrics):
                                      registry=r)
         self.unrecoverable = Gauge("cfnode_swarm_unrecoverable", "1 while the swarm lost state it cannot rebuild",
                                    registry=r)
+        self.loop_errors = Counter("cfnode_loop_errors", "Errors a long-lived loop survived (logged, backed off)",
+                                   ["loop"], registry=r)
+        self.dht_records_dropped = Counter("cfnode_dht_records_dropped",
+                                           "DHT records this node's reader ignored, by reason", ["reason"],
+                                           registry=r)
+        self.commit_retries = Counter("cfnode_commit_retries", "Commit RPCs sent again until the stage confirmed "
+                                      "(stage 0)", registry=r)
         # Every labelled series exists from the start (at 0), so rate() and alerts see it before its first event.
         for state in STATES:
             self.stage_state.labels(state=state)
@@ -167,6 +177,10 @@ class NodeMetrics(BootstrapMetrics):
             for rule in RECOVERY_RULES:
                 for result in RECOVERY_RESULTS:
                     self.recoveries.labels(role=role, rule=rule, result=result)
+        for loop in LOOPS:
+            self.loop_errors.labels(loop=loop)
+        for reason in DROP_REASONS:
+            self.dht_records_dropped.labels(reason=reason)
         self.stage_index.set(-1)
         self.replica_step.set(-1)
 

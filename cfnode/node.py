@@ -22,12 +22,13 @@ import torch
 
 from cfnode import membership, replication
 from cfnode.clock import SYSTEM_CLOCK, Clock
-from cfnode.config import NodeConfig
+from cfnode.config import PROTOCOL_VERSION, NodeConfig
 from cfnode.deadline import within
 from cfnode.errors import (
     InvalidPayload,
     PeerUnavailableError,
     RecoveryError,
+    RejectedError,
     UnrecoverableError,
 )
 from cfnode.hops import HopHandling
@@ -36,13 +37,10 @@ from cfnode.metrics import NodeMetrics
 from cfnode.net.client import StageClient
 from cfnode.net.dht import SwarmStore
 from cfnode.net.network import Endpoint, Network
-from cfnode.net.records import (
-    StageRecord,
-    StageState,
-    SwarmView,
-)
+from cfnode.net.records import PeerRecord, StageRecord, StageState, SwarmView
+from cfnode.routes import RouteTable
 from cfnode.train.schedule import AttemptKey
-from cfnode.train.worker import StageWorker
+from cfnode.train.worker import NonFiniteGradient, StageWorker, worker_holds
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,12 +77,11 @@ class Node(HopHandling):
         self.state = StageState.JOINING
         self.generation = 0
         self.worker: StageWorker | None = None
-        self.view = SwarmView()
-        self.banned: dict[str, float] = {}
+        self.routes = RouteTable(swarm, clock, config.heartbeat, self.metrics, config.model.num_stages,
+                                 own=self._own_peer_record)
         self.client: StageClient | None = None
         self.driver: Any = None
         self.metrics_port: int | None = None
-        self._view_refreshed_at = 0.0
         self._heartbeat_now = asyncio.Event()
         self._tasks: dict[asyncio.Task[Any], None] = {}  # ordered: teardown cancels in a replayable order
         self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
@@ -94,6 +91,9 @@ class Node(HopHandling):
         self.lost_neighbours: set[int] = set()
         self.seen_neighbours: set[int] = set()  # neighbour stages seen ONLINE since this node went ONLINE
         self.unrecoverable_logged = False
+        self.last_stage0_peer: str | None = None
+        self._commits: dict[AttemptKey, asyncio.Future[dict[str, Any]]] = {}
+        """Replies to applied commits by attempt (the last few), so a retried commit is answered again."""
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -116,9 +116,21 @@ class Node(HopHandling):
 
     def own_record(self) -> StageRecord:
         w = self.worker
+        known = self.routes.generations
         return StageRecord(state=self.state, step=w.step if w else 0, generation=self.generation,
                            grad_norm=w.grad_norm if w else 1.0, grad_norm_raw=w.grad_norm_raw if w else 1.0,
-                           donor=w.donor if w else True, replica_step=w.replica_step if w else -1)
+                           donor=w.donor if w else True, replica_step=w.replica_step if w else -1,
+                           generations=tuple(known.get(i, 0) for i in range(self.config.model.num_stages + 1)))
+
+    def _own_peer_record(self) -> tuple[int | None, PeerRecord | None]:
+        if self.stage is None or self.state is StageState.STANDBY:
+            return None, None
+        expires = self.clock.time() + self.config.heartbeat.ttl_s
+        return self.stage, PeerRecord(peer_id=self.peer_id, record=self.own_record(), expiration_time=expires)
+
+    @property
+    def view(self) -> SwarmView:
+        return self.routes.view
 
     def serving_stage(self) -> int | None:
         return self.stage if self.state is StageState.ONLINE and self.worker is not None else None
@@ -129,57 +141,49 @@ class Node(HopHandling):
 
     def route(self, stage_idx: int) -> str:
         """The live ONLINE owner of a stage, or PeerUnavailableError."""
-        owner = self.view.online_owner(stage_idx)
-        if owner is None or self.banned.get(owner.peer_id, 0) > self.clock.time():
-            raise PeerUnavailableError(f"stage {stage_idx} has no live owner")
-        return owner.peer_id
+        return self.routes.route(stage_idx)
 
     def ban(self, peer_id: str, reason: str) -> None:
-        """Stop routing to a peer until its current record would expire."""
-        # until its record expires, plus one membership period so the view has dropped it by then
-        expiry = self.config.heartbeat.period_s + max(
-            (p.expiration_time for ps in self.view.stages.values() for p in ps if p.peer_id == peer_id),
-            default=self.clock.time() + self.config.heartbeat.ttl_s)
-        if self.banned.get(peer_id, 0) < expiry:
-            self.banned[peer_id] = expiry
-            self.metrics.peer_bans.labels(reason=reason).inc()
+        self.routes.ban(peer_id, reason)
 
     # -- membership --------------------------------------------------------------------------------------
 
     async def refresh_view(self) -> SwarmView:
-        self.view = await self.swarm.read_view()
-        self._view_refreshed_at = self.clock.monotonic()
-        now = self.clock.time()
-        self.banned = {p: t for p, t in self.banned.items() if t > now}
-        online = sum(1 for i in range(self.config.model.num_stages + 1) if self.view.online_owner(i) is not None)
-        self.metrics.swarm_stages_online.set(online)
-        self.metrics.swarm_standby.set(len(self.view.standby))
-        return self.view
+        """A fresh view if the DHT answers, else the previous one (never raises on a DHT error)."""
+        return await self.routes.refresh_or_keep()
 
     async def check_sender(self, peer_id: str, stage_idx: int, generation: int) -> None:
-        owner = self.view.online_owner(stage_idx)
-        if (owner is None or owner.peer_id != peer_id) and self.clock.monotonic() - self._view_refreshed_at > 0.3:
-            await self.refresh_view()
-            owner = self.view.online_owner(stage_idx)
-        if owner is None or owner.peer_id != peer_id:
-            raise InvalidPayload("unauthorized", f"sender is not the ONLINE owner of stage {stage_idx}")
-        if owner.record.generation != generation:
-            raise InvalidPayload("generation", f"sender claims generation {generation}, its record says "
-                                               f"{owner.record.generation}")
+        await self.routes.check_sender(peer_id, stage_idx, generation)
+
+    async def may_fetch_weights(self, peer_id: str, uid: str) -> bool:
+        """Ring members (any live stage record), spares and the operator's --weights-reader peers may fetch a
+        stage's weights or the replica it holds; nobody else."""
+        return peer_id in self.config.network.weights_readers or await self.routes.is_member(peer_id)
+
+    def replica_bytes(self, of_stage: int) -> int:
+        """float32 bytes of stage `of_stage`'s state dict: the cap of a replica push of it (framing excluded)."""
+        return _stage_bytes(self.config, of_stage)
 
     async def _membership_loop(self) -> None:
+        """Read the view every period and act on it; survives any error (logged, counted, backed off)."""
         period = self.config.heartbeat.period_s
+        failures = 0
         while True:
             try:
+                before = self.routes.failed_reads
                 await self.refresh_view()
-                await self._on_view()
-                self.metrics.dht_peers.set(await self.swarm.dht_peers())
-            except (TimeoutError, asyncio.TimeoutError):
-                logger.warning("membership read timed out; retrying")
-            await asyncio.sleep(period)
+                if self.routes.failed_reads == before:  # act only on a read that happened
+                    await self._on_view()
+                    self.metrics.dht_peers.set(await self.swarm.dht_peers())
+                failures = 0
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any single failure
+                failures += 1
+                self.metrics.loop_errors.labels(loop="membership").inc()
+                logger.warning("membership update failed (%s: %s); retrying", type(e).__name__, e)
+            await asyncio.sleep(period * min(4, 1 + failures))
 
     async def _on_view(self) -> None:
-        membership.watch(self, self.view)
+        await membership.watch(self, self.view)
         if self.driver is not None and self.stage == 0:
             self.driver.on_view(self.view)
 
@@ -191,7 +195,8 @@ class Node(HopHandling):
         set_log_context(stage=stage, step=self.worker.step if self.worker is not None else None)
 
     def fence(self) -> None:
-        """Another peer holds our stage at a higher generation: stop serving it and become a spare again."""
+        """Our stage is not ours to serve any more (another owner, or we missed a commit): stop serving it at
+        once and become a spare again (the run loop announces OFFLINE for it and claims anew)."""
         self.metrics.set_state("fenced")
         self.state = StageState.STANDBY
         self.worker = None
@@ -200,19 +205,24 @@ class Node(HopHandling):
     # -- heartbeat ---------------------------------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
+        """Announce our record every period; a failed store is retried after a quarter period, so a stuck call
+        (bounded by the DHT call timeout, ttl/3) never lets the record expire. Survives any error."""
         period = self.config.heartbeat.period_s
         while True:
             started = self.clock.monotonic()
+            wait = period
             try:
                 await self.announce()
-            except (TimeoutError, asyncio.TimeoutError):
-                logger.warning("heartbeat store timed out")
+            except Exception as e:  # noqa: BLE001 - the heartbeat must outlive any single failure
+                self.metrics.loop_errors.labels(loop="heartbeat").inc()
+                logger.warning("heartbeat store failed (%s: %s); retrying soon", type(e).__name__, e)
+                wait = period / 4
             took = self.clock.monotonic() - started
             if took > period:
                 logger.warning("heartbeat took %.2fs, longer than its period %.2fs", took, period)
             self._heartbeat_now.clear()
             try:
-                await asyncio.wait_for(self._heartbeat_now.wait(), timeout=max(0.0, period - took))
+                await asyncio.wait_for(self._heartbeat_now.wait(), timeout=max(0.0, wait - took))
             except (TimeoutError, asyncio.TimeoutError):
                 pass
 
@@ -229,22 +239,94 @@ class Node(HopHandling):
         self._heartbeat_now.set()
 
     async def accept_commit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
+        """Stage 0's two-phase commit (docs/protocol.md). `prepare`: all backward passes of the attempt are in;
+        clip and report the norms (nothing applied; a non-finite norm is `nonfinite_grad`). `apply`: the Adam step
+        (or, with `skip`, the step passes without an update everywhere). Both are idempotent: an attempt already
+        prepared or applied is answered again with the same result, so stage 0 retries until every stage
+        confirmed."""
         worker = self.worker
         if worker is None or self.stage in (None, 0):
             raise InvalidPayload("not_ready", "no stage to commit")
         key = AttemptKey(meta["step"], meta["attempt"])
+        num_mb = self.config.train.num_microbatches
+        if meta["num_mb"] != num_mb:
+            raise InvalidPayload("decode", f"commit of {meta['num_mb']} microbatches, this run has {num_mb}")
+        if meta.get("phase") == "prepare":
+            self.check_step(worker, key)
+            try:
+                norm, raw = await self.compute(worker.prepare, key, num_mb)
+            except NonFiniteGradient as e:
+                raise InvalidPayload("nonfinite_grad", str(e)) from e
+            except ValueError as e:
+                raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
+            return {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
+        pending = self._commits.get(key)
+        if pending is not None:  # a retry: the same answer, also while the first call still runs
+            return await asyncio.shield(pending)
+        if key.step > worker.step:
+            self.check_step(worker, key)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._commits[key] = fut
+        while len(self._commits) > 4:
+            self._commits.pop(next(iter(self._commits)))
         try:
-            norm, raw = await self.compute(worker.commit, key, meta["num_mb"])
+            reply = await self._apply_commit(worker, key, skip=bool(meta.get("skip", False)))
+        except BaseException as e:
+            self._commits.pop(key, None)
+            fut.set_exception(e)
+            fut.exception()  # retrieved: a concurrent retry re-raises it, nobody else must
+            raise
+        fut.set_result(reply)
+        return reply
+
+    async def _apply_commit(self, worker: StageWorker, key: AttemptKey, *, skip: bool) -> dict[str, Any]:
+        try:
+            norm, raw = await self.compute(worker.apply, key, skip=skip)
         except ValueError as e:
-            raise InvalidPayload("stale_step", str(e)) from e
-        self.after_commit(norm, raw)
-        reply = {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
-        if self.config.recovery.mode == "redundant":  # the shadow on our predecessor follows every commit
+            raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
+        self.after_commit(worker.grad_norm, worker.grad_norm_raw)
+        reply = {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step, "skipped": skip}
+        if self.config.recovery.mode == "redundant" and not skip:  # the shadow on our predecessor follows
             state = await self.compute(worker.snapshot)
             await replication.push_copies(self, state, replication.replica_meta(
                 self, step=worker.step, grad_norm=norm, grad_norm_raw=raw))
         reply.update(await replication.save_checkpoint(self))
         return reply
+
+    def check_step(self, worker: StageWorker, key: AttemptKey) -> None:
+        """A message for step `key.step` must be for the step this stage is at: an older one is stale (the reply
+        says what we hold, so the sender can adopt it); a newer one means stage 0 committed a step we never
+        applied: we refuse it, and once stage 0 confirms it moved on we step down to be rebuilt rather than
+        train on with a skipped update."""
+        if key.step < worker.step or key.attempt <= worker.attempt_floor:
+            raise InvalidPayload("stale_step", f"attempt {tuple(key)} is for step {key.step}, this stage has "
+                                               f"committed {worker.step} steps (or it predates a rollback)",
+                                 holds=worker_holds(worker))
+        if key.step > worker.step:
+            if not self._behind_check_running:
+                self._behind_check_running = True
+                self.spawn(self._confirm_behind(worker), "confirm-behind")
+            raise InvalidPayload("behind", f"attempt {tuple(key)} is for step {key.step}; this stage has only "
+                                           f"committed {worker.step} steps")
+
+    _behind_check_running = False
+
+    async def _confirm_behind(self, worker: StageWorker) -> None:
+        """Ask stage 0 (not the neighbour that sent the hop) how many steps it committed; step down if more than
+        we did."""
+        try:
+            assert self.client is not None
+            info = await self.client.info(self.route(0))
+            theirs = info.get("step")
+            if isinstance(theirs, int) and theirs > worker.step and self.worker is worker:
+                logger.warning("stage 0 committed %d steps, this stage only %d (a commit was lost); stepping "
+                               "down so that the stage is rebuilt", theirs, worker.step)
+                self.events.emit("behind", stage=self.stage, step=worker.step, stage0_step=theirs)
+                self.fence()
+        except (PeerUnavailableError, RejectedError) as e:
+            logger.info("could not confirm with stage 0 that this stage is behind: %s", e)
+        finally:
+            self._behind_check_running = False
 
     def after_commit(self, norm: float, raw: float) -> None:
         w = self.worker
@@ -259,6 +341,9 @@ class Node(HopHandling):
     async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None:
         if self.stage != 0 or self.driver is None:
             raise InvalidPayload("wrong_stage", "only stage 0 takes abort reports")
+        holds = meta.get("holds")
+        if isinstance(holds, list) and len(holds) == 2 and all(type(h) is int for h in holds):
+            self.driver.adopt((holds[0], holds[1]))
         self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "reported",
                                  f"stage {meta['from_stage']}: {meta['reason']}")
         suspect = meta.get("suspect_stage")
@@ -306,7 +391,9 @@ class Node(HopHandling):
                 "step": w.step if w else 0, "generation": self.generation,
                 "grad_norm": w.grad_norm if w else 1.0, "grad_norm_raw": w.grad_norm_raw if w else 1.0,
                 "replica_step": w.replica_step if w else -1,
-                "config_hash": self.config.model.config_hash(), "version": 1}
+                "commit_norms": ({str(i): list(v) for i, v in self.driver.commit_norms.items()}
+                                 if self.driver is not None and self.stage == 0 else {}),
+                "config_hash": self.config.model.config_hash(), "version": PROTOCOL_VERSION}
 
     # -- run ---------------------------------------------------------------------------------------------
 
@@ -329,47 +416,55 @@ class Node(HopHandling):
             self.spawn(self._heartbeat_loop(), "heartbeat")
             self.spawn(self._membership_loop(), "membership")
             while True:
+                self.driver = None
                 stage = await membership.claim_stage(self)
                 try:
                     worker = await membership.acquire_stage(self, stage)
-                except (RecoveryError, UnrecoverableError) as e:
-                    logger.warning("giving stage %d back: %s", stage, e)
-                    self.set_state(StageState.OFFLINE, stage=stage)
-                    await self.announce()
+                    if stage == 0:
+                        self.driver = Driver(self)
+                        await self.driver.prepare()
+                    await membership.confirm_claim(self, stage)  # the unique claimant, right before ONLINE
+                except Exception as e:  # noqa: BLE001 - RecoveryError, a rival claim, a DHT failure: retry
+                    if not isinstance(e, (RecoveryError, UnrecoverableError)):
+                        self.metrics.loop_errors.labels(loop="claim").inc()
+                    logger.warning("giving stage %d back: %s: %s", stage, type(e).__name__, e)
+                    await membership.retreat(self, stage)
+                    self.driver = None
                     self.set_state(StageState.JOINING, stage=None)
                     await asyncio.sleep(self.config.heartbeat.period_s)
                     continue
                 self.worker = worker
                 self.metrics.model_parameters.set(worker.num_parameters)
-                if stage == 0:
-                    self.driver = Driver(self)
-                    await self.driver.prepare()
                 self.lost_neighbours.clear()
                 self._seen_hops.clear()  # hop ids are only unique per stage
                 self.seen_neighbours.clear()
                 self.stage_lost.clear()
                 self.set_state(StageState.ONLINE, stage=stage)
-                await self.announce()
+                try:
+                    await self.announce()
+                except Exception as e:  # noqa: BLE001 - the heartbeat loop announces again soon
+                    logger.warning("announcing ONLINE failed (%s); the heartbeat retries", e)
                 self.events.emit("online", stage=stage, generation=self.generation, step=worker.step)
                 self._ready(endpoint.maddrs())
                 if await self._serve_until_fenced():
                     return
+                await membership.retreat(self, stage)  # stepped down: the stage reads as ours no more
         finally:
             await self.leave(endpoint)
 
     async def _serve_until_fenced(self) -> bool:
         """Serve the stage; True when stage 0's driver finished, False when the stage was taken from us."""
         fenced = asyncio.ensure_future(self.stage_lost.wait())
-        waiters: set[asyncio.Future[Any]] = {fenced}
+        waiters: list[asyncio.Future[Any]] = [fenced]  # a list: cancelled in a replayable order
         if self.driver is not None and self.stage == 0:
-            waiters.add(asyncio.ensure_future(self.driver.run()))
+            waiters.append(asyncio.ensure_future(self.driver.run()))
         try:
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 w.cancel()
-        for w in done:
-            if w is not fenced:
+        for w in waiters:
+            if w in done and w is not fenced:
                 w.result()  # re-raise a driver failure
                 return True
         return False
@@ -407,9 +502,13 @@ def _warm_up_optimizer() -> None:
     torch.optim.Adam([p], lr=1e-3).step()
 
 
-def _max_stage_bytes(config: NodeConfig) -> int:
-    """float32 bytes of the largest stage's state dict (stage 0 or a transformer stage)."""
+def _stage_bytes(config: NodeConfig, stage_idx: int) -> int:
+    """float32 bytes of one stage's state dict."""
     from cfnode.model.stages import stage_shapes
 
-    return max(4 * sum(math.prod(shape) for shape in stage_shapes(config.model, idx).values())
-               for idx in (0, min(1, config.model.num_stages)))
+    return 4 * sum(math.prod(shape) for shape in stage_shapes(config.model, stage_idx).values())
+
+
+def _max_stage_bytes(config: NodeConfig) -> int:
+    """float32 bytes of the largest stage's state dict (stage 0 or a transformer stage)."""
+    return max(_stage_bytes(config, idx) for idx in (0, min(1, config.model.num_stages)))

@@ -31,7 +31,11 @@ async def _aiter(items: Iterable[Any]) -> AsyncIterator[Any]:
 
 def _check_reply(meta: dict[str, Any]) -> dict[str, Any]:
     if not meta.get("ok", False):
-        raise RejectedError(str(meta.get("reason", "unknown")), str(meta.get("detail", "")))
+        holds = meta.get("holds")
+        valid = (isinstance(holds, list) and len(holds) == 2
+                 and all(isinstance(h, int) and not isinstance(h, bool) for h in holds))
+        raise RejectedError(str(meta.get("reason", "unknown")), str(meta.get("detail", "")),
+                            holds=(holds[0], holds[1]) if valid else None)
     return meta
 
 

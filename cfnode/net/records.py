@@ -51,6 +51,9 @@ class StageRecord:
     another rebuild prefers a stage that survived (docs/recovery.md, adjacent losses)."""
     replica_step: int = -1
     """CheckFree+: the step of the stage-0 replica this node holds (-1: none)."""
+    generations: tuple[int, ...] = ()
+    """The highest generation the writer knows for each stage 0..L: the swarm's memory of generations, which
+    outlives any one holder's record (a claimant takes the maximum, plus one: generations never repeat)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -63,6 +66,7 @@ class StageRecord:
             "throughput": float(self.throughput),
             "donor": bool(self.donor),
             "replica_step": int(self.replica_step),
+            "generations": [int(g) for g in self.generations],
             "version": int(self.version),
         }
 
@@ -84,10 +88,23 @@ class StageRecord:
                 throughput=float(value.get("throughput", 0.0)),
                 donor=bool(value.get("donor", True)),
                 replica_step=int(value.get("replica_step", -1)),
+                generations=_generations(value.get("generations", ())),
                 version=int(value.get("version", 0)),
             )
         except (KeyError, ValueError, TypeError, OverflowError):
             return None
+
+
+MAX_GENERATIONS_LISTED = 1024
+
+
+def _generations(value: object) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_GENERATIONS_LISTED:
+        raise ValueError("generations must be a short list")
+    out = tuple(int(g) for g in value)
+    if any(g < 0 for g in out):
+        raise ValueError("negative generation")
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,3 +241,89 @@ def parse_stage_entries(raw: object, now: float) -> tuple[PeerRecord, ...]:
             continue
         out.append(PeerRecord(peer_id=subkey, record=record, expiration_time=float(expiration)))
     return tuple(sorted(out, key=lambda p: p.peer_id))
+
+
+# -- reading the swarm safely: incomplete reads, generation memory and bounds, claim confirmation --------
+
+GENERATION_SLACK = 2
+"""A record may claim at most this many generations above the highest one a reader knows for its stage. A
+claimant takes the highest generation it knows plus one, so an honest record is within +1 of what a reader
+that saw the previous claims knows; +2 leaves room for one claim the reader missed. A forged record at a huge
+generation (which would fence the real owner and route the ring to the forger) is dropped."""
+
+
+def merge_views(prev: SwarmView, new: SwarmView) -> SwarmView:
+    """An incomplete read is not a loss: a record seen before that has not expired yet stays in the view when a
+    read misses it. Per (stage, peer) the record with the later expiration wins, as in the DHT itself."""
+
+    def merged(old: tuple[PeerRecord, ...], fresh: tuple[PeerRecord, ...]) -> tuple[PeerRecord, ...]:
+        best = {p.peer_id: p for p in old if is_alive(p.expiration_time, new.now)}
+        for p in fresh:
+            held = best.get(p.peer_id)
+            if held is None or p.expiration_time >= held.expiration_time:
+                best[p.peer_id] = p
+        return tuple(sorted(best.values(), key=lambda p: p.peer_id))
+
+    indices = sorted(set(prev.stages) | set(new.stages))
+    stages = {i: merged(prev.members(i), new.members(i)) for i in indices}
+    return SwarmView(stages=stages, standby=merged(prev.standby, new.standby), now=new.now)
+
+
+def bound_generations(view: SwarmView, known: Mapping[int, int], *, slack: int = GENERATION_SLACK
+                      ) -> tuple[SwarmView, tuple[PeerRecord, ...]]:
+    """Drop stage records whose generation exceeds what this reader knows for the stage by more than `slack`;
+    returns (the view without them, the dropped records). A stage the reader knows nothing of yet is taken as
+    read (trust on first read)."""
+    dropped: list[PeerRecord] = []
+    stages: dict[int, tuple[PeerRecord, ...]] = {}
+    for i, members in view.stages.items():
+        kept = []
+        for p in members:
+            if i in known and p.record.generation > known[i] + slack:
+                dropped.append(p)
+            else:
+                kept.append(p)
+        stages[i] = tuple(kept)
+    return SwarmView(stages=stages, standby=view.standby, now=view.now), tuple(dropped)
+
+
+def learn_generations(view: SwarmView, known: Mapping[int, int], *, slack: int = GENERATION_SLACK
+                      ) -> dict[int, int]:
+    """The highest generation known for every stage after reading `view`: what we knew, every record's own
+    generation, and the generations each stage's ONLINE owner remembers (within `slack` of what we knew), so
+    a generation outlives the records of the holders that used it."""
+    out = dict(known)
+    for i, members in view.stages.items():
+        for p in members:
+            out[i] = max(out.get(i, 0), p.record.generation)
+    for i in list(view.stages):
+        owner = view.online_owner(i)
+        if owner is None:
+            continue
+        for j, g in enumerate(owner.record.generations):
+            if j in known and g > known[j] + slack:
+                continue
+            out[j] = max(out.get(j, 0), g)
+    return out
+
+
+def claim_rivals(view: SwarmView, stage_idx: int, my_peer_id: str, generation: int) -> tuple[PeerRecord, ...]:
+    """Live records that outrank our claim of `stage_idx` at `generation`: an ONLINE or RECOVERING claim at a
+    higher generation, or at the same generation by a peer id that sorts first. Empty: we are the unique
+    claimant (checked after announcing RECOVERING and before going ONLINE)."""
+    return tuple(
+        p for p in view.members(stage_idx)
+        if p.peer_id != my_peer_id and is_alive(p.expiration_time, view.now)
+        and p.record.state in (StageState.ONLINE, StageState.RECOVERING)
+        and (p.record.generation > generation or (p.record.generation == generation and p.peer_id < my_peer_id))
+    )
+
+
+def with_own_record(view: SwarmView, stage_idx: int | None, mine: PeerRecord) -> SwarmView:
+    """The view with our own current record in it (we know it better than any read)."""
+    if stage_idx is None:
+        return view
+    members = (*(p for p in view.members(stage_idx) if p.peer_id != mine.peer_id), mine)
+    stages = dict(view.stages)
+    stages[stage_idx] = tuple(sorted(members, key=lambda p: p.peer_id))
+    return SwarmView(stages=stages, standby=view.standby, now=view.now)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -114,13 +114,17 @@ def check_meta(meta: dict[str, Any], *, stage: int, config_hash: str, clip_norm:
 
 class Rebuilder:
     def __init__(self, *, rule: str, config_hash: str, clip_norm: float, fetch: Fetch,
-                 norm_power: float = 1.0, fetch_replica: Fetch | None = None) -> None:
+                 norm_power: float = 1.0, fetch_replica: Fetch | None = None,
+                 norms: Mapping[int, tuple[int, float]] | None = None) -> None:
         self.rule = rule
         self.config_hash = config_hash
         self.clip_norm = clip_norm
         self.fetch = fetch
         self.fetch_replica = fetch_replica
         self.norm_power = norm_power
+        self.norms = dict(norms or {})
+        """{stage: (steps committed, post-clip norm)} as the stages reported them to stage 0 in their commits:
+        a donor's weight in the average comes from here when known, never from the donor itself."""
 
     async def run(self, plan: RecoveryPlan, fresh: StateDict, *, known_step: int = 0) -> RecoveryResult:
         """Fetch the plan's donors concurrently (the first failure cancels the other fetch), check them and
@@ -142,10 +146,22 @@ class Rebuilder:
         fetch_s = time.perf_counter() - started
         neighbours: dict[str, Neighbour] = {}
         steps = [known_step]
+        donor_steps = []
         for (side, idx), (meta, state) in zip(wanted.items(), fetched, strict=True):
             norm, step = check_meta(meta, stage=idx, config_hash=self.config_hash, clip_norm=self.clip_norm)
+            if idx in self.norms:
+                recorded_step, norm = self.norms[idx]
+                if recorded_step != step:
+                    raise RecoveryError(f"stage {idx}'s weights are at step {step} but stage 0 recorded its "
+                                        f"gradient norm at step {recorded_step}")
+            elif self.norms:
+                logger.warning("stage 0 has no committed norm of stage %d; using the norm it reports", idx)
             neighbours[side] = Neighbour(state=state, grad_norm=norm, distance=abs(idx - plan.stage), step=step)
             steps.append(step)
+            donor_steps.append(step)
+        if len(set(donor_steps)) > 1:
+            raise RecoveryError(f"the donors of stage {plan.stage} are at different steps {donor_steps}: "
+                                "their average would mix two updates")
         averaged = time.perf_counter()
         try:
             state, how = rebuild(rule, prev=neighbours.get("prev"), nxt=neighbours.get("next"), fresh=fresh,

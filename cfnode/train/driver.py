@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,11 +27,23 @@ from cfnode.net.records import SwarmView
 from cfnode.recovery import store
 from cfnode.recovery.replicas import replica_targets
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
+from cfnode.train.worker import NonFiniteGradient
 
 if TYPE_CHECKING:
     from cfnode.node import Node
 
 logger = logging.getLogger(__name__)
+ATTEMPT_COUNTER_BITS = 32
+COMMIT_RETRY_S = 0.2
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Phase 1's outcome: who prepared (stage -> peer), their norms, and whether the step is skipped."""
+
+    peers: dict[int, str]
+    norms: dict[int, tuple[float, float]]
+    skip: bool
 
 
 def batch_fingerprint(batch: torch.Tensor) -> str:
@@ -58,6 +71,9 @@ class Driver:
         self._owners_at_rollback: dict[int, tuple[str, int] | None] | None = None
         self._rollback_from: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.commit_norms: dict[int, tuple[int, float, float]] = {}
+        """Per transformer stage: (steps committed, post-clip norm, raw norm) as it reported them when preparing
+        its last committed step. A rebuild weights its donors by these, not by what the donors claim."""
 
     async def prepare(self) -> None:
         """Load the corpus and tokenize it (cached on disk) on the compute thread."""
@@ -88,9 +104,17 @@ class Driver:
                     self.val_tokens.numel(), time.perf_counter() - started)
 
     def _new_attempt_id(self) -> int:
-        """Attempt ids grow with wall-clock ms, so a replacement stage 0 also outranks the old one's attempts."""
-        self._last_attempt_id = max(self._last_attempt_id + 1, int(time.time() * 1000))
+        """Attempt ids are (generation, counter): a replacement stage 0 has a higher generation, so its attempts
+        outrank the old one's whatever the clocks say; `adopt` lifts the counter past what a stage holds."""
+        self._last_attempt_id = max(self._last_attempt_id + 1, self.node.generation << ATTEMPT_COUNTER_BITS)
         return self._last_attempt_id
+
+    def adopt(self, holds: tuple[int, int] | None) -> None:
+        """A stage refused an attempt as stale and said which one it holds: the next attempt outranks it."""
+        if holds is not None and holds[1] > self._last_attempt_id:
+            logger.info("a stage holds attempt %d, newer than ours (%d); the next attempt outranks it", holds[1],
+                        self._last_attempt_id)
+            self._last_attempt_id = holds[1]
 
     # -- incoming ----------------------------------------------------------------------------------------
 
@@ -204,12 +228,21 @@ class Driver:
             step = worker.step
             started = time.perf_counter()
             try:
-                loss, batch_sha = await self.run_attempt(step)
+                result = await self.run_attempt(step)
             except AttemptAborted as e:
                 await self.node.refresh_view()
                 await asyncio.sleep(train.retry_backoff_s)
                 logger.warning("step %d aborted (%s); retrying with the same data", step, e)
                 continue
+            except Exception as e:  # the driver must outlive any single failure
+                self.node.metrics.loop_errors.labels(loop="driver").inc()
+                logger.exception("step %d failed unexpectedly (%s); retrying", step, e)
+                await asyncio.sleep(train.retry_backoff_s)
+                await self.node.refresh_view()
+                continue
+            if result is None:  # the swarm skipped the step (a non-finite gradient): no loss to report
+                continue
+            loss, batch_sha = result
             elapsed = time.perf_counter() - started
             tokens = tokens_per_step(train.num_microbatches, train.microbatch_size, self.cfg.model.seq_len)
             m = self.node.metrics
@@ -257,9 +290,11 @@ class Driver:
         self._owners_at_rollback, self._rollback_from = owners, None
         return True
 
-    async def run_attempt(self, step: int) -> tuple[float, str]:
+    async def run_attempt(self, step: int) -> tuple[float, str] | None:
         """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data
-        order can be audited), or raises AttemptAborted (state already dropped)."""
+        order can be audited), None if the swarm skipped the step (a non-finite gradient), or raises
+        AttemptAborted (state already dropped). Once every stage prepared, the step is decided: it is applied
+        everywhere (retried until each stage confirmed) and can no longer abort."""
         train, node = self.cfg.train, self.node
         worker = node.worker
         assert worker is not None
@@ -278,14 +313,18 @@ class Driver:
         node.metrics.microbatches_issued.inc(train.num_microbatches)
         try:
             await within(self._drive(key, batch), train.step_timeout_s)
-            await self._commit_all(key)
-        except (AttemptAborted, TimeoutError, asyncio.TimeoutError, PeerUnavailableError, RejectedError) as e:
+            prepared = await self._prepare_all(key)
+        except Exception as e:  # every failure before the decision aborts the attempt, and is accounted for
             if self._failure:
                 reason = self._failure[0]
             elif isinstance(e, (TimeoutError, asyncio.TimeoutError)):
                 reason = "timeout"
+            elif isinstance(e, RejectedError):
+                reason = "rejected"
+            elif isinstance(e, (PeerUnavailableError, AttemptAborted)):
+                reason = "peer_unavailable"
             else:
-                reason = "rejected" if isinstance(e, RejectedError) else "peer_unavailable"
+                reason = "error"
             self._abort(key, reason, str(e) or type(e).__name__)
             raise AttemptAborted(f"{reason}: {e}") from e
         finally:
@@ -295,6 +334,11 @@ class Driver:
                     fut.cancel()
                 elif not fut.cancelled():
                     fut.exception()  # mark retrieved
+        await self._apply_all(key, prepared)
+        if prepared.skip:
+            self._account_dropped(key, "nonfinite_grad", "a stage's gradient norm is not finite; step skipped "
+                                                         "by every stage")
+            return None
         self.stats["committed"] += train.num_microbatches
         node.metrics.microbatches_committed.inc(train.num_microbatches)
         return sum(self._losses.values()) / len(self._losses), batch_fingerprint(batch)
@@ -325,36 +369,90 @@ class Driver:
                 "num_mb": self.cfg.train.num_microbatches, "generation": self.node.generation,
                 "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
 
-    async def _commit_all(self, key: AttemptKey) -> None:
-        """Every stage clips and steps; stage 0 last. A stage that fails to commit is logged, not waited for.
+    def _commit_meta(self, key: AttemptKey, phase: str, *, skip: bool = False) -> dict[str, Any]:
+        return {"run": self.node.run_id, "step": key.step, "attempt": key.attempt, "phase": phase, "skip": skip,
+                "num_mb": self.cfg.train.num_microbatches, "generation": self.node.generation}
 
-        Under checkfree+ stage 0 steps FIRST and pushes its new weights to the replica holders (stages 1 and L)
-        alongside the commits, so a replica is never behind the transformer stages it will be resumed with
-        (docs/recovery.md, "replica freshness")."""
-        node = self.node
-        worker = node.worker
+    async def _prepare_all(self, key: AttemptKey) -> Prepared:
+        """Phase 1 on every stage at once (stage 0 too): all backward passes are in; clip and report the norms.
+        A non-finite norm anywhere decides a swarm-wide skip; any other failure raises (the attempt aborts,
+        nothing was applied anywhere)."""
+        node, worker = self.node, self.node.worker
         assert worker is not None and node.client is not None
-        meta = {"run": node.run_id, "step": key.step, "attempt": key.attempt,
-                "num_mb": self.cfg.train.num_microbatches, "generation": node.generation}
         peers = {idx: node.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
-        if self.cfg.swaps:
-            await self._commit_with_replicas(key, meta, peers)
-            return
+        meta = self._commit_meta(key, "prepare")
+        own = asyncio.ensure_future(node.compute(worker.prepare, key, self.cfg.train.num_microbatches))
         results = await asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()),
                                        return_exceptions=True)
-        failed = [(idx, r) for idx, r in zip(peers, results, strict=True) if isinstance(r, BaseException)]
-        if len(failed) == len(peers):
-            raise PeerUnavailableError(f"no stage committed step {key.step}: {failed[0][1]}")
-        for idx, err in failed:
-            logger.warning("stage %d did not commit step %d: %s", idx, key.step, err)
-            node.events.emit("commit_failed", stage=idx, step=key.step, error=str(err)[:200])
-        norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
-        node.after_commit(norm, raw)
-        if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode):  # redundant: stage L's shadow
+        nonfinite: list[int] = []
+        try:
+            await own
+        except NonFiniteGradient:
+            nonfinite.append(0)
+        norms: dict[int, tuple[float, float]] = {}
+        for idx, result in zip(peers, results, strict=True):
+            if isinstance(result, RejectedError) and result.reason == "nonfinite_grad":
+                nonfinite.append(idx)
+            elif isinstance(result, BaseException):
+                self.adopt(getattr(result, "holds", None))
+                raise result
+            else:
+                norms[idx] = (float(result["grad_norm"]), float(result["grad_norm_raw"]))
+        if nonfinite:
+            logger.warning("step %d: non-finite gradient norm on stage(s) %s; every stage skips the step",
+                           key.step, nonfinite)
+            node.events.emit("step_skipped", step=key.step, stages=nonfinite)
+        return Prepared(peers=peers, norms=norms, skip=bool(nonfinite))
+
+    async def _apply_all(self, key: AttemptKey, prepared: Prepared) -> None:
+        """Phase 2: stage 0 applies first (so a replica it pushes is never behind the stages it would be resumed
+        with), then every stage, each retried until it confirmed or is no longer its stage's owner (then it is
+        lost, and its rebuild starts from its neighbours, which applied). A stage that could not apply while
+        staying owner is `behind` at the next step and steps down (node.check_step): never a skipped update."""
+        node, worker = self.node, self.node.worker
+        assert worker is not None and node.client is not None
+        norm, raw = await node.compute(worker.apply, key, skip=prepared.skip)
+        node.after_commit(worker.grad_norm, worker.grad_norm_raw)
+        meta = self._commit_meta(key, "apply", skip=prepared.skip)
+        copies = None
+        if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode) and not prepared.skip:
             state = await node.compute(worker.snapshot)
-            await replication.push_copies(node, state, replication.replica_meta(
-                node, step=worker.step, grad_norm=norm, grad_norm_raw=raw), peers)
-        await self._checkpoint(failed=bool(failed), results=results)
+            copies = replication.push_copies(node, state, replication.replica_meta(
+                node, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.peers)
+        applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta) for idx, peer in prepared.peers.items()))
+        if copies is not None:
+            results, _ = await asyncio.gather(applies, copies)
+        else:
+            results = await applies
+        for idx, result in zip(prepared.peers, results, strict=True):
+            if result is not None and idx in prepared.norms:
+                self.commit_norms[idx] = (key.step + 1, *prepared.norms[idx])
+        await self._checkpoint(failed=any(r is None for r in results), results=list(results))
+
+    async def _apply_on(self, idx: int, peer: str, key: AttemptKey, meta: dict[str, Any]) -> dict[str, Any] | None:
+        """Send the apply to one stage until it confirms; None if it stopped being the stage's owner first."""
+        node = self.node
+        assert node.client is not None
+        rejections = 0
+        while True:
+            try:
+                return await node.client.commit(peer, meta)
+            except RejectedError as e:
+                if e.holds is not None and e.holds[0] == key.step + 1:
+                    return {"step": key.step + 1}  # applied already (its reply was lost)
+                rejections += 1
+                error: Exception = e
+            except PeerUnavailableError as e:
+                error = e
+            node.metrics.commit_retries.inc()
+            await node.refresh_view()
+            owner = node.view.online_owner(idx)
+            if owner is None or owner.peer_id != peer or rejections >= 3:
+                logger.warning("stage %d did not confirm step %d (%s); %s", idx, key.step, error,
+                               "it is no longer the stage's owner" if rejections < 3 else "giving up")
+                node.events.emit("commit_failed", stage=idx, step=key.step, error=str(error)[:200])
+                return None
+            await asyncio.sleep(COMMIT_RETRY_S)
 
     async def _checkpoint(self, *, failed: bool, results: list[Any]) -> None:
         """`checkpoint` baseline: after a checkpoint step, save stage 0 too and mark the step complete if every
@@ -375,28 +473,17 @@ class Driver:
             return
         self.node.events.emit("checkpoint_complete", step=step)
 
-    async def _commit_with_replicas(self, key: AttemptKey, meta: dict[str, Any], peers: dict[int, str]) -> None:
-        node, worker = self.node, self.node.worker
-        assert worker is not None and node.client is not None
-        norm, raw = await node.compute(worker.commit, key, self.cfg.train.num_microbatches)
-        node.after_commit(norm, raw)
-        state = await node.compute(worker.snapshot)
-        replica_meta = replication.replica_meta(node, step=worker.step, grad_norm=norm, grad_norm_raw=raw)
-        commits = asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()), return_exceptions=True)
-        results, _ = await asyncio.gather(commits, replication.push_copies(node, state, replica_meta, peers))
-        for idx, result in zip(peers, results, strict=True):
-            if isinstance(result, BaseException):
-                logger.warning("stage %d did not commit step %d: %s", idx, key.step, result)
-                node.events.emit("commit_failed", stage=idx, step=key.step, error=str(result)[:200])
-
     def _abort(self, key: AttemptKey, reason: str, detail: str) -> None:
-        num_mb = self.cfg.train.num_microbatches
-        self.stats["dropped"] += num_mb
-        m = self.node.metrics
-        m.steps_aborted.labels(reason=reason).inc()
-        m.microbatches_dropped.labels(reason=reason).inc(num_mb)
+        self.node.metrics.steps_aborted.labels(reason=reason).inc()
+        num_mb = self._account_dropped(key, reason, detail)
         self.node.events.emit("step_aborted", step=key.step, attempt=key.attempt, reason=reason,
                               detail=detail[:300], microbatches_dropped=num_mb)
+
+    def _account_dropped(self, key: AttemptKey, reason: str, detail: str) -> int:
+        num_mb = self.cfg.train.num_microbatches
+        self.stats["dropped"] += num_mb
+        self.node.metrics.microbatches_dropped.labels(reason=reason).inc(num_mb)
+        return num_mb
 
     # -- validation --------------------------------------------------------------------------------------
 

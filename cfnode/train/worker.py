@@ -22,6 +22,15 @@ logger = logging.getLogger(__name__)
 StashKey = tuple[AttemptKey, int]
 
 
+class NonFiniteGradient(ValueError):
+    """The accumulated gradient has a NaN/Inf norm: the attempt cannot be committed."""
+
+
+def worker_holds(worker: StageWorker) -> tuple[int, int]:
+    """(committed steps, id of the active attempt or -1): what a stale-attempt rejection tells its sender."""
+    return worker.step, worker.active.attempt if worker.active is not None else -1
+
+
 class StageWorker:
     def __init__(self, module: nn.Module, *, stage_idx: int, lr: float, clip_norm: float) -> None:
         self.module = module
@@ -36,6 +45,14 @@ class StageWorker:
         """Attempt ids at or below this belong to before the last rollback and are never started."""
         self.backward_done = 0
         self.step = 0
+        self.base_step = 0
+        """The step this worker's weights were built or installed at: step == base_step + updates + skipped."""
+        self.updates = 0
+        """Adam steps applied by this worker (the protocol harness checks exactly-once commits with it)."""
+        self.skipped = 0
+        """Steps passed without an update (the swarm skipped them after a non-finite gradient)."""
+        self.prepared: tuple[AttemptKey, float, float] | None = None
+        self.last_applied: tuple[AttemptKey, float, float] | None = None
         self.grad_norm = 1.0
         self.grad_norm_raw = 1.0
         self.donor = True
@@ -66,6 +83,7 @@ class StageWorker:
         self.stash.clear()
         self.module.zero_grad(set_to_none=True)
         self.backward_done = 0
+        self.prepared = None  # an attempt prepared and then aborted is never applied
         self.active = key
         return dropped
 
@@ -121,28 +139,61 @@ class StageWorker:
     def eval_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
         return float(self.module.loss(self.module.head(hidden), targets))
 
-    # -- commit ------------------------------------------------------------------------------------------
+    # -- commit (two phases: prepare, then apply; see docs/protocol.md) ---------------------------------
 
-    def commit(self, key: AttemptKey, num_microbatches: int) -> tuple[float, float]:
-        """Clip, record post-clip and raw norms, Adam step. Returns (grad_norm, grad_norm_raw)."""
+    def prepare(self, key: AttemptKey, num_microbatches: int) -> tuple[float, float]:
+        """Phase 1: every microbatch's backward is in; clip and measure. Returns (grad_norm, grad_norm_raw);
+        asked again for the same attempt it answers the same. Raises NonFiniteGradient (the gradient is dropped)
+        or ValueError (not the active attempt, or backward passes missing). Nothing is applied yet."""
+        if self.prepared is not None and self.prepared[0] == key:
+            return self.prepared[1], self.prepared[2]
         if not self.accepts(key):
             raise ValueError(f"commit of {tuple(key)} but the active attempt is {self.active}")
         if self.backward_done != num_microbatches:
             raise ValueError(f"commit of {tuple(key)} after {self.backward_done}/{num_microbatches} backward passes")
         params = [p for p in self.module.parameters() if p.grad is not None]
         raw = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
-        post = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
         if not math.isfinite(raw):
             self.module.zero_grad(set_to_none=True)
-            raise ValueError(f"non-finite gradient norm at step {key.step}")
-        self.optimizer.step()
+            self.backward_done = 0
+            raise NonFiniteGradient(f"non-finite gradient norm at step {key.step}")
+        post = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        self.prepared = (key, post, raw)
+        return post, raw
+
+    def apply(self, key: AttemptKey, *, skip: bool = False) -> tuple[float, float]:
+        """Phase 2: the Adam step of the prepared attempt (or, with `skip`, the step passes without an update:
+        the swarm-wide decision after a non-finite gradient). Idempotent: the attempt already applied is answered
+        again with its result. Raises ValueError for an attempt that is neither prepared nor applied."""
+        if self.last_applied is not None and self.last_applied[0] == key:
+            return self.last_applied[1], self.last_applied[2]
+        if skip:
+            if key.step != self.step:
+                raise ValueError(f"skip of step {key.step}, this stage is at step {self.step}")
+            post, raw = math.nan, math.nan
+            self.skipped += 1
+        else:
+            if self.prepared is None or self.prepared[0] != key:
+                raise ValueError(f"apply of {tuple(key)} but the prepared attempt is "
+                                 f"{None if self.prepared is None else tuple(self.prepared[0])}")
+            _, post, raw = self.prepared
+            self.optimizer.step()
+            self.updates += 1
+            self.grad_norm, self.grad_norm_raw = post, raw
         self.module.zero_grad(set_to_none=True)
         self.stash.clear()
         self.step = key.step + 1
-        self.grad_norm, self.grad_norm_raw = post, raw
         self.active = None
+        self.prepared = None
+        self.backward_done = 0
         self.donor = True
+        self.last_applied = (key, post, raw)
         return post, raw
+
+    def commit(self, key: AttemptKey, num_microbatches: int) -> tuple[float, float]:
+        """Both phases at once (a stage that decides alone: tests, the single-process reference)."""
+        self.prepare(key, num_microbatches)
+        return self.apply(key)
 
     # -- weights -----------------------------------------------------------------------------------------
 
@@ -159,7 +210,12 @@ class StageWorker:
         self.active = None
         self.backward_done = 0
         self.step = step
+        self._rebase(step)
         self.donor = False
+
+    def _rebase(self, step: int) -> None:
+        self.base_step, self.updates, self.skipped = step, 0, 0
+        self.prepared = self.last_applied = None
 
     @property
     def replica(self) -> dict[str, torch.Tensor] | None:
@@ -218,4 +274,5 @@ class StageWorker:
         self.active = None
         self.backward_done = 0
         self.step = step
+        self._rebase(step)
         self.attempt_floor = max(self.attempt_floor, attempt_floor)

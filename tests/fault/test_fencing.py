@@ -31,13 +31,13 @@ def test_stale_owner_steps_down_after_thawing(harness: Harness) -> None:
 
     os.kill(old.popen.pid, signal.SIGSTOP)  # the main process freezes: no heartbeats, no RPCs
     rebuilt = wait_until(lambda: h.events(spare, "recovery_finished"), 120, "the spare to rebuild stage 2")[0]
-    assert rebuilt["stage"] == 2 and rebuilt["generation"] == 1
+    assert rebuilt["stage"] == 2 and rebuilt["generation"] == 2
     resumed_at = len(steps())
     wait_until(lambda: len(steps()) >= resumed_at + 3, 120, "training with the new stage 2")
 
     os.kill(old.popen.pid, signal.SIGCONT)
     fenced = wait_until(lambda: h.events(old, "fenced"), 60, "the thawed owner to fence itself")[0]
-    assert fenced["stage"] == 2 and fenced["generation"] == 1
+    assert fenced["stage"] == 2 and fenced["generation"] == 2
     wait_until(lambda: h.events(old, "standby"), 60, "the thawed owner to become a spare")
     thawed_at = len(steps())
     wait_until(lambda: len(steps()) >= thawed_at + 5, 120, "training to go on after the thaw")

@@ -52,7 +52,7 @@ def test_late_joiner_rebuilds_exactly_and_training_recovers(harness: Harness, tm
     audit = str(tmp_path / "audit")
     late = h.start_node("late", "--audit-recovery", audit)
     info = h.ready_info(late, timeout_s=120)
-    assert info["stage"] == 2 and info["generation"] == 1
+    assert info["stage"] == 2 and info["generation"] == 2
     assert len(steps()) == paused_at, "nothing commits while stage 2 is missing"
 
     record = torch.load(os.path.join(audit, "recovery-stage2-gen1.pt"))

@@ -40,7 +40,7 @@ def test_middle_stage_killed_is_rebuilt_by_a_spare_and_training_continues(harnes
     finished = wait_until(lambda: h.events(spare, "recovery_finished"), 120, "the spare to rebuild stage 2")[0]
     assert finished["stage"] == 2 and finished["how"] == "grad-avg" and finished["degraded"] is False
     assert finished["sources"] == {"prev": 1, "next": 3}
-    assert finished["generation"] == 1 and finished["step"] >= killed_at_step - 1
+    assert finished["generation"] == 2 and finished["step"] >= killed_at_step - 1
     wait_until(lambda: len(steps()) >= killed_at_step + 8, 180, "8 more steps after the rebuild")
 
     head_events = h.events(head)

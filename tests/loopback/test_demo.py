@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -51,20 +50,20 @@ def test_demo_trains_writes_a_summary_and_cleans_up(tmp_path) -> None:
 
 def test_demo_exits_5_when_stage0_dies(tmp_path) -> None:
     workdir = str(tmp_path / "demo")
-    demo = subprocess.Popen([sys.executable, "-m", "cfnode", "demo", *TINY, "--steps", "100000", "--workdir",
-                             workdir], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    stderr_path = tmp_path / "demo.stderr"
+    with open(stderr_path, "wb") as stderr:  # a file, not a pipe: the demo never blocks on a full pipe buffer
+        demo = subprocess.Popen([sys.executable, "-m", "cfnode", "demo", *TINY, "--steps", "100000", "--workdir",
+                                 workdir], stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
     try:
         events0 = os.path.join(workdir, "stage0.events.jsonl")
         wait_until(lambda: len([e for e in read_events(events0) if e["event"] == "step"]) >= 3, 180,
                    "the demo's stage 0 to train")
         stage0 = [p for p in _procs_of(workdir) if p.ppid() == demo.pid and events0 in p.info["cmdline"]]
         assert len(stage0) == 1
-        started = time.monotonic()
         os.killpg(stage0[0].pid, signal.SIGKILL)
-        code = demo.wait(timeout=60)
-        assert code == 5, demo.stderr.read()[-3000:]
-        assert time.monotonic() - started < 60
+        code = demo.wait(timeout=60)  # a hang guard, not a bound on how fast the demo gives up
+        assert code == 5, stderr_path.read_text(errors="replace")[-3000:]
         assert not _procs_of(workdir)
     finally:
         if demo.poll() is None:

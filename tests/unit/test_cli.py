@@ -13,8 +13,10 @@ import pytest
 from click.testing import CliRunner, Result
 
 from cfnode import cli
+from cfnode.errors import ConfigError
 
-PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmExamplePeer"
+PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco"
+PEER2 = "/ip4/127.0.0.1/tcp/31338/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
 
 
 @pytest.fixture(autouse=True)
@@ -89,11 +91,11 @@ def test_join_valid_config_reaches_run_join(monkeypatch: pytest.MonkeyPatch) -> 
     """The positive control of the tripwire: a valid command line builds the NodeConfig and hands it on."""
     seen = []
     monkeypatch.setattr(cli, "_run_join", seen.append)
-    result = invoke("join", "--peers", f"{PEER},{PEER}x", "--stage", "2", "--preset", "tiny", "--run-id", "r1")
+    result = invoke("join", "--peers", f"{PEER},{PEER2}", "--stage", "2", "--preset", "tiny", "--run-id", "r1")
     assert result.exit_code == 0, output(result)
     (config,) = seen
     assert config.stage == 2 and config.run_id == "r1" and config.model.preset == "tiny"
-    assert config.network.initial_peers == (PEER, f"{PEER}x")
+    assert config.network.initial_peers == (PEER, PEER2)
 
 
 def test_demo_zero_stages() -> None:
@@ -152,3 +154,74 @@ def test_env_var_peers_satisfies_required() -> None:
 ])
 def test_split_peers(given: tuple[str, ...], expected: tuple[str, ...]) -> None:
     assert cli._split_peers(given) == expected
+
+
+BAD_PEERS = [
+    "garbage",
+    "/ip4/1.2.3.4/tcp/1",  # no /p2p/PEER_ID: hivemind's initial_peers need the peer id
+    "/ip4/999.1.1.1/tcp/1/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco",
+    "/ip4/1.2.3.4/tcp/99999/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco",
+    "/ip4/1.2.3.4/tcp/1/p2p/QmExamplePeer",  # not a base58 multihash
+    "/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco",  # no address to dial
+    "/ip4/1.2.3.4/tcp/1/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco/tcp/2",  # the peer id must come last
+    "/",
+]
+
+
+def test_parse_peers_accepts_peer_multiaddrs() -> None:
+    dns = "/dns4/bootstrap/tcp/31337/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco"
+    assert cli.parse_peers((PEER, f"{PEER2}, {dns}")) == (PEER, PEER2, dns)
+
+
+@pytest.mark.parametrize("bad", BAD_PEERS)
+def test_parse_peers_rejects_a_bad_multiaddr_in_one_line(bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        cli.parse_peers((PEER, bad))
+    text = str(err.value)
+    assert "\n" not in text and text.startswith("--peers ") and repr(bad) in text, text
+    assert err.value.exit_code == 2
+
+
+@pytest.mark.parametrize("given", [(",",), (" ", "")])
+def test_parse_peers_rejects_no_address(given: tuple[str, ...]) -> None:
+    with pytest.raises(ConfigError, match="--peers"):
+        cli.parse_peers(given)
+
+
+def assert_one_line_peers_error(result: Result, bad: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, output(result), result.exception)
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: --peers "), result.stderr
+    assert repr(bad) in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bad", BAD_PEERS)
+def test_join_bad_peers_is_one_line_exit_2(bad: str) -> None:
+    assert_one_line_peers_error(invoke("join", "--peers", PEER, "--peers", bad), bad)
+
+
+def test_join_bad_peers_from_the_environment() -> None:
+    assert_one_line_peers_error(invoke("join", env={"CFNODE_JOIN_PEERS": "garbage"}), "garbage")
+
+
+def test_status_bad_peers_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cfnode.status
+
+    def tripwire(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("status got past --peers validation and tried to read the DHT")
+
+    monkeypatch.setattr(cfnode.status, "read_status", tripwire)
+    monkeypatch.setattr(cfnode.status, "watch_status", tripwire)
+    assert_one_line_peers_error(invoke("status", "--peers", "garbage"), "garbage")
+    assert_one_line_peers_error(invoke("status", "--peers", "garbage", "--watch"), "garbage")
+
+
+def test_join_bad_peers_as_a_process_prints_no_traceback() -> None:
+    """The real entry point (`python -m cfnode`), logging and all: one line on stderr, exit 2."""
+    from tests.support.swarm import run_cli
+
+    out = run_cli("join", "--peers", "garbage", timeout_s=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "--peers" in out.stderr and "garbage" in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr

@@ -170,7 +170,7 @@ def assert_state_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
 
 
 def test_rebuilder_grad_avg_from_both_neighbours() -> None:
-    fetch = FakeFetch(donors({1: 0.3, 3: 0.7}, {1: 41, 3: 42}))
+    fetch = FakeFetch(donors({1: 0.3, 3: 0.7}, {1: 42, 3: 42}))
     result = run(rebuilder(fetch), plan_recovery(2, {0, 1, 3}, 3))
     assert sorted(fetch.calls) == [1, 3]
     assert result.how == "grad-avg"
@@ -179,6 +179,27 @@ def test_rebuilder_grad_avg_from_both_neighbours() -> None:
     assert result.fetch_s >= 0
     want = weighted_average(Neighbour(state=state(1), grad_norm=0.3), Neighbour(state=state(3), grad_norm=0.7))
     assert_state_equal(result.state, want)
+
+
+def test_donors_at_different_steps_are_refused() -> None:
+    fetch = FakeFetch(donors({1: 0.3, 3: 0.7}, {1: 41, 3: 42}))
+    with pytest.raises(RecoveryError, match="different steps"):
+        run(rebuilder(fetch), plan_recovery(2, {0, 1, 3}, 3))
+
+
+def test_donor_weights_come_from_stage0_norms_not_from_the_donors() -> None:
+    """A donor reporting 1.0 against an honest ~0.3 would take ~75 % of the average; stage 0's record wins."""
+    fetch = FakeFetch(donors({1: 0.3, 3: 1.0}, {1: 7, 3: 7}))
+    result = run(rebuilder(fetch, norms={1: (7, 0.3), 3: (7, 0.31)}), plan_recovery(2, {0, 1, 3}, 3))
+    want = weighted_average(Neighbour(state=state(1), grad_norm=0.3), Neighbour(state=state(3), grad_norm=0.31))
+    assert_state_equal(result.state, want)
+    assert result.neighbours["next"].grad_norm == 0.31
+
+
+def test_donor_at_another_step_than_stage0_recorded_is_refused() -> None:
+    fetch = FakeFetch(donors({1: 0.3, 3: 0.3}, {1: 7, 3: 7}))
+    with pytest.raises(RecoveryError, match="recorded its gradient norm at step 6"):
+        run(rebuilder(fetch, norms={1: (7, 0.3), 3: (6, 0.3)}), plan_recovery(2, {0, 1, 3}, 3))
 
 
 def test_rebuilder_passes_norm_power() -> None:
@@ -190,7 +211,7 @@ def test_rebuilder_passes_norm_power() -> None:
 
 
 def test_rebuilder_adjacent_loss_weights_by_distance() -> None:
-    fetch = FakeFetch(donors({1: 0.4, 4: 0.4}, {1: 9, 4: 8}))
+    fetch = FakeFetch(donors({1: 0.4, 4: 0.4}, {1: 9, 4: 9}))
     result = run(rebuilder(fetch), plan_recovery(2, {1, 4}, 4))
     assert result.sources == {"prev": 1, "next": 4}
     assert result.step == 9

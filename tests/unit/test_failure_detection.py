@@ -4,6 +4,7 @@ node went ONLINE (a stage that never had an owner, e.g. at start-up, is not a fa
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 from typing import Any
 
@@ -31,7 +32,7 @@ def holder(stage: int, num_stages: int = 3) -> SimpleNamespace:
     return SimpleNamespace(config=NodeConfig(model=preset("tiny", num_stages=num_stages)), metrics=NodeMetrics(),
                            events=Events(), stage=stage, state=StageState.ONLINE, peer_id=f"peer{stage}",
                            generation=0, lost_neighbours=set(), seen_neighbours=set(), unrecoverable_logged=False,
-                           fence=lambda: None)
+                           fence=lambda: None, last_stage0_peer=None, client=None)
 
 
 def view(*online: int, offline: tuple[int, ...] = ()) -> SwarmView:
@@ -43,6 +44,10 @@ def view(*online: int, offline: tuple[int, ...] = ()) -> SwarmView:
     return SwarmView(stages=stages, now=NOW)
 
 
+def watch(node: SimpleNamespace, v: SwarmView) -> None:
+    asyncio.run(membership.watch(node, v))
+
+
 def failures(node: SimpleNamespace) -> dict[str, float]:
     c = node.metrics.stage_failures_detected
     return {side: c.labels(neighbor=side)._value.get() for side in ("prev", "next")}
@@ -50,25 +55,25 @@ def failures(node: SimpleNamespace) -> dict[str, float]:
 
 def test_missing_neighbour_at_start_up_is_not_a_failure() -> None:
     node = holder(1)
-    membership.watch(node, view(0, 1))  # stage 2 has no owner yet
-    membership.watch(node, view(0, 1))
+    watch(node, view(0, 1))  # stage 2 has no owner yet
+    watch(node, view(0, 1))
     assert failures(node) == {"prev": 0, "next": 0} and not node.events.names("neighbour_lost")
-    membership.watch(node, view(0, 1, 2))  # it joins: not a "neighbour_back" either
+    watch(node, view(0, 1, 2))  # it joins: not a "neighbour_back" either
     assert not node.events.names("neighbour_back")
 
 
 def test_each_incident_counts_once() -> None:
     node = holder(1)
-    membership.watch(node, view(0, 1, 2, 3))
+    watch(node, view(0, 1, 2, 3))
     for _ in range(3):  # stage 2 expires and stays gone for three membership reads
-        membership.watch(node, view(0, 1, 3))
+        watch(node, view(0, 1, 3))
     assert failures(node) == {"prev": 0, "next": 1}
     assert node.events.names("neighbour_lost") == [{"stage": 2, "side": "next", "how": "expired"}]
-    membership.watch(node, view(0, 1, 2, 3))  # rebuilt
+    watch(node, view(0, 1, 2, 3))  # rebuilt
     assert node.events.names("neighbour_back") == [{"stage": 2, "side": "next"}]
-    membership.watch(node, view(1, 2, 3))  # stage 0 lost
+    watch(node, view(1, 2, 3))  # stage 0 lost
     assert failures(node) == {"prev": 1, "next": 1}
-    membership.watch(node, view(0, 1, 3, offline=(2,)))  # stage 2 lost again (it left), stage 0 back
+    watch(node, view(0, 1, 3, offline=(2,)))  # stage 2 lost again (it left), stage 0 back
     assert failures(node) == {"prev": 1, "next": 2}
     assert node.events.names("neighbour_lost")[-1] == {"stage": 2, "side": "next", "how": "left"}
     counted = sum(failures(node).values())
@@ -79,16 +84,16 @@ def test_the_kill_of_a_middle_stage_counts_once_on_each_side() -> None:
     """L = 3: killing stage 2 is seen by stage 1 (its next) and stage 3 (its prev), not by stage 0."""
     nodes = {i: holder(i) for i in (0, 1, 3)}
     for n in nodes.values():
-        membership.watch(n, view(0, 1, 2, 3))
-        membership.watch(n, view(0, 1, 3))
-        membership.watch(n, view(0, 1, 3))
+        watch(n, view(0, 1, 2, 3))
+        watch(n, view(0, 1, 3))
+        watch(n, view(0, 1, 3))
     assert {i: failures(n) for i, n in nodes.items()} == {
         0: {"prev": 0, "next": 0}, 1: {"prev": 0, "next": 1}, 3: {"prev": 1, "next": 0}}
 
 
 def test_a_node_not_online_counts_nothing() -> None:
     node = holder(1)
-    membership.watch(node, view(0, 1, 2, 3))
+    watch(node, view(0, 1, 2, 3))
     node.state = StageState.RECOVERING
-    membership.watch(node, view(0, 1, 3))
+    watch(node, view(0, 1, 3))
     assert failures(node) == {"prev": 0, "next": 0}

@@ -63,6 +63,9 @@ NODE_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "cfnode_replica_step": ("gauge", ()),
     "cfnode_hops_received_total": ("counter", ("direction", "from_stage")),
     "cfnode_swarm_unrecoverable": ("gauge", ()),
+    "cfnode_loop_errors_total": ("counter", ("loop",)),
+    "cfnode_dht_records_dropped_total": ("counter", ("reason",)),
+    "cfnode_commit_retries_total": ("counter", ()),
 }
 BOOTSTRAP_FAMILIES = {k: NODE_FAMILIES[k] for k in ("cfnode_build_info", "cfnode_node_info", "cfnode_dht_peers")}
 PROCESS_FAMILIES = {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_start_time_seconds",

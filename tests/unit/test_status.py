@@ -110,17 +110,17 @@ def canned(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 
 def test_watch_json_prints_one_object_per_frame(canned: list[dict[str, Any]]) -> None:
-    result = CliRunner().invoke(cli.main, ["status", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX", "--run-id", "run",
+    result = CliRunner().invoke(cli.main, ["status", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco", "--run-id", "run",
                                            "--watch", "0.5", "--count", "2", "--json"])
     assert result.exit_code == 0, result.output
     frames = [json.loads(line) for line in result.output.splitlines()]
     assert [f["recovering"] != [] for f in frames] == [True, False]
     assert frames[1]["online_stages"] == [0, 1, 2, 3]
-    assert canned == [{"peers": ("/ip4/127.0.0.1/tcp/1/p2p/QmX",), "run_id": "run", "interval_s": 0.5, "count": 2}]
+    assert canned == [{"peers": ("/ip4/127.0.0.1/tcp/1/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco",), "run_id": "run", "interval_s": 0.5, "count": 2}]
 
 
 def test_watch_without_seconds_defaults_to_two(canned: list[dict[str, Any]]) -> None:
-    result = CliRunner().invoke(cli.main, ["status", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/QmX", "--run-id", "run",
+    result = CliRunner().invoke(cli.main, ["status", "--peers", "/ip4/127.0.0.1/tcp/1/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco", "--run-id", "run",
                                            "--watch", "--count", "1"])
     assert result.exit_code == 0, result.output
     assert canned[0]["interval_s"] == 2.0
