@@ -195,7 +195,14 @@ def _start_holders(name: str, workdir: str) -> tuple[Swarm, list[dict[str, Any]]
     swarm = Swarm(workdir)
     boot = swarm.spawn("bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                                      "--identity-path", os.path.join(workdir, "bootstrap.id")])
+    from hivemind.p2p import P2P, PeerID
+
     peer = wait_for_line(boot, JOIN_LINE, 90).group(1)
+    reader_identity = os.path.join(workdir, "reader.id")  # this process's peer: the nodes' --weights-reader
+    if not os.path.exists(reader_identity):
+        P2P.generate_identity(reader_identity)
+    with open(reader_identity, "rb") as f:
+        reader = PeerID.from_identity(f.read()).to_base58()
     nodes = []
     for stage in (1, 3):
         ready = os.path.join(workdir, f"stage{stage}.ready.json")
@@ -204,7 +211,7 @@ def _start_holders(name: str, workdir: str) -> tuple[Swarm, list[dict[str, Any]]
         proc = swarm.spawn(f"stage{stage}", [
             "join", "--peers", peer, "--run-id", f"fetch-{name}", "--preset", name, "--stages", str(STAGES),
             "--stage", str(stage), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
-            "--val-every", "0", "--ready-file", ready], events=True)
+            "--val-every", "0", "--weights-reader", reader, "--ready-file", ready], events=True)
         nodes.append((proc, ready))
     infos = []
     for proc, ready in nodes:
@@ -216,7 +223,7 @@ def _start_holders(name: str, workdir: str) -> tuple[Swarm, list[dict[str, Any]]
                 raise TimeoutError(f"{proc.name} not ready after 180 s; see {proc.log_path}")
             time.sleep(0.2)
         with open(ready, encoding="utf-8") as f:
-            infos.append(json.load(f))
+            infos.append({**json.load(f), "reader_identity": reader_identity})
     return swarm, infos
 
 
@@ -227,7 +234,8 @@ async def _time_fetches(infos: list[dict[str, Any]], reps: int) -> dict[str, Any
     from cfnode.net.client import StageClient
 
     maddrs = [m for i in infos for m in i["maddrs"] if m.startswith("/ip4/127.0.0.1/")]
-    p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"],
+                           identity_path=infos[0]["reader_identity"])
     try:
         client = StageClient(p2p, NetworkConfig(), NodeMetrics())
         peers = [i["peer_id"] for i in infos]

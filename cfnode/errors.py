@@ -89,6 +89,7 @@ REJECT_REASONS = (
     "nonfinite_grad",  # the stage's accumulated gradient has a NaN/Inf norm: the step cannot be committed
     "banned",        # the sender was banned after repeated rejections (until the ban expires)
     "rate_limited",  # too many requests of this kind from the sender
+    "timeout",       # an incoming stream stalled (no part within the part timeout) or overran its deadline
 )
 
 

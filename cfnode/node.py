@@ -25,6 +25,7 @@ from cfnode.clock import SYSTEM_CLOCK, Clock
 from cfnode.config import PROTOCOL_VERSION, NodeConfig
 from cfnode.deadline import within
 from cfnode.errors import (
+    CfnodeError,
     InvalidPayload,
     PeerUnavailableError,
     RecoveryError,
@@ -45,6 +46,7 @@ from cfnode.train.worker import NonFiniteGradient, StageWorker, worker_holds
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 META_REFRESH_S = 60.0
+EXPIRATION_STEP_S = 0.05
 
 
 class Node(HopHandling):
@@ -92,6 +94,7 @@ class Node(HopHandling):
         self.seen_neighbours: set[int] = set()  # neighbour stages seen ONLINE since this node went ONLINE
         self.unrecoverable_logged = False
         self.last_stage0_peer: str | None = None
+        self._expirations: dict[int | None, float] = {}
         self._commits: dict[AttemptKey, asyncio.Future[dict[str, Any]]] = {}
         """Replies to applied commits by attempt (the last few), so a retried commit is answered again."""
 
@@ -222,7 +225,8 @@ class Node(HopHandling):
                 logger.warning("heartbeat took %.2fs, longer than its period %.2fs", took, period)
             self._heartbeat_now.clear()
             try:
-                await asyncio.wait_for(self._heartbeat_now.wait(), timeout=max(0.0, wait - took))
+                # `within`, not wait_for: in 3.11 wait_for swallows a cancellation that arrives as the event is set
+                await within(self._heartbeat_now.wait(), max(0.0, wait - took))
             except (TimeoutError, asyncio.TimeoutError):
                 pass
 
@@ -230,10 +234,22 @@ class Node(HopHandling):
         if self.clock.monotonic() - self._meta_stored_at > META_REFRESH_S:
             await membership.store_meta(self)  # keep {run}:meta alive for as long as the run has nodes
             self._meta_stored_at = self.clock.monotonic()
-        record = self.own_record()
-        stage = None if self.state is StageState.STANDBY else self.stage
-        await self.swarm.store_stage(stage, record)
+        await self.store_own(None if self.state is StageState.STANDBY else self.stage)
         self.metrics.last_announce.set(self.clock.time())
+
+    async def store_own(self, stage: int | None, *, ttl_s: float | None = None) -> bool:
+        """Write our record under `stage` (None: the standby key). Its expiration is always later than the last
+        one we wrote there: the DHT refuses an earlier one, so after an OFFLINE written for ttl + 1 a plain
+        heartbeat would silently not land."""
+        ttl = self.config.heartbeat.ttl_s if ttl_s is None else ttl_s
+        now = self.clock.time()
+        ttl = max(ttl, self._expirations.get(stage, 0.0) - now + EXPIRATION_STEP_S)
+        stored = await self.swarm.store_stage(stage, self.own_record(), ttl_s=ttl)
+        if stored:
+            self._expirations[stage] = now + ttl
+        else:
+            logger.warning("the DHT refused our record for %s", "standby" if stage is None else f"stage {stage}")
+        return stored
 
     def heartbeat_soon(self) -> None:
         self._heartbeat_now.set()
@@ -412,7 +428,7 @@ class Node(HopHandling):
         self.metrics.learning_rate.set(self.config.train.lr)
         self.events.emit("joined", run_id=self.run_id, peer_id=self.peer_id, metrics_port=self.metrics_port)
         try:
-            await membership.check_meta(self)
+            await self._check_meta()
             self.spawn(self._heartbeat_loop(), "heartbeat")
             self.spawn(self._membership_loop(), "membership")
             while True:
@@ -452,6 +468,19 @@ class Node(HopHandling):
         finally:
             await self.leave(endpoint)
 
+    async def _check_meta(self) -> None:
+        """The run's settings check, retried while the DHT fails (a mismatch is final: exit 2)."""
+        while True:
+            try:
+                await membership.check_meta(self)
+                return
+            except CfnodeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a DHT failure delays the start, it does not end the node
+                self.metrics.loop_errors.labels(loop="claim").inc()
+                logger.warning("reading the run's settings failed (%s: %s); retrying", type(e).__name__, e)
+                await asyncio.sleep(self.config.heartbeat.period_s)
+
     async def _serve_until_fenced(self) -> bool:
         """Serve the stage; True when stage 0's driver finished, False when the stage was taken from us."""
         fenced = asyncio.ensure_future(self.stage_lost.wait())
@@ -481,14 +510,15 @@ class Node(HopHandling):
 
     async def leave(self, endpoint: Endpoint) -> None:
         """Graceful exit: announce OFFLINE (best effort), stop tasks and handlers, stop the compute thread."""
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)  # none of them may write after the OFFLINE below
         if self.stage is not None or self.state is StageState.STANDBY:
             self.state = StageState.OFFLINE
             try:
-                await within(self.swarm.store_stage(
-                    None if self.stage is None else self.stage, self.own_record(),
-                    ttl_s=self.config.heartbeat.ttl_s + 1), 2)
+                await within(self.store_own(self.stage, ttl_s=self.config.heartbeat.ttl_s + 1), 2)
             except Exception as e:  # noqa: BLE001 - best effort on the way out
                 logger.debug("could not announce OFFLINE: %s", e)
         await endpoint.close()

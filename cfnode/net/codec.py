@@ -2,14 +2,17 @@
 
 A message is a stream of hivemind `ExpertRequest` (or `ExpertResponse`) parts: the first part carries msgpack
 metadata; the tensors follow in <= 1 MiB parts (`split_for_streaming`), a part with `dtype` set starting a new
-tensor. No `.proto` of our own. Decoding enforces a byte cap while the stream arrives, so an oversized or
-lying sender costs at most the cap. Every failure becomes `InvalidPayload(reason)`.
+tensor. No `.proto` of our own. Decoding enforces a byte cap, a per-part timeout and a deadline while the
+stream arrives, and hooks let the receiver check the sender on the first part, so an oversized, stalling or
+unauthorised sender costs at most the cap, the timeout or one part. Every failure becomes
+`InvalidPayload(reason)`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import msgpack
@@ -59,51 +62,128 @@ def iter_message_parts(
         yield message_type(tensors=[part])
 
 
-def _declared_bytes(part: runtime_pb2.Tensor) -> int:
+def declared_bytes(part: runtime_pb2.Tensor) -> int:
+    """The byte size a tensor's first stream part declares (its shape times its dtype's width)."""
     numel = math.prod(int(s) for s in part.size) if part.size else 1
     return numel * _DTYPE_BYTES.get(part.dtype, 8)
 
 
+OnMeta = Callable[[dict[str, Any]], Awaitable[int | None]]
+OnHeader = Callable[[int, runtime_pb2.Tensor], None]
+OnFirstPart = Callable[[dict[str, Any], list[torch.Tensor]], Awaitable[None]]
+
+
 async def read_message(
-    stream: AsyncIterator[Message], *, max_bytes: int
+    stream: AsyncIterator[Message], *, max_bytes: int, on_meta: OnMeta | None = None,
+    on_header: OnHeader | None = None, on_first_part: OnFirstPart | None = None,
+    part_timeout_s: float | None = None, deadline_s: float | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
-    """Consume a message stream: (metadata, tensors). Raises InvalidPayload; stops reading at the byte cap."""
+    """Consume a message stream: (metadata, tensors). Raises InvalidPayload; stops reading at the byte cap.
+
+    The hooks let a receiver reject a message as early as it can tell, so a bad sender costs one part and not
+    the stream: `on_meta(meta)` is awaited as soon as the first part's metadata is decoded and may return a
+    tighter byte cap for the rest; `on_header(index, part)` sees each tensor's first part before its bytes are
+    counted; `on_first_part(meta, tensors)` is awaited once the first part is consumed, with the tensors it
+    completed (a tensor of up to one chunk travels whole in the first part). Each part must arrive within
+    `part_timeout_s` and the whole stream within `deadline_s` (loop time), else `timeout`.
+    Exceptions other than InvalidPayload raised by a hook propagate unchanged."""
+    loop = asyncio.get_running_loop()
+    deadline = None if deadline_s is None else loop.time() + deadline_s
+    it = aiter(stream)
     meta: dict[str, Any] | None = None
     groups: list[list[runtime_pb2.Tensor]] = []
+    tensors: list[torch.Tensor] = []  # decoded, one per complete group, in order
     received = 0
+    while True:
+        message = await _next_part(it, loop, part_timeout_s, deadline)
+        if message is None:
+            break
+        first = meta is None
+        if meta is None:
+            meta = unpack_metadata(message.metadata)
+            if on_meta is not None:
+                cap = await on_meta(meta)
+                if cap is not None:
+                    max_bytes = min(max_bytes, cap)
+        for part in message.tensors:
+            if part.dtype:
+                if on_header is not None:
+                    on_header(len(groups), part)
+                if declared_bytes(part) > max_bytes:
+                    raise InvalidPayload("too_large", f"declared tensor {list(part.size)[:8]} {part.dtype[:40]} "
+                                                      f"exceeds {max_bytes} bytes")
+                if len(tensors) < len(groups):  # the previous tensor is still open: it ends here
+                    tensors.append(_finish(groups[-1]))
+                groups.append([part])
+            elif groups and len(tensors) < len(groups):
+                groups[-1].append(part)
+            elif groups:
+                raise InvalidPayload("decode", f"tensor stream has more parts than the {groups[-1][0].chunks} "
+                                               "it declared")
+            else:
+                raise InvalidPayload("decode", "tensor continuation part before any tensor header")
+            received += len(part.buffer)
+            if received > max_bytes:
+                raise InvalidPayload("too_large", f"stream exceeds the {max_bytes}-byte cap")
+            group = groups[-1]
+            if group[0].chunks and len(group) == group[0].chunks:
+                tensors.append(_decode(group))
+        if first and on_first_part is not None:
+            await on_first_part(meta, list(tensors))
+    if meta is None:
+        raise InvalidPayload("decode", "empty stream")
+    if len(tensors) < len(groups):
+        tensors.append(_finish(groups[-1]))
+    return meta, tensors
+
+
+def _finish(group: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    """Decode a tensor whose parts ended without completing it: fine without a chunk count, else truncated."""
+    if group[0].chunks:
+        raise InvalidPayload("decode", f"tensor stream truncated: {len(group)} of {group[0].chunks} parts")
+    return _decode(group)
+
+
+async def _next_part(it: AsyncIterator[Message], loop: asyncio.AbstractEventLoop, part_timeout_s: float | None,
+                     deadline: float | None) -> Message | None:
+    """The next part of a stream, None at its end; a stall or a transport error becomes InvalidPayload."""
+    timeout = part_timeout_s
+    if deadline is not None:
+        left = deadline - loop.time()
+        if left <= 0:
+            raise InvalidPayload("timeout", "stream exceeded its deadline")
+        timeout = left if timeout is None else min(timeout, left)
     try:
-        async for message in stream:
-            if meta is None:
-                meta = unpack_metadata(message.metadata)
-            for part in message.tensors:
-                received += len(part.buffer)
-                if received > max_bytes:
-                    raise InvalidPayload("too_large", f"stream exceeds the {max_bytes}-byte cap")
-                if part.dtype:
-                    if _declared_bytes(part) > max_bytes:
-                        raise InvalidPayload(
-                            "too_large", f"declared tensor {list(part.size)} {part.dtype} exceeds {max_bytes} bytes"
-                        )
-                    groups.append([part])
-                elif groups:
-                    groups[-1].append(part)
-                else:
-                    raise InvalidPayload("decode", "tensor continuation part before any tensor header")
+        async with asyncio.timeout(timeout):
+            return await anext(it)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError as e:
+        if part_timeout_s is not None and timeout == part_timeout_s:
+            raise InvalidPayload("timeout", f"stream stalled: no part within {part_timeout_s:g} s") from e
+        raise InvalidPayload("timeout", "stream exceeded its deadline") from e
     except InvalidPayload:
         raise
     except Exception as e:  # protobuf DecodeError and friends surface while iterating
         raise InvalidPayload("decode", f"malformed stream: {type(e).__name__}: {e}") from e
-    if meta is None:
-        raise InvalidPayload("decode", "empty stream")
-    tensors = []
-    for group in groups:
-        if group[0].chunks and len(group) != group[0].chunks:
-            raise InvalidPayload("decode", f"tensor stream truncated: {len(group)} of {group[0].chunks} parts")
-        try:
-            tensors.append(deserialize_torch_tensor(combine_from_streaming(group)))
-        except Exception as e:  # RuntimeError / ValueError / TypeError from torch or numpy
-            raise InvalidPayload("decode", f"cannot decode tensor: {type(e).__name__}: {e}") from e
-    return meta, tensors
+
+
+def _decode(group: list[runtime_pb2.Tensor]) -> torch.Tensor:
+    try:
+        return deserialize_torch_tensor(combine_from_streaming(group))
+    except Exception as e:  # RuntimeError / ValueError / TypeError from torch or numpy
+        raise InvalidPayload("decode", f"cannot decode tensor: {type(e).__name__}: {e}") from e
+
+
+def validate_header(part: runtime_pb2.Tensor, *, shape: tuple[int, ...], dtype: str, name: str) -> None:
+    """A tensor's first stream part, before its bytes: a dtype cfnode knows (else `decode`), the exact shape,
+    the dtype; the same reasons `validate_tensor` gives for the decoded tensor."""
+    if part.dtype not in _DTYPE_BYTES:
+        raise InvalidPayload("decode", f"{name}: unknown dtype {part.dtype[:40]!r}")
+    if tuple(int(s) for s in part.size) != tuple(shape):
+        raise InvalidPayload("shape", f"{name}: expected shape {list(shape)}, got {list(part.size)[:8]}")
+    if part.dtype != dtype:
+        raise InvalidPayload("dtype", f"{name}: expected {dtype}, got {part.dtype}")
 
 
 def validate_tensor(tensor: torch.Tensor, *, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> None:

@@ -41,7 +41,7 @@ def test_two_adjacent_middle_stages_rebuilt_from_the_survivors_by_distance(make_
         victim.popen.wait(timeout=10)
     wait_until(lambda: waiting() & {2, 3}, 60, "stage 0 to pause for the lost stages")
     paused = len(steps())
-    (meta1, w1), (meta4, w4) = fetch_weights([infos[1], infos[4]])
+    (meta1, w1), (meta4, w4) = fetch_weights([infos[1], infos[4]], identity=h.reader_identity)
     assert meta1["step"] == meta4["step"] == paused
 
     infos_new = {h.ready_info(s, timeout_s=120)["stage"] for s in spares}

@@ -101,7 +101,7 @@ def test_edge_stage_then_stage0_killed_training_runs_to_the_last_step(make_harne
 
     # Stage 1 dies: its swap partner (stage 2) is copied exactly.
     paused = pause_after_kill(h, head, nodes[1], 1)
-    [(meta2, w2)] = fetch_weights([infos[2]])
+    [(meta2, w2)] = fetch_weights([infos[2]], identity=h.reader_identity)
     assert meta2["step"] == paused
     spare = h.start_node("spare1")
     assert h.ready_info(spare, timeout_s=120)["stage"] == 1
@@ -113,7 +113,7 @@ def test_edge_stage_then_stage0_killed_training_runs_to_the_last_step(make_harne
     wait_until(lambda: len(steps_of(h, head)) >= paused + 6, 180, "6 steps after the edge rebuild")
     kill_group(head)
     head.popen.wait(timeout=10)
-    [(meta2, _)] = fetch_weights([infos[2]])
+    [(meta2, _)] = fetch_weights([infos[2]], identity=h.reader_identity)
     committed = meta2["step"]  # what the transformer stages hold: the resume point
     new_head = h.start_node("spare0")
     assert h.ready_info(new_head, timeout_s=120)["stage"] == 0
@@ -133,7 +133,7 @@ def test_last_stage_then_held_stage0_replica_is_bit_identical(make_harness, tmp_
 
     # Stage L dies: its swap partner L-1 is copied exactly.
     paused = pause_after_kill(h, head, nodes[L], L)
-    [(meta3, w3)] = fetch_weights([infos[L - 1]])
+    [(meta3, w3)] = fetch_weights([infos[L - 1]], identity=h.reader_identity)
     assert meta3["step"] == paused
     spare = h.start_node("spareL")
     info_l = h.ready_info(spare, timeout_s=120)
@@ -144,10 +144,10 @@ def test_last_stage_then_held_stage0_replica_is_bit_identical(make_harness, tmp_
 
     # Stage 0 holds before step 16: its weights are final. Both replicas equal them bit for bit.
     wait_until(lambda: h.events(head, "held"), 180, "stage 0 to hold at step 16")
-    [(meta0, w0)] = fetch_weights([infos[0]])
+    [(meta0, w0)] = fetch_weights([infos[0]], identity=h.reader_identity)
     assert meta0["step"] == 16
     for holder, info in ((1, infos[1]), (L, info_l)):
-        [(rmeta, replica)] = fetch_weights([info], replica=True)
+        [(rmeta, replica)] = fetch_weights([info], replica=True, identity=h.reader_identity)
         assert (rmeta["stage"], rmeta["step"], rmeta["holder"]) == (0, 16, holder)
         assert_exact(replica, w0, f"replica on stage {holder}")
 

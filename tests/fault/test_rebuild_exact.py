@@ -46,7 +46,7 @@ def test_late_joiner_rebuilds_exactly_and_training_recovers(harness: Harness, tm
     victim.popen.wait(timeout=10)
     wait_until(lambda: len(waits()) > waits_before, 60, "stage 0 to pause for the lost stage 2")
     paused_at = len(steps())
-    (meta1, w1), (meta3, w3) = fetch_weights([infos[1], infos[3]])  # the survivors, while paused
+    (meta1, w1), (meta3, w3) = fetch_weights([infos[1], infos[3]], identity=h.reader_identity)  # the survivors, while paused
     assert meta1["step"] == meta3["step"] == paused_at, "survivors hold the last committed step"
 
     audit = str(tmp_path / "audit")

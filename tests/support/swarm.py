@@ -46,6 +46,8 @@ class Harness:
         self.bootstrap_maddr: str | None = None
         self.bootstrap_metrics_port: int | None = None
         self.extra = extra
+        self.reader_identity, self.reader_peer_id = make_identity(os.path.join(workdir, "reader.id"))
+        """The test's own peer, allowed to fetch weights (`--weights-reader`): an outsider is refused."""
 
     def start_bootstrap(self, *args: str) -> str:
         proc = self.swarm.spawn("bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
@@ -61,7 +63,8 @@ class Harness:
                 "--stages", str(self.stages), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
                 "--heartbeat-period", "0.5", "--heartbeat-ttl", str(self.ttl_s), "--microbatches", "4",
                 "--microbatch-size", "4", "--val-every", "10", "--step-timeout", "15",
-                "--request-timeout", "5", "--metrics-port", "0", *self.extra, *args]
+                "--request-timeout", "5", "--metrics-port", "0", "--weights-reader", self.reader_peer_id,
+                *self.extra, *args]
 
     def start_node(self, name: str, *args: str) -> Proc:
         ready = os.path.join(self.workdir, f"{name}.ready.json")
@@ -136,14 +139,26 @@ JOIN_RE = re.compile(r"^To join this swarm: cfnode join --peers (\S+)$", re.M)
 METRICS_LINE = re.compile(r"^metrics port (\d+)$", re.M)
 
 
-async def _fetch_weights(maddrs: list[str], peer_ids: list[str], replica: bool) -> list[tuple[dict, dict]]:
+def make_identity(path: str) -> tuple[str, str]:
+    """A libp2p identity file and its peer id."""
+    from hivemind.p2p import P2P, PeerID
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if not os.path.exists(path):
+        P2P.generate_identity(path)
+    with open(path, "rb") as f:
+        return path, PeerID.from_identity(f.read()).to_base58()
+
+
+async def _fetch_weights(maddrs: list[str], peer_ids: list[str], replica: bool,
+                         identity: str | None) -> list[tuple[dict, dict]]:
     from hivemind.p2p import P2P
 
     from cfnode.config import NetworkConfig
     from cfnode.metrics import NodeMetrics
     from cfnode.net.client import StageClient
 
-    p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    p2p = await P2P.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity_path=identity)
     try:
         client = StageClient(p2p, NetworkConfig(request_timeout_s=10), NodeMetrics())
         return [await client.get_weights(pid, max_bytes=2**30, timeout_s=30, replica=replica) for pid in peer_ids]
@@ -151,9 +166,12 @@ async def _fetch_weights(maddrs: list[str], peer_ids: list[str], replica: bool) 
         await p2p.shutdown()
 
 
-def fetch_weights(infos: list[dict[str, Any]], *, replica: bool = False) -> list[tuple[dict, dict]]:
-    """rpc_get_weights from each node (given its ready info), as an outsider peer; with `replica`, the
-    stage-0 replica each holds (CheckFree+)."""
+def fetch_weights(infos: list[dict[str, Any]], *, replica: bool = False,
+                  identity: str | None = None) -> list[tuple[dict, dict]]:
+    """rpc_get_weights from each node (given its ready info), from a peer outside the run (with `identity`, the
+    harness's `--weights-reader`; without, a stranger, which is refused); with `replica`, the stage-0 replica
+    each holds (CheckFree+)."""
     import asyncio
 
-    return asyncio.run(_fetch_weights([i["maddrs"][0] for i in infos], [i["peer_id"] for i in infos], replica))
+    return asyncio.run(_fetch_weights([i["maddrs"][0] for i in infos], [i["peer_id"] for i in infos], replica,
+                                      identity))

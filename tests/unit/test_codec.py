@@ -20,6 +20,7 @@ from cfnode.net.codec import (
     read_message,
     require_fields,
     unpack_metadata,
+    validate_header,
     validate_tensor,
 )
 
@@ -272,3 +273,119 @@ def test_stream_cut_short_is_decode_not_a_shorter_tensor() -> None:
     assert reason_of(parts[:-1]) == "decode"
     _, tensors = read(parts)
     assert torch.equal(tensors[0], torch.arange(1000.0))
+
+
+# -- early checks: hooks, timeouts ----------------------------------------------------------------------------
+
+
+class _Counting:
+    """Yields `parts`, counting how many were consumed; with `stall_after`, never yields past that many."""
+
+    def __init__(self, parts: Iterable[Any], stall_after: int | None = None) -> None:
+        self.parts, self.consumed, self.stall_after = list(parts), 0, stall_after
+
+    def __aiter__(self) -> _Counting:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self.stall_after is not None and self.consumed >= self.stall_after:
+            await asyncio.Event().wait()
+        if self.consumed >= len(self.parts):
+            raise StopAsyncIteration
+        self.consumed += 1
+        return self.parts[self.consumed - 1]
+
+
+def test_hooks_see_the_first_part_in_order_before_the_rest() -> None:
+    small, big = torch.arange(4.0), torch.arange(600.0)  # 16 bytes: whole in part 1; 2400 bytes: 3 parts
+    stream = _Counting(iter_message_parts(Request, {"k": 1}, [small, big], 1000))
+    seen: list[Any] = []
+
+    async def on_meta(meta: dict[str, Any]) -> None:
+        seen.append(("meta", meta, stream.consumed))
+
+    def on_header(index: int, part: runtime_pb2.Tensor) -> None:
+        seen.append(("header", index, list(part.size), stream.consumed))
+
+    async def on_first_part(meta: dict[str, Any], tensors: list[torch.Tensor]) -> None:
+        seen.append(("first", [t.numel() for t in tensors], stream.consumed))
+
+    async def go() -> tuple[dict[str, Any], list[torch.Tensor]]:
+        return await read_message(stream, max_bytes=BIG_CAP, on_meta=on_meta, on_header=on_header,
+                                  on_first_part=on_first_part)
+
+    meta, tensors = asyncio.run(go())
+    assert meta == {"k": 1}
+    assert seen == [("meta", {"k": 1}, 1), ("header", 0, [4], 1), ("first", [4], 1), ("header", 1, [600], 2)]
+    assert torch.equal(tensors[0], small) and torch.equal(tensors[1], big)
+
+
+def test_a_hook_rejection_stops_the_stream_at_the_first_part() -> None:
+    stream = _Counting(iter_message_parts(Request, {"k": 1}, [torch.zeros(1000)], 500))
+
+    async def on_meta(meta: dict[str, Any]) -> None:
+        raise InvalidPayload("unauthorized", "no")
+
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(read_message(stream, max_bytes=BIG_CAP, on_meta=on_meta))
+    assert exc.value.reason == "unauthorized" and stream.consumed == 1
+
+
+def test_on_meta_can_tighten_the_cap() -> None:
+    parts = list(iter_message_parts(Request, {"k": 1}, [torch.zeros(100)], 64))  # 400 bytes
+
+    async def go(limit: int) -> Any:
+        async def on_meta(meta: dict[str, Any]) -> int:
+            return limit
+
+        return await read_message(_agen(parts), max_bytes=BIG_CAP, on_meta=on_meta)
+
+    assert asyncio.run(go(400))[1][0].numel() == 100
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(go(399))
+    assert exc.value.reason == "too_large" and "399" in exc.value.detail
+
+
+def test_a_hook_bug_is_not_disguised_as_decode() -> None:
+    def on_header(index: int, part: runtime_pb2.Tensor) -> None:
+        raise KeyError("a bug")
+
+    with pytest.raises(KeyError):
+        asyncio.run(read_message(_agen(iter_message_parts(Request, {}, [torch.zeros(3)], 64)),
+                                 max_bytes=BIG_CAP, on_header=on_header))
+
+
+def test_a_stall_is_timeout_at_the_part_timeout() -> None:
+    stream = _Counting(iter_message_parts(Request, {}, [torch.zeros(100)], 64), stall_after=2)
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(read_message(stream, max_bytes=BIG_CAP, part_timeout_s=0.05))
+    assert exc.value.reason == "timeout" and "stalled" in exc.value.detail and stream.consumed == 2
+
+
+def test_a_stream_past_its_deadline_is_timeout() -> None:
+    async def trickle() -> AsyncIterator[Any]:
+        for p in iter_message_parts(Request, {}, [torch.zeros(100)], 16):  # 25 parts
+            await asyncio.sleep(0.02)
+            yield p
+
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(read_message(trickle(), max_bytes=BIG_CAP, part_timeout_s=5, deadline_s=0.1))
+    assert exc.value.reason == "timeout" and "deadline" in exc.value.detail
+
+
+def test_more_parts_than_declared_is_decode() -> None:
+    parts = list(iter_message_parts(Request, {}, [torch.zeros(8)], 16))  # 2 parts, chunks=2
+    extra = Request(tensors=[runtime_pb2.Tensor(buffer=b"\0" * 4)])
+    assert reason_of([*parts, extra]) == "decode"
+
+
+def test_validate_header() -> None:
+    part = serialize_torch_tensor(torch.zeros(2, 3))
+    validate_header(part, shape=(2, 3), dtype="float32", name="x")
+    assert _reason(validate_header, part, shape=(3, 2), dtype="float32", name="x") == "shape"
+    assert _reason(validate_header, serialize_torch_tensor(torch.zeros(2, 3, dtype=torch.float64)), shape=(2, 3),
+                   dtype="float32", name="x") == "dtype"
+    odd = runtime_pb2.Tensor()
+    odd.CopyFrom(part)
+    odd.dtype = "float99"
+    assert _reason(validate_header, odd, shape=(9,), dtype="float32", name="x") == "decode"

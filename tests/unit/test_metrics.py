@@ -170,7 +170,7 @@ def test_labelled_series_exist_at_start() -> None:
     assert values("cfnode_steps_aborted_total", "reason") == {(r,) for r in ABORT_REASONS}
     assert values("cfnode_microbatches_dropped_total", "reason") == {(r,) for r in ABORT_REASONS}
     assert values("cfnode_microbatches_processed_total", "direction") == {("forward",), ("backward",)}
-    assert values("cfnode_peer_bans_total", "reason") == {("rpc_failure",), ("confirmed_dead",)}
+    assert values("cfnode_peer_bans_total", "reason") == {("rpc_failure",), ("confirmed_dead",), ("rejections",)}
     assert "replica" in RPC_METHODS
 
 

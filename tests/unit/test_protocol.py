@@ -195,10 +195,16 @@ def test_attempt_ids_outrank_the_old_stage0_whatever_the_clock_and_adopt_what_a_
 # -- membership: unique claimants, generations, incomplete reads -------------------------------------------
 
 
-def test_two_claimants_at_one_generation_have_exactly_one_winner() -> None:
+def test_two_claimants_that_see_each_other_both_yield() -> None:
+    """The earlier of two claimants may not see the later one: only "yield to any rival" keeps the later one
+    from going ONLINE beside it (a tie-break by peer id would let both through)."""
     v = view({2: [rec("a", RECOVERING, generation=2), rec("b", RECOVERING, generation=2)]})
-    assert claim_rivals(v, 2, "a", 2) == ()
+    assert [p.peer_id for p in claim_rivals(v, 2, "a", 2)] == ["b"]
     assert [p.peer_id for p in claim_rivals(v, 2, "b", 2)] == ["a"]
+    only_a = view({2: [rec("a", RECOVERING, generation=2)]})
+    assert claim_rivals(only_a, 2, "a", 2) == ()
+    stale = view({2: [rec("a", RECOVERING, generation=2), rec("old", RECOVERING, generation=1)]})
+    assert claim_rivals(stale, 2, "a", 2) == ()
     online_later = view({2: [rec("a", ONLINE, generation=3), rec("b", RECOVERING, generation=2)]})
     assert [p.peer_id for p in claim_rivals(online_later, 2, "b", 2)] == ["a"]
 
