@@ -27,6 +27,9 @@ KINDS = (
 )
 POINTS = ("claimed", "online", "standby", "training_started", "neighbour_lost", "fenced", "recovery_finished")
 PERIOD_S, TTL_S = 0.5, 2.5
+CLAIM_JITTER_S = 0.3
+"""The claim protocol assumes a DHT write reaches every reader within the claim jitter (docs/protocol.md);
+visibility faults stay inside that bound, so "one ONLINE owner per (stage, generation)" must hold strictly."""
 LIMIT_S = 60.0
 
 
@@ -58,7 +61,7 @@ class Scenario:
             train=TrainConfig(lr=1e-3, num_microbatches=2, microbatch_size=1, max_in_flight=2, max_steps=self.steps,
                               val_every=0, step_timeout_s=3.0, retry_backoff_s=0.2),
             network=NetworkConfig(request_timeout_s=1.0, ping_timeout_s=0.3),
-            heartbeat=HeartbeatConfig(period_s=PERIOD_S, ttl_s=TTL_S, claim_jitter_s=0.3),
+            heartbeat=HeartbeatConfig(period_s=PERIOD_S, ttl_s=TTL_S, claim_jitter_s=CLAIM_JITTER_S),
             recovery=RecoveryConfig(fetch_timeout_s=3.0),
             metrics=MetricsConfig(port=None),
         )
@@ -148,7 +151,7 @@ def _add_kind(kind: str, rng: random.Random, sc: dict, plan: dict) -> None:
     elif kind == "slow_dht":
         sc["dht"] = replace(d, slow_max_s=rng.uniform(0.05, 0.6))
     elif kind == "visibility":
-        sc["dht"] = replace(d, visibility_s=rng.uniform(0.1, 1.0))
+        sc["dht"] = replace(d, visibility_s=rng.uniform(0.05, 0.9 * CLAIM_JITTER_S))
     else:
         raise ValueError(f"unknown fault kind {kind!r}")
 

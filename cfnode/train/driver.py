@@ -314,6 +314,9 @@ class Driver:
         try:
             await within(self._drive(key, batch), train.step_timeout_s)
             prepared = await self._prepare_all(key)
+        except asyncio.CancelledError:  # the driver stops (fenced, shutting down): the attempt is dropped
+            self._account_dropped(key, "cancelled", "the driver stopped during the attempt")
+            raise
         except Exception as e:  # every failure before the decision aborts the attempt, and is accounted for
             if self._failure:
                 reason = self._failure[0]
@@ -334,14 +337,23 @@ class Driver:
                     fut.cancel()
                 elif not fut.cancelled():
                     fut.exception()  # mark retrieved
-        await self._apply_all(key, prepared)
+        try:
+            await self._apply_all(key, prepared)
+        except asyncio.CancelledError:  # decided: stage 0 applied first, so the step counts as committed
+            self._account_decided(prepared)
+            raise
+        self._account_decided(prepared)
         if prepared.skip:
-            self._account_dropped(key, "nonfinite_grad", "a stage's gradient norm is not finite; step skipped "
-                                                         "by every stage")
             return None
-        self.stats["committed"] += train.num_microbatches
-        node.metrics.microbatches_committed.inc(train.num_microbatches)
         return sum(self._losses.values()) / len(self._losses), batch_fingerprint(batch)
+
+    def _account_decided(self, prepared: Prepared) -> None:
+        num_mb = self.cfg.train.num_microbatches
+        if prepared.skip:
+            self._account_dropped(AttemptKey(0, 0), "nonfinite_grad", "step skipped by every stage")
+            return
+        self.stats["committed"] += num_mb
+        self.node.metrics.microbatches_committed.inc(num_mb)
 
     async def _drive(self, key: AttemptKey, batch: torch.Tensor) -> None:
         """Launch microbatches as slots free up (launch_order) and wait for all of them."""
