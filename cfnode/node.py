@@ -439,7 +439,7 @@ class Node(HopHandling):
                     if stage == 0:
                         self.driver = Driver(self)
                         await self.driver.prepare()
-                    await membership.confirm_claim(self, stage)  # the unique claimant, right before ONLINE
+                    await membership.confirm_claim(self, stage, fresh_build=worker.step == 0)  # the unique claimant
                 except Exception as e:  # noqa: BLE001 - RecoveryError, a rival claim, a DHT failure: retry
                     if not isinstance(e, (RecoveryError, UnrecoverableError)):
                         self.metrics.loop_errors.labels(loop="claim").inc()

@@ -45,6 +45,9 @@ class RouteTable:
         """Highest generation known per stage (from every record ever read, and the owners' memories)."""
         self.banned: dict[str, float] = {}
         self.refreshed_at = -1e9
+        self.last_read = SwarmView()
+        """The last read as it came (bounded, not merged, without our own record injected): whether the DHT
+        returned our own record tells a claimant that the read was complete for its stage."""
         self.failed_reads = 0
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -57,6 +60,7 @@ class RouteTable:
             self.metrics.dht_records_dropped.labels(reason="generation").inc()
             logger.warning("ignored a record of %s claiming generation %d (known: %d): out of bounds",
                            p.peer_id[:12], p.record.generation, self.generations.get(_stage_of(fresh, p), 0))
+        self.last_read = bounded
         self.view = merge_views(self.view, bounded)
         stage, mine = self._own()
         if mine is not None:

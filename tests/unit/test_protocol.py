@@ -266,3 +266,15 @@ def test_a_failed_dht_read_keeps_the_view_and_is_counted() -> None:
         assert asyncio.run(table.refresh_or_keep()).online_owner(0).peer_id == "s0"  # type: ignore[union-attr]
     assert table.failed_reads == 2
     assert table.metrics.loop_errors.labels(loop="dht_read")._value.get() == 2
+
+
+def test_a_generation_a_reader_missed_is_accepted_when_another_owner_remembers_it() -> None:
+    """A stalled holder missed two failed claims (generations 2, 3): the new owner at 4 is beyond its slack,
+    but the owner of another stage remembers 4 for the stage, so the reader accepts it (and then steps down)."""
+    v = view({3: [rec("stale", generation=1), rec("new", generation=4)],
+              2: [rec("n2", generation=1, generations=(1, 1, 1, 4))]})
+    bounded, dropped = bound_generations(v, {2: 1, 3: 1})
+    assert dropped == () and bounded.online_owner(3).peer_id == "new"  # type: ignore[union-attr]
+    self_vouched = view({3: [rec("stale", generation=1), rec("forger", generation=9, generations=(9, 9, 9, 9))],
+                         2: [rec("n2", generation=1, generations=(1, 1, 1, 1))]})
+    assert [p.peer_id for p in bound_generations(self_vouched, {2: 1, 3: 1})[1]] == ["forger"]
