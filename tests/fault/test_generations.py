@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.swarm import Harness, kill_group, wait_until
 
-pytestmark = [pytest.mark.loopback, pytest.mark.fault]
+pytestmark = [pytest.mark.loopback, pytest.mark.fault, pytest.mark.slow]  # ~2-3 min: run with -m slow
 
 
 @pytest.fixture
