@@ -18,6 +18,7 @@ from hivemind.p2p import P2P
 from cfnode.config import MetricsConfig, NetworkConfig
 from cfnode.metrics import BootstrapMetrics
 from cfnode.net.dht import create_dht, routing_table_size, visible_maddrs
+from cfnode.net.identity import open_identity
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def run_bootstrap(net: NetworkConfig, announce: Callable[[list[str]], None],
     `metrics.port` set, the line `metrics port N` (the bound port; 0 picks a free one)."""
     if net.identity_path:
         ensure_identity(net.identity_path)
-    dht = create_dht(net)
+    # Run-agnostic: it knows no run's keys, so it checks signatures only (a marked subkey must be signed by
+    # its owner); the runs' nodes check their records' schema and bounds (net/validation.py).
+    identity = open_identity(net.identity_path)
+    dht = create_dht(net, validators=[identity.signature_validator()], identity=identity)
     # Handlers only after the DHT forked: a child that inherited them would ignore SIGTERM from shutdown().
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -177,6 +177,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--val-batches", type=int, default=_T.val_batches)
 @click.option("--step-timeout", type=float, default=_T.step_timeout_s, help="Seconds before stage 0 aborts a step.")
 @click.option("--request-timeout", type=float, default=_N.request_timeout_s, help="Seconds per RPC.")
+@click.option("--weights-reader", "weights_readers", multiple=True,
+              help="Peer id (base58) outside the run allowed to fetch weights, e.g. an exporter (repeatable).")
 @click.option("--max-message-bytes", type=int, default=_N.max_message_bytes,
               help="Byte cap of one incoming tensor stream.")
 @click.option("--threads", type=int, default=_T.num_threads, help="torch threads of this node.")
@@ -247,7 +249,8 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
         network=NetworkConfig(initial_peers=parse_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
                               request_timeout_s=kw["request_timeout"],
-                              max_message_bytes=kw["max_message_bytes"]),
+                              max_message_bytes=kw["max_message_bytes"],
+                              weights_readers=tuple(kw["weights_readers"])),
         heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
                                   claim_jitter_s=min(1.0, kw["heartbeat_period"])),
         recovery=RecoveryConfig(mode=kw["recovery"], rule=kw["recovery_rule"], lr_scale=kw["lr_scale"],
@@ -261,8 +264,15 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
 def _run_join(config: NodeConfig) -> None:
     from cfnode.bootstrap import join_hint
     from cfnode.net.dht import create_dht
+    from cfnode.net.identity import open_identity
+    from cfnode.net.validation import RunRecordValidator
 
-    dht = create_dht(config.network)  # FIRST: it forks
+    # The identity key signs our records (their subkey is its owner marker) and p2pd runs with it, so a record's
+    # subkey proves which peer wrote it (docs/protocol.md, signed records). A temporary one without --identity-path.
+    identity = open_identity(config.network.identity_path)
+    validators = [identity.signature_validator(),
+                  RunRecordValidator(config.run_id, config.model.num_stages, ttl_s=config.heartbeat.ttl_s)]
+    dht = create_dht(config.network, validators=validators, identity=identity)  # FIRST: it forks
     from cfnode.node import Node  # torch-heavy imports after the fork
 
     def on_ready(info: dict[str, Any]) -> None:
@@ -272,10 +282,11 @@ def _run_join(config: NodeConfig) -> None:
         if config.ready_file:
             _write_json_atomic(config.ready_file, info)
 
-    from cfnode.net.dht import SwarmDHT
+    from cfnode.net.dht import SwarmDHT, mirror_rejections
     from cfnode.net.network import P2PNetwork
 
-    swarm = SwarmDHT(dht, run_id=config.run_id, num_stages=config.model.num_stages, ttl_s=config.heartbeat.ttl_s)
+    swarm = SwarmDHT(dht, run_id=config.run_id, num_stages=config.model.num_stages, ttl_s=config.heartbeat.ttl_s,
+                     owner=identity.marker)
     node = Node(config, swarm, P2PNetwork(dht, config.network), on_ready=on_ready)
 
     async def _main() -> None:
@@ -286,7 +297,12 @@ def _run_join(config: NodeConfig) -> None:
             loop.add_signal_handler(sig, task.cancel)
         loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
         loop.set_exception_handler(_quiet_disconnects)
-        await node.run()
+        mirror = asyncio.create_task(mirror_rejections(swarm, node.metrics.mirror_dht_rejections,
+                                                       period_s=max(1.0, config.heartbeat.period_s)))
+        try:
+            await node.run()
+        finally:
+            mirror.cancel()
 
     try:
         asyncio.run(_main())

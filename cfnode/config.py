@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from cfnode.errors import ConfigError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +130,7 @@ class NetworkConfig:
     """Timeout of one forward/backward push (opening the stream and each reply part)."""
     ping_timeout_s: float = 3.0
     part_timeout_s: float = 10.0
-    """Incoming streams: the longest wait for any one part (the first included); a stalled stream is rejected."""
+    """Incoming streams: the longest wait for any one part (the first included); a stall is rejected `timeout`."""
     max_message_bytes: int = 64 * 2**20
     """Upper bound of one incoming hop stream (a hop is also capped at its tensor's exact size); longer streams
     are rejected while they arrive."""

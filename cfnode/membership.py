@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from cfnode import replication
@@ -26,6 +27,7 @@ from cfnode.net.records import (
     claim_rivals,
     is_occupied,
     keeps_claim,
+    run_meta,
     swarm_has_trained,
 )
 from cfnode.recovery import store
@@ -43,28 +45,51 @@ logger = logging.getLogger(__name__)
 
 
 async def check_meta(node: Node) -> None:
-    """Refuse a run whose model differs from ours; publish ours if the run has none yet."""
+    """Refuse a run whose model or run-wide settings differ from ours; then publish our own copy of the meta
+    (every node keeps one under its owner marker; `run_meta` picks the run's from the live members' copies)."""
     mine = _meta_record(node)
-    theirs = await node.swarm.read_meta()
-    if theirs is not None and theirs.recovery_mode != mine.recovery_mode:
-        raise ConfigMismatchError(
-            f"run {node.run_id!r} uses --recovery {theirs.recovery_mode}; this node was started with "
-            f"--recovery {mine.recovery_mode}. Every node of a run must route microbatches the same way.")
-    model = node.config.model
-    if theirs is not None and theirs.model_config_hash != mine.model_config_hash:
-        raise ConfigMismatchError(
-            f"run {node.run_id!r} trains a model with config hash {theirs.model_config_hash} "
-            f"({theirs.num_stages} stages); this node's is {mine.model_config_hash} "
-            f"({mine.num_stages} stages, preset {model.preset!r}). Use the same --preset, --stages and "
-            "--model-path as the swarm, or another --run-id."
-        )
+    found = await node.swarm.read_meta()
+    if isinstance(found, Mapping):
+        theirs = run_meta(found, await node.swarm.read_view()) if found else None
+    else:  # a store without owner-bound copies (the in-memory harness) returns the one record
+        theirs = found
+    if theirs is not None and (problem := meta_mismatch(node.run_id, theirs, mine, preset=node.config.model.preset)):
+        raise ConfigMismatchError(problem)
     await node.swarm.store_meta(mine)
 
 
+_RUN_WIDE = (  # (MetaRecord field, how a user sets it, why every node must agree)
+    ("recovery_rule", "--recovery-rule", "every rebuild of a stage must follow the run's rule"),
+    ("microbatch_size", "--microbatch-size", "every stage must expect the run's activation shapes"),
+    ("num_microbatches", "--microbatches", "every stage must commit after the same microbatches"),
+    ("clip_norm", "train.clip_norm", "every stage must clip at the run's norm (CheckFree weighs the clipped norms)"),
+)
+
+
+def meta_mismatch(run_id: str, theirs: MetaRecord, mine: MetaRecord, *, preset: str) -> str | None:
+    """Why a node with meta `mine` may not join a run whose meta is `theirs` (naming the setting, the run's value
+    and ours), or None."""
+    if theirs.recovery_mode != mine.recovery_mode:
+        return (f"run {run_id!r} uses --recovery {theirs.recovery_mode}; this node was started with "
+                f"--recovery {mine.recovery_mode}. Every node of a run must route microbatches the same way.")
+    if theirs.model_config_hash != mine.model_config_hash:
+        return (f"run {run_id!r} trains a model with config hash {theirs.model_config_hash} "
+                f"({theirs.num_stages} stages); this node's is {mine.model_config_hash} "
+                f"({mine.num_stages} stages, preset {preset!r}). Use the same --preset, --stages and "
+                "--model-path as the swarm, or another --run-id.")
+    for name, flag, why in _RUN_WIDE:
+        if getattr(theirs, name) != getattr(mine, name):
+            return (f"run {run_id!r} uses {flag} {getattr(theirs, name)}; this node was started with {flag} "
+                    f"{getattr(mine, name)}: {why}. Use the run's value, or another --run-id.")
+    return None
+
+
 def _meta_record(node: Node) -> MetaRecord:
-    model = node.config.model
+    model, train, recovery = node.config.model, node.config.train, node.config.recovery
     return MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash(),
-                      recovery_mode=node.config.recovery.mode)
+                      recovery_mode=recovery.mode, recovery_rule=recovery.rule,
+                      microbatch_size=train.microbatch_size, num_microbatches=train.num_microbatches,
+                      clip_norm=float(train.clip_norm))
 
 
 async def store_meta(node: Node) -> None:
@@ -108,7 +133,10 @@ async def claim_stage(node: Node) -> int:
         if not targets:
             if not announced_standby:
                 node.set_state(StageState.STANDBY, stage=None)
-                await node.announce()
+                try:
+                    await node.announce()
+                except Exception as e:  # noqa: BLE001 - the heartbeat announces it again
+                    logger.warning("announcing STANDBY failed (%s: %s); the heartbeat retries", type(e).__name__, e)
                 logger.info("no free stage; waiting as STANDBY")
                 node.events.emit("standby")
                 announced_standby = True
@@ -141,16 +169,29 @@ async def retreat(node: Node, stage: int) -> None:
     heartbeat, so it replaces it and the stage reads as empty at once)."""
     node.set_state(StageState.OFFLINE, stage=stage)
     try:
-        await node.swarm.store_stage(stage, node.own_record(), ttl_s=node.config.heartbeat.ttl_s + 1)
+        await node.store_own(stage, ttl_s=node.config.heartbeat.ttl_s + 1)
     except Exception as e:  # noqa: BLE001 - the record expires on its own
         logger.info("could not announce OFFLINE for stage %d: %s", stage, e)
 
 
-async def confirm_claim(node: Node, stage: int) -> None:
+CONFIRM_READS = 4
+
+
+async def confirm_claim(node: Node, stage: int, *, fresh_build: bool) -> None:
     """After announcing RECOVERING (and rebuilding), before ONLINE: re-read and make sure no other claimant
     outranks us (a higher generation, or ours with a peer id that sorts first: two spares that did not see each
     other's JOINING). Raises RecoveryError to give the stage back."""
-    view = await node.routes.refresh()
+    await asyncio.sleep(node.config.heartbeat.claim_jitter_s)  # rival claims written before ours become visible
+    for _ in range(CONFIRM_READS):  # a read that misses our own record may miss a rival's too: read again
+        view = await node.routes.refresh()
+        if any(p.peer_id == node.peer_id and p.record.generation == node.generation
+               for p in node.routes.last_read.members(stage)):
+            break
+        await asyncio.sleep(node.config.heartbeat.claim_jitter_s / 2)
+    else:
+        raise RecoveryError(f"could not read our own claim of stage {stage} back; giving it back to be safe")
+    if fresh_build and swarm_has_trained(view, node.config.model.num_stages):
+        raise RecoveryError(f"the swarm trained while stage {stage} was built from the seeded init")
     rivals = claim_rivals(view, stage, node.peer_id, node.generation)
     if rivals:
         best = max(rivals, key=lambda p: (p.record.generation, -ord(p.peer_id[0])))

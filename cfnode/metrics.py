@@ -19,13 +19,15 @@ from prometheus_client import (
 
 from cfnode import __version__
 from cfnode.errors import REJECT_REASONS
+from cfnode.net.validation import REJECT_REASONS as DHT_REJECT_REASONS
 
 RPC_METHODS = ("forward", "backward", "get_weights", "info", "commit", "abort", "replica", "restore")
 RPC_SIDES = ("client", "server")
 RPC_RESULTS = ("ok", "rejected")  # incoming RPCs answered; an exception escaping a handler is not counted
 RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STATES = ("joining", "online", "recovering", "standby", "fenced", "offline")
-ABORT_REASONS = ("peer_unavailable", "rejected", "timeout", "stage_missing", "reported", "error", "nonfinite_grad")
+ABORT_REASONS = ("peer_unavailable", "rejected", "timeout", "stage_missing", "reported", "error", "nonfinite_grad",
+                 "cancelled")
 LOOPS = ("heartbeat", "membership", "driver", "claim", "dht_read")
 DROP_REASONS = ("generation",)
 TRANSFER_DIRECTIONS = ("sent", "received")
@@ -147,6 +149,11 @@ class NodeMetrics(BootstrapMetrics):
         self.dht_records_dropped = Counter("cfnode_dht_records_dropped",
                                            "DHT records this node's reader ignored, by reason", ["reason"],
                                            registry=r)
+        self.dht_records_rejected = Counter(
+            "cfnode_dht_records_rejected", "Records of this run the DHT refused to store or ignored in a read "
+            "(net/validation.py: unsigned, not owner-bound, forged, unparseable, old version, expiry out of bounds), "
+            "by reason; mirrors the DHT process's counts", ["reason"], registry=r)
+        self._dht_rejections_seen: dict[str, int] = {}
         self.commit_retries = Counter("cfnode_commit_retries", "Commit RPCs sent again until the stage confirmed "
                                       "(stage 0)", registry=r)
         # Every labelled series exists from the start (at 0), so rate() and alerts see it before its first event.
@@ -181,8 +188,19 @@ class NodeMetrics(BootstrapMetrics):
             self.loop_errors.labels(loop=loop)
         for reason in DROP_REASONS:
             self.dht_records_dropped.labels(reason=reason)
+        for reason in DHT_REJECT_REASONS:
+            self.dht_records_rejected.labels(reason=reason)
         self.stage_index.set(-1)
         self.replica_step.set(-1)
+
+    def mirror_dht_rejections(self, counts: dict[str, int]) -> None:
+        """Bring `cfnode_dht_records_rejected_total` up to the DHT process's running totals
+        (`SwarmDHT.rejected_records()`): the counter grows by what each reason gained since the last call."""
+        for reason, total in counts.items():
+            gained = int(total) - self._dht_rejections_seen.get(reason, 0)
+            if gained > 0:
+                self.dht_records_rejected.labels(reason=reason).inc(gained)
+                self._dht_rejections_seen[reason] = int(total)
 
     def set_state(self, state: str) -> None:
         for s in STATES:

@@ -14,9 +14,13 @@ from typing import Any
 from cfnode.config import NetworkConfig
 from cfnode.errors import NoPeerReachableError
 from cfnode.net.dht import SwarmDHT, create_dht
-from cfnode.net.records import MetaRecord, StageState, SwarmView
+from cfnode.net.identity import open_identity
+from cfnode.net.records import MetaRecord, StageState, SwarmView, run_meta
+from cfnode.net.validation import RunRecordValidator
 
 DEFAULT_MAX_STAGES = 64
+READ_TIMEOUT_S = 10.0
+"""Deadline of each DHT read of `status` (a one-shot reader: no heartbeat to keep, unlike a node's ttl/3)."""
 CLEAR_SCREEN = "\x1b[2J\x1b[H"
 
 
@@ -34,7 +38,9 @@ def watch_status(peers: tuple[str, ...], run_id: str, *, ttl_s: float, interval_
     A read that times out yields `{"run_id", "error"}` and the watch goes on."""
     if not peers:
         raise NoPeerReachableError("no --peers given")
-    dht = create_dht(NetworkConfig(initial_peers=peers), client_mode=True)
+    identity = open_identity(None)  # a throwaway key: the reader signs nothing, but validates like a node
+    validators = [identity.signature_validator(), RunRecordValidator(run_id, DEFAULT_MAX_STAGES, ttl_s=ttl_s)]
+    dht = create_dht(NetworkConfig(initial_peers=peers), client_mode=True, validators=validators, identity=identity)
     loop = asyncio.new_event_loop()
     try:
         made = 0
@@ -52,11 +58,20 @@ def watch_status(peers: tuple[str, ...], run_id: str, *, ttl_s: float, interval_
 
 
 async def _read(dht: Any, run_id: str, ttl_s: float) -> dict[str, Any]:
-    probe = SwarmDHT(dht, run_id=run_id, num_stages=0, ttl_s=ttl_s)
-    meta = await probe.read_meta()
-    num_stages = meta.num_stages if meta else DEFAULT_MAX_STAGES
-    view = await SwarmDHT(dht, run_id=run_id, num_stages=num_stages, ttl_s=ttl_s).read_view()
+    """The run's meta is the copy of its lowest live member (`run_meta`), so read the view first: as many
+    stages as the largest copy claims (at most DEFAULT_MAX_STAGES), again if the run's own copy says otherwise."""
+    metas = await SwarmDHT(dht, run_id=run_id, num_stages=0, ttl_s=ttl_s, timeout_s=READ_TIMEOUT_S).read_meta()
+    num_stages = _stages_to_read(max((m.num_stages for m in metas.values()), default=DEFAULT_MAX_STAGES))
+    view = await SwarmDHT(dht, run_id=run_id, num_stages=num_stages, ttl_s=ttl_s, timeout_s=READ_TIMEOUT_S).read_view()
+    meta = run_meta(metas, view)
+    if meta is not None and _stages_to_read(meta.num_stages) != num_stages:
+        view = await SwarmDHT(dht, run_id=run_id, num_stages=_stages_to_read(meta.num_stages), ttl_s=ttl_s,
+                              timeout_s=READ_TIMEOUT_S).read_view()
     return snapshot(run_id, meta, view, ttl_s=ttl_s)
+
+
+def _stages_to_read(num_stages: int) -> int:
+    return max(0, min(DEFAULT_MAX_STAGES, num_stages))
 
 
 def snapshot(run_id: str, meta: MetaRecord | None, view: SwarmView, *, ttl_s: float) -> dict[str, Any]:

@@ -13,16 +13,19 @@ import asyncio
 import logging
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
 from hivemind.dht import DHT, DHTNode
+from hivemind.dht.validation import RecordValidatorBase
 from hivemind.p2p import P2PDaemonError
 from hivemind.utils import get_dht_time
 
-from cfnode.config import NetworkConfig
+from cfnode.config import PROTOCOL_VERSION, NetworkConfig
 from cfnode.deadline import within
 from cfnode.errors import IdentityTakenError, NoPeerReachableError
+from cfnode.net.identity import NodeIdentity, peer_id_of_marker
 from cfnode.net.records import (
     MetaRecord,
     PeerRecord,
@@ -33,6 +36,7 @@ from cfnode.net.records import (
     stage_key,
     standby_key,
 )
+from cfnode.net.validation import META_TTL_S, REJECT_REASONS, rejected_counts
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +76,27 @@ async def _get_many(dht: DHT, node: DHTNode, *, keys: tuple[str, ...]) -> dict[s
     return out
 
 
-def create_dht(net: NetworkConfig, *, client_mode: bool = False) -> DHT:
+def create_dht(net: NetworkConfig, *, client_mode: bool = False, validators: Sequence[RecordValidatorBase] = (),
+               identity: NodeIdentity | None = None) -> DHT:
     """Start the DHT process (call this first: it forks) and install the parent-death watchdog.
 
-    Raises NoPeerReachableError (exit 3) or IdentityTakenError (exit 4) with an actionable message.
+    `validators` guard every record this DHT stores, serves or reads (net/validation.py); `identity` is the
+    key they sign with: p2pd runs with its file, so the peer id is the key's (checked), and a temporary
+    identity file is deleted as soon as p2pd has read it. Raises NoPeerReachableError (exit 3) or
+    IdentityTakenError (exit 4) with an actionable message.
     """
+    if identity is not None:
+        try:
+            return _create_dht(net, client_mode=client_mode, validators=validators, identity_path=identity.path,
+                               expected_peer_id=identity.peer_id, fresh_identity=identity.temporary)
+        finally:
+            if identity.temporary:
+                identity.discard()
+    return _create_dht(net, client_mode=client_mode, validators=validators, identity_path=net.identity_path)
+
+
+def _create_dht(net: NetworkConfig, *, client_mode: bool, validators: Sequence[RecordValidatorBase],
+                identity_path: str | None, expected_peer_id: str | None = None, fresh_identity: bool = False) -> DHT:
     kwargs: dict[str, Any] = {
         "host_maddrs": list(net.host_maddrs),
         "startup_timeout": net.startup_timeout_s,
@@ -86,15 +106,18 @@ def create_dht(net: NetworkConfig, *, client_mode: bool = False) -> DHT:
     }
     if net.announce_maddrs:
         kwargs["announce_maddrs"] = list(net.announce_maddrs)
-    if net.identity_path:
-        kwargs["identity_path"] = net.identity_path
+    if identity_path:
+        kwargs["identity_path"] = identity_path
+    if fresh_identity:  # a key made a moment ago is nobody else's: skip hivemind's probe (an extra p2pd)
+        kwargs["check_if_identity_free"] = False
     try:
-        dht = DHT(initial_peers=list(net.initial_peers) or None, start=True, **kwargs)
+        dht = DHT(initial_peers=list(net.initial_peers) or None, start=True, record_validators=list(validators),
+                  **kwargs)
     except P2PDaemonError as e:
         text = str(e)
         if "already taken" in text:
             raise IdentityTakenError(
-                f"identity {net.identity_path} is already in use by a running peer (a previous instance may "
+                f"identity {identity_path} is already in use by a running peer (a previous instance may "
                 f"still be alive; stop it or use another --identity-path): {text}"
             ) from e
         if "bootstrap" in text or "connect" in text:
@@ -108,6 +131,10 @@ def create_dht(net: NetworkConfig, *, client_mode: bool = False) -> DHT:
             raise NoPeerReachableError(f"could not reach any of --peers {list(net.initial_peers)}: {e}") from e
         raise
     dht.run_coroutine(partial(_exit_when_parent_dies, parent_pid=os.getpid()))
+    if expected_peer_id is not None and dht.peer_id.to_base58() != expected_peer_id:
+        dht.shutdown()
+        raise RuntimeError(f"p2pd runs as {dht.peer_id.to_base58()}, not as the signing key's peer "
+                           f"{expected_peer_id}: records would not be bound to this peer")
     return dht
 
 
@@ -136,7 +163,9 @@ class SwarmStore(Protocol):
 
     async def store_stage(self, stage_idx: int | None, record: StageRecord, *, ttl_s: float | None = None) -> bool: ...
     async def store_meta(self, meta: MetaRecord) -> bool: ...
-    async def read_meta(self) -> MetaRecord | None: ...
+    async def read_meta(self) -> Mapping[str, MetaRecord] | MetaRecord | None:
+        """Owner-bound stores (SwarmDHT) return every live copy by its writer's peer id (`run_meta` picks the
+        run's); a store without owners (the in-memory harness) may return the one record."""
     async def read_view(self) -> SwarmView: ...
     async def dht_peers(self) -> int: ...
 
@@ -154,15 +183,30 @@ class SwarmDHT:
     are issued from the loop's one thread, so the DHT's control pipe is never written concurrently (the
     corruption trap of reference/p2p.md §9 needs several threads)."""
 
-    def __init__(self, dht: DHT, *, run_id: str, num_stages: int, ttl_s: float) -> None:
+    def __init__(self, dht: DHT, *, run_id: str, num_stages: int, ttl_s: float, owner: bytes | None = None,
+                 timeout_s: float | None = None) -> None:
+        """`owner`: this node's owner marker (net/identity.py), the subkey of everything it writes; the DHT must
+        sign with the same key (RSASignatureValidator). A reader (`cfnode status`) needs none, and may take
+        longer per call (`timeout_s`) than a node, whose calls must fit its heartbeat (`call_timeout_s`)."""
         self.dht = dht
         self.run_id = run_id
         self.num_stages = num_stages
         self.ttl_s = ttl_s
-        self.timeout_s = call_timeout_s(ttl_s)
+        self.timeout_s = call_timeout_s(ttl_s) if timeout_s is None else timeout_s
         self.peer_id = dht.peer_id.to_base58()
+        if owner is not None and peer_id_of_marker(owner) != self.peer_id:
+            raise ValueError(f"owner marker of peer {peer_id_of_marker(owner)} given to the DHT of {self.peer_id}")
+        self.owner = owner
+        self.dropped: dict[str, int] = dict.fromkeys(REJECT_REASONS, 0)
+        """Entries this reader dropped itself (an unmarked subkey, an old version) that the DHT let through:
+        only possible without the run's validator."""
         self._write_lock = asyncio.Lock()
         self._read_lock = asyncio.Lock()
+
+    def _subkey(self) -> bytes:
+        if self.owner is None:
+            raise RuntimeError("this SwarmDHT is a reader: it has no owner marker to write under")
+        return self.owner
 
     async def _call(self, future: Any) -> Any:
         return await within(future, self.timeout_s)
@@ -172,21 +216,38 @@ class SwarmDHT:
         key = standby_key(self.run_id) if stage_idx is None else stage_key(self.run_id, stage_idx)
         expiration = get_dht_time() + (ttl_s if ttl_s is not None else self.ttl_s)
         async with self._write_lock:
-            fut = self.dht.store(key, record.to_wire(), expiration_time=expiration, subkey=self.peer_id,
+            fut = self.dht.store(key, record.to_wire(), expiration_time=expiration, subkey=self._subkey(),
                                  return_future=True)
             return bool(await self._call(fut))
 
-    async def store_meta(self, meta: MetaRecord, *, ttl_s: float = 3600.0) -> bool:
+    async def store_meta(self, meta: MetaRecord, *, ttl_s: float = META_TTL_S) -> bool:
+        """Our copy of the run's meta, under our owner marker (nobody else can overwrite it)."""
         async with self._write_lock:
             fut = self.dht.store(meta_key(self.run_id), meta.to_wire(), expiration_time=get_dht_time() + ttl_s,
-                                 return_future=True)
+                                 subkey=self._subkey(), return_future=True)
             return bool(await self._call(fut))
 
-    async def read_meta(self) -> MetaRecord | None:
+    async def read_meta(self) -> dict[str, MetaRecord]:
+        """Every live, well-formed copy of the meta by its writer's peer id (fresh read); `run_meta` picks."""
         async with self._read_lock:
-            fut = self.dht.get(meta_key(self.run_id), latest=True, return_future=True)
-            item = await self._call(fut)
-        return None if item is None else MetaRecord.from_wire(item.value)
+            fut = self.dht.run_coroutine(partial(_get_many, keys=(meta_key(self.run_id),)), return_future=True)
+            raw = await self._call(fut)
+        out = {}
+        for peer_id, entry in self._owned(raw.get(meta_key(self.run_id))).items():
+            meta = MetaRecord.from_wire(entry.value)
+            if meta is not None and _is_current(meta.version, self.dropped):
+                out[peer_id] = meta
+        return out
+
+    async def rejected_records(self) -> dict[str, int]:
+        """Records of this run rejected so far, by reason (net/validation.py): the DHT process's validator
+        counts, plus the entries this reader dropped itself."""
+        async with self._read_lock:
+            fut = self.dht.run_coroutine(rejected_counts, return_future=True)
+            counts = dict(await self._call(fut))
+        for reason, n in self.dropped.items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
 
     async def dht_peers(self) -> int:
         """Peers in this node's DHT routing table (the `cfnode_dht_peers` gauge)."""
@@ -203,9 +264,41 @@ class SwarmDHT:
         now = get_dht_time()
         stages = {}
         for i in range(self.num_stages + 1):
-            stages[i] = parse_stage_entries(_as_entries(raw.get(stage_key(self.run_id, i))), now)
-        standby = parse_stage_entries(_as_entries(raw.get(standby_key(self.run_id))), now)
+            stages[i] = parse_stage_entries(self._current(self._owned(raw.get(stage_key(self.run_id, i)))), now)
+        standby = parse_stage_entries(self._current(self._owned(raw.get(standby_key(self.run_id)))), now)
         return SwarmView(stages=stages, standby=standby, now=now)
+
+    def _owned(self, raw: Any) -> dict[str, _Entry]:
+        """A key's `{subkey: (value, expiration)}` keyed by the peer id each owner marker derives to; an entry
+        under any other subkey (a plain peer id as version 1 wrote, anything forged) is dropped and counted."""
+        out: dict[str, _Entry] = {}
+        if not isinstance(raw, dict):
+            if raw is not None:  # a plain value where a dictionary belongs
+                self.dropped["not_owner"] += 1
+            return out
+        for subkey, (value, expiration) in raw.items():
+            peer_id = peer_id_of_marker(subkey) if isinstance(subkey, bytes) else None
+            if peer_id is None:
+                self.dropped["not_owner"] += 1
+                continue
+            out[peer_id] = _Entry(value, expiration)
+        return out
+
+    def _current(self, entries: dict[str, _Entry]) -> dict[str, _Entry]:
+        """Entries whose record is of this protocol version or later (a v1 record is ignored, and counted)."""
+        return {p: e for p, e in entries.items()
+                if not isinstance(e.value, Mapping) or _is_current(e.value.get("version", 0), self.dropped)}
+
+
+async def mirror_rejections(swarm: SwarmDHT, sink: Callable[[dict[str, int]], None], *, period_s: float) -> None:
+    """Every period, hand the DHT process's rejection counts to `sink` (NodeMetrics.mirror_dht_rejections)
+    until cancelled; a failed read is skipped (the counts are running totals: nothing is lost)."""
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            sink(await swarm.rejected_records())
+        except Exception as e:  # noqa: BLE001 - metrics must never take the node down
+            logger.debug("reading the DHT's rejection counts failed: %s: %s", type(e).__name__, e)
 
 
 class _Entry:
@@ -216,10 +309,21 @@ class _Entry:
         self.expiration_time = expiration_time
 
 
+def _is_current(version: Any, dropped: dict[str, int]) -> bool:
+    try:
+        if int(version) >= PROTOCOL_VERSION:
+            return True
+    except (TypeError, ValueError, OverflowError):
+        return True  # unparseable: parse_stage_entries drops it
+    dropped["version"] += 1
+    return False
+
+
 def _as_entries(raw: Any) -> dict[str, _Entry]:
     if not isinstance(raw, dict):
         return {}
     return {sub: _Entry(v, exp) for sub, (v, exp) in raw.items() if isinstance(sub, str)}
 
 
-__all__ = ["PeerRecord", "SwarmDHT", "SwarmStore", "call_timeout_s", "create_dht", "routing_table_size", "visible_maddrs"]
+__all__ = ["PeerRecord", "SwarmDHT", "SwarmStore", "call_timeout_s", "create_dht", "mirror_rejections", "routing_table_size",
+           "visible_maddrs"]

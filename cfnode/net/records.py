@@ -109,28 +109,69 @@ def _generations(value: object) -> tuple[int, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class MetaRecord:
-    """`{run}:meta`: what every node of the run must agree on."""
+    """`{run}:meta`, one copy per node (subkey: its owner marker): what every node of the run must agree on.
+    The run's copy is the one `run_meta` picks."""
 
     num_stages: int
     model_config_hash: str
     recovery_mode: str = "checkfree"
     """Every node must route microbatches the same way (checkfree+ swaps edge stages)."""
+    recovery_rule: str = "grad-avg"
+    """How a lost middle stage is rebuilt: every rebuilder must use the run's rule."""
+    microbatch_size: int = 8
+    num_microbatches: int = 4
+    """Every stage must expect the same activation shapes and microbatches per step."""
+    clip_norm: float = 1.0
+    """Every stage clips its gradient at the same norm (CheckFree weights by the post-clip norms)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
         return {"num_stages": self.num_stages, "model_config_hash": self.model_config_hash,
-                "recovery_mode": self.recovery_mode, "version": self.version}
+                "recovery_mode": self.recovery_mode, "recovery_rule": self.recovery_rule,
+                "microbatch_size": self.microbatch_size, "num_microbatches": self.num_microbatches,
+                "clip_norm": self.clip_norm, "version": self.version}
 
     @classmethod
     def from_wire(cls, value: object) -> MetaRecord | None:
         if not isinstance(value, Mapping):
             return None
         try:
+            clip_norm = float(value.get("clip_norm", 1.0))
+            if not math.isfinite(clip_norm):
+                return None
             return cls(num_stages=int(value["num_stages"]), model_config_hash=str(value["model_config_hash"]),
                        recovery_mode=str(value.get("recovery_mode", "checkfree")),
+                       recovery_rule=str(value.get("recovery_rule", "grad-avg")),
+                       microbatch_size=int(value.get("microbatch_size", 8)),
+                       num_microbatches=int(value.get("num_microbatches", 4)), clip_norm=clip_norm,
                        version=int(value.get("version", 0)))
         except (KeyError, ValueError, TypeError, OverflowError):
             return None
+
+
+_MEMBER_ORDER = {"ONLINE": 0, "RECOVERING": 1, "JOINING": 2}
+
+
+def run_meta(metas: Mapping[str, MetaRecord], view: SwarmView) -> MetaRecord | None:
+    """The run's meta among the copies every node writes (peer id -> its MetaRecord): the copy of the live
+    member of the lowest-numbered stage that wrote one (within a stage: the ONLINE owner first, then RECOVERING,
+    then JOINING records, highest generation and smallest peer id first), else of a live spare (smallest peer
+    id), else None (no live member wrote one: a fresh run). A copy from a peer not in the view is ignored, so
+    an outsider's copy never decides."""
+    if not metas:
+        return None
+    for idx in sorted(view.stages):
+        members = sorted(
+            (p for p in view.members(idx)
+             if is_alive(p.expiration_time, view.now) and p.record.state.value in _MEMBER_ORDER),
+            key=lambda p: (_MEMBER_ORDER[p.record.state.value], -p.record.generation, p.peer_id))
+        for p in members:
+            if p.peer_id in metas:
+                return metas[p.peer_id]
+    for p in sorted(view.standby, key=lambda p: p.peer_id):
+        if is_alive(p.expiration_time, view.now) and p.record.state is StageState.STANDBY and p.peer_id in metas:
+            return metas[p.peer_id]
+    return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,17 +313,29 @@ def merge_views(prev: SwarmView, new: SwarmView) -> SwarmView:
 def bound_generations(view: SwarmView, known: Mapping[int, int], *, slack: int = GENERATION_SLACK
                       ) -> tuple[SwarmView, tuple[PeerRecord, ...]]:
     """Drop stage records whose generation exceeds what this reader knows for the stage by more than `slack`;
-    returns (the view without them, the dropped records). A stage the reader knows nothing of yet is taken as
-    read (trust on first read)."""
+    returns (the view without them, the dropped records). A generation is also known when the ONLINE owner of
+    another stage, itself within bounds, remembers it (`generations`): a reader that missed a few claims
+    (stalled, or a run of failed rebuilds) still accepts the new owner, while a lone forger is not
+    corroborated. A stage the reader knows nothing of yet is taken as read (trust on first read)."""
+
+    def within(i: int, p: PeerRecord, allowed: Mapping[int, int]) -> bool:
+        return i not in allowed or p.record.generation <= allowed[i] + slack
+
+    first = {i: [p for p in ps if within(i, p, known)] for i, ps in view.stages.items()}
+    allowed = dict(known)
+    for j, ps in first.items():
+        owner = SwarmView(stages={j: tuple(ps)}).online_owner(j)
+        if owner is None:
+            continue
+        for i, g in enumerate(owner.record.generations):
+            if i != j and i in allowed:
+                allowed[i] = max(allowed[i], g)
     dropped: list[PeerRecord] = []
     stages: dict[int, tuple[PeerRecord, ...]] = {}
     for i, members in view.stages.items():
         kept = []
         for p in members:
-            if i in known and p.record.generation > known[i] + slack:
-                dropped.append(p)
-            else:
-                kept.append(p)
+            (kept if within(i, p, allowed) else dropped).append(p)
         stages[i] = tuple(kept)
     return SwarmView(stages=stages, standby=view.standby, now=view.now), tuple(dropped)
 
@@ -308,14 +361,19 @@ def learn_generations(view: SwarmView, known: Mapping[int, int], *, slack: int =
 
 
 def claim_rivals(view: SwarmView, stage_idx: int, my_peer_id: str, generation: int) -> tuple[PeerRecord, ...]:
-    """Live records that outrank our claim of `stage_idx` at `generation`: an ONLINE or RECOVERING claim at a
-    higher generation, or at the same generation by a peer id that sorts first. Empty: we are the unique
-    claimant (checked after announcing RECOVERING and before going ONLINE)."""
+    """Live records of another peer on `stage_idx` that our claim at `generation` must yield to: any ONLINE
+    one (the stage was not empty after all: a holder we misread, or one that thawed, keeps it), and any
+    RECOVERING one at our generation or above. Empty: we are the unique claimant (checked a claim jitter after
+    announcing RECOVERING, right before ONLINE).
+
+    A rival makes us yield whatever the peer ids: of two claimants whose writes reach each other within the
+    jitter, the later one surely sees the earlier, but the earlier may not see the later, so a tie-break by id
+    could let both through. Both yielding is resolved by the next JOINING round's tie-break."""
     return tuple(
         p for p in view.members(stage_idx)
         if p.peer_id != my_peer_id and is_alive(p.expiration_time, view.now)
-        and p.record.state in (StageState.ONLINE, StageState.RECOVERING)
-        and (p.record.generation > generation or (p.record.generation == generation and p.peer_id < my_peer_id))
+        and (p.record.state is StageState.ONLINE
+             or (p.record.state is StageState.RECOVERING and p.record.generation >= generation))
     )
 
 

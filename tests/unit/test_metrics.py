@@ -65,6 +65,7 @@ NODE_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "cfnode_swarm_unrecoverable": ("gauge", ()),
     "cfnode_loop_errors_total": ("counter", ("loop",)),
     "cfnode_dht_records_dropped_total": ("counter", ("reason",)),
+    "cfnode_dht_records_rejected_total": ("counter", ("reason",)),
     "cfnode_commit_retries_total": ("counter", ()),
 }
 BOOTSTRAP_FAMILIES = {k: NODE_FAMILIES[k] for k in ("cfnode_build_info", "cfnode_node_info", "cfnode_dht_peers")}

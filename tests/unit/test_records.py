@@ -22,6 +22,7 @@ from cfnode.net.records import (
     meta_key,
     needs_recovery,
     parse_stage_entries,
+    run_meta,
     stage_key,
     standby_key,
 )
@@ -131,6 +132,7 @@ def test_meta_record_round_trip_and_malformed() -> None:
     meta = MetaRecord(num_stages=4, model_config_hash="abcd1234", recovery_mode="checkfree+")
     wire = meta.to_wire()
     assert wire == {"num_stages": 4, "model_config_hash": "abcd1234", "recovery_mode": "checkfree+",
+                    "recovery_rule": "grad-avg", "microbatch_size": 8, "num_microbatches": 4, "clip_norm": 1.0,
                     "version": PROTOCOL_VERSION}
     assert MetaRecord.from_wire(wire) == meta
     assert MetaRecord.from_wire({"num_stages": 2, "model_config_hash": "h"}).recovery_mode == "checkfree"
@@ -346,3 +348,171 @@ def test_needs_recovery_uses_the_online_owner() -> None:
     # two ONLINE records on stage 1: the owner (higher generation) reports step 0, the loser step 9
     v = view({1: [peer("a", ONLINE, step=9, generation=1), peer("b", ONLINE, step=0, generation=2)]})
     assert not needs_recovery(v, 2, 3)
+
+
+# -- protocol version 2: run-wide settings in the meta, and which copy is the run's ----------------------------
+
+
+def test_protocol_version_2_records() -> None:
+    assert PROTOCOL_VERSION == 2
+    assert StageRecord(state=ONLINE).version == 2 and StageRecord(state=ONLINE).to_wire()["version"] == 2
+    assert MetaRecord(num_stages=1, model_config_hash="h").version == 2
+
+
+@pytest.mark.parametrize("field_name, value", [
+    ("recovery_rule", "uniform-avg"), ("microbatch_size", 16), ("num_microbatches", 7), ("clip_norm", 0.5)])
+def test_meta_record_carries_each_run_wide_setting(field_name: str, value: object) -> None:
+    meta = dataclasses.replace(MetaRecord(num_stages=2, model_config_hash="h"), **{field_name: value})
+    assert meta.to_wire()[field_name] == value
+    assert MetaRecord.from_wire(meta.to_wire()) == meta
+    assert getattr(MetaRecord.from_wire({"num_stages": 2, "model_config_hash": "h"}), field_name) == getattr(
+        MetaRecord(num_stages=2, model_config_hash="h"), field_name)  # a record without it: the default
+
+
+@pytest.mark.parametrize("bad", [{"microbatch_size": "eight"}, {"num_microbatches": None},
+                                 {"clip_norm": "x"}, {"clip_norm": math.inf}, {"clip_norm": math.nan}])
+def test_meta_record_malformed_run_wide_setting_is_none(bad: dict[str, object]) -> None:
+    assert MetaRecord.from_wire({"num_stages": 2, "model_config_hash": "h", **bad}) is None
+
+
+def _meta(tag: str) -> MetaRecord:
+    return MetaRecord(num_stages=3, model_config_hash=tag)
+
+
+def _spare(peer_id: str, expires: float = NOW + TTL) -> PeerRecord:
+    return peer(peer_id, STANDBY, expires=expires)
+
+
+def test_run_meta_is_the_copy_of_the_lowest_stages_live_member() -> None:
+    v = view({0: [peer("s0", ONLINE, generation=1)], 1: [peer("s1", ONLINE)], 2: [peer("s2", ONLINE)]})
+    metas = {"s2": _meta("two"), "s1": _meta("one"), "s0": _meta("zero")}
+    assert run_meta(metas, v) == _meta("zero")
+    del metas["s0"]  # the lowest member wrote none (yet): the next stage's member decides
+    assert run_meta(metas, v) == _meta("one")
+
+
+@pytest.mark.parametrize("state", [JOINING, RECOVERING, ONLINE])
+def test_run_meta_counts_every_occupying_state(state: StageState) -> None:
+    v = view({0: [peer("s0", state)], 1: [peer("s1", ONLINE)]})
+    assert run_meta({"s0": _meta("zero"), "s1": _meta("one")}, v) == _meta("zero")
+
+
+def test_run_meta_skips_offline_and_expired_records() -> None:
+    v = view({0: [peer("gone", OFFLINE), peer("dead", ONLINE, expires=NOW - 1)], 1: [peer("s1", ONLINE)]})
+    assert run_meta({"gone": _meta("x"), "dead": _meta("y"), "s1": _meta("one")}, v) == _meta("one")
+
+
+def test_run_meta_within_a_stage_prefers_the_online_owner() -> None:
+    v = view({0: [peer("a", JOINING), peer("b", ONLINE, generation=1), peer("c", ONLINE, generation=2),
+                  peer("d", RECOVERING, generation=3)]})
+    metas = {p: _meta(p) for p in "abcd"}
+    assert run_meta(metas, v) == _meta("c")  # the owner: ONLINE, highest generation
+    del metas["c"], metas["b"]
+    assert run_meta(metas, v) == _meta("d")  # then RECOVERING, then JOINING
+    del metas["d"]
+    assert run_meta(metas, v) == _meta("a")
+
+
+def test_run_meta_falls_back_to_a_live_spare_then_none() -> None:
+    v = SwarmView(stages={0: (), 1: ()}, standby=(_spare("z"), _spare("m"), _spare("dead", NOW - 1)), now=NOW)
+    assert run_meta({"z": _meta("z"), "m": _meta("m"), "dead": _meta("d")}, v) == _meta("m")
+    assert run_meta({"dead": _meta("d")}, v) is None
+    assert run_meta({}, v) is None
+    assert run_meta({"a": _meta("a")}, view({})) is None  # a fresh run: nobody in the view
+
+
+def test_run_meta_ignores_a_copy_from_a_peer_not_in_the_view() -> None:
+    """An outsider (a peer with no live record in the run) can write its own copy under its own marker; it
+    never decides, however many it writes."""
+    v = view({1: [peer("s1", ONLINE)]})
+    metas = {"outsider": _meta("evil"), "aaa-outsider": _meta("evil"), "s1": _meta("one")}
+    assert run_meta(metas, v) == _meta("one")
+
+
+
+# -- the joiner's meta check (membership.check_meta over owner-bound copies) -----------------------------------
+
+
+def _mine(**changes: object) -> MetaRecord:
+    return dataclasses.replace(MetaRecord(num_stages=3, model_config_hash="abcd"), **changes)
+
+
+@pytest.mark.parametrize("field_name, theirs, mine, flag", [
+    ("recovery_rule", "copy", "grad-avg", "--recovery-rule"),
+    ("microbatch_size", 16, 8, "--microbatch-size"),
+    ("num_microbatches", 8, 4, "--microbatches"),
+    ("clip_norm", 0.5, 1.0, "train.clip_norm"),
+])
+def test_meta_mismatch_names_the_setting_the_runs_value_and_ours(field_name: str, theirs: object, mine: object,
+                                                                 flag: str) -> None:
+    from cfnode.membership import meta_mismatch
+
+    message = meta_mismatch("r", _mine(**{field_name: theirs}), _mine(**{field_name: mine}), preset="tiny")
+    assert message is not None
+    assert f"run 'r' uses {flag} {theirs}; this node was started with {flag} {mine}" in message
+    assert meta_mismatch("r", _mine(**{field_name: theirs}), _mine(**{field_name: theirs}), preset="tiny") is None
+
+
+def test_meta_mismatch_of_the_model_and_the_recovery_mode() -> None:
+    from cfnode.membership import meta_mismatch
+
+    model = meta_mismatch("r", _mine(model_config_hash="ffff", num_stages=5), _mine(), preset="tiny")
+    assert model is not None and "config hash ffff (5 stages); this node's is abcd (3 stages, preset 'tiny')" in model
+    mode = meta_mismatch("r", _mine(recovery_mode="checkfree+"), _mine(), preset="tiny")
+    assert mode is not None and "--recovery checkfree+; this node was started with --recovery checkfree." in mode
+    assert meta_mismatch("r", _mine(), _mine(), preset="tiny") is None
+
+
+class _OwnedMetas:
+    """A SwarmStore with owner-bound meta copies (what SwarmDHT.read_meta returns) and a view."""
+
+    def __init__(self, metas: dict[str, MetaRecord], v: SwarmView) -> None:
+        self.metas, self.v, self.stored = metas, v, []
+
+    async def read_meta(self) -> dict[str, MetaRecord]:
+        return self.metas
+
+    async def read_view(self) -> SwarmView:
+        return self.v
+
+    async def store_meta(self, meta: MetaRecord) -> bool:
+        self.stored.append(meta)
+        return True
+
+
+def _joiner(swarm: _OwnedMetas, **train: object) -> Any:
+    from types import SimpleNamespace
+
+    from cfnode.config import NodeConfig, TrainConfig, preset
+
+    config = NodeConfig(model=preset("tiny", num_stages=3), train=TrainConfig(**train))  # type: ignore[arg-type]
+    return SimpleNamespace(config=config, run_id="r", swarm=swarm)
+
+
+def test_check_meta_refuses_a_joiner_whose_setting_differs_from_the_runs_copy() -> None:
+    import asyncio
+
+    from cfnode.config import preset
+    from cfnode.errors import ConfigMismatchError
+    from cfnode.membership import check_meta
+
+    run = MetaRecord(num_stages=3, model_config_hash=preset("tiny", num_stages=3).config_hash(), microbatch_size=4)
+    outsider = dataclasses.replace(run, microbatch_size=99, model_config_hash="evil")
+    swarm = _OwnedMetas({"s0": run, "outsider": outsider}, view({0: [peer("s0", ONLINE)]}))
+    with pytest.raises(ConfigMismatchError, match=r"--microbatch-size 4; this node was started with "
+                                                  r"--microbatch-size 8") as info:
+        asyncio.run(check_meta(_joiner(swarm)))
+    assert info.value.exit_code == 2 and swarm.stored == []
+    ok = _joiner(swarm, microbatch_size=4)
+    asyncio.run(check_meta(ok))  # the outsider's copy does not decide: the right config joins
+    assert swarm.stored == [run]
+
+
+def test_check_meta_on_a_fresh_run_publishes_its_own_copy() -> None:
+    import asyncio
+
+    from cfnode.membership import check_meta
+
+    swarm = _OwnedMetas({"outsider": MetaRecord(num_stages=9, model_config_hash="evil")}, view({}))
+    asyncio.run(check_meta(_joiner(swarm)))
+    assert len(swarm.stored) == 1 and swarm.stored[0].model_config_hash != "evil"

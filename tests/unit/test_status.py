@@ -131,3 +131,38 @@ def test_watch_without_seconds_defaults_to_two(canned: list[dict[str, Any]]) -> 
 def test_watch_rejects_a_zero_period(canned: list[dict[str, Any]]) -> None:
     result = CliRunner().invoke(cli.main, ["status", "--peers", "x", "--watch", "0"])
     assert result.exit_code == 2 and not canned
+
+
+def test_read_takes_the_runs_meta_from_its_lowest_live_member(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`status` reads every copy of the meta, reads the view as wide as the largest copy claims (capped), and
+    shows the copy of the run's lowest live member: an outsider's copy is ignored and does not size the map
+    beyond DEFAULT_MAX_STAGES."""
+    import asyncio
+
+    import cfnode.status
+
+    reads: list[int] = []
+    full = SwarmView(stages={i: (rec(f"s{i}", StageState.ONLINE, step=4),) for i in range(4)}, now=NOW)
+    metas = {PEERS["s1"]: META, PEERS["s0"]: META, "12D3KooWoutsider": MetaRecord(num_stages=10**6,
+                                                                                 model_config_hash="evil")}
+
+    class FakeSwarm:
+        def __init__(self, dht: object, *, run_id: str, num_stages: int, ttl_s: float, timeout_s: float) -> None:
+            self.num_stages = num_stages
+
+        async def read_meta(self) -> dict[str, MetaRecord]:
+            return metas
+
+        async def read_view(self) -> SwarmView:
+            reads.append(self.num_stages)
+            return SwarmView(stages={i: full.members(i) for i in range(self.num_stages + 1)}, now=NOW)
+
+    monkeypatch.setattr(cfnode.status, "SwarmDHT", FakeSwarm)
+    snap = asyncio.run(cfnode.status._read(object(), "run", TTL))
+    assert snap["model_config_hash"] == META.model_config_hash and snap["num_stages"] == 3
+    assert reads == [cfnode.status.DEFAULT_MAX_STAGES, 3]
+    assert snap["online_stages"] == [0, 1, 2, 3] and snap["empty_stages"] == []
+    metas.clear()  # nobody wrote a copy: the widest map, no meta
+    reads.clear()
+    snap = asyncio.run(cfnode.status._read(object(), "run", TTL))
+    assert snap["num_stages"] is None and reads == [cfnode.status.DEFAULT_MAX_STAGES]
