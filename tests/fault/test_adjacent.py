@@ -48,7 +48,7 @@ def test_two_adjacent_middle_stages_rebuilt_from_the_survivors_by_distance(make_
     assert infos_new == {2, 3}
     n1, n4 = meta1["grad_norm"], meta4["grad_norm"]
     for stage, d_prev, d_next in ((2, 1, 2), (3, 2, 1)):
-        rec = torch.load(os.path.join(audit_dir, f"recovery-stage{stage}-gen1.pt"))
+        rec = torch.load(os.path.join(audit_dir, f"recovery-stage{stage}-gen2.pt"))
         assert rec["how"] == "grad-avg" and rec["sources"] == {"prev": 1, "next": 4}, rec["sources"]
         assert rec["neighbours"]["prev"]["distance"] == d_prev and rec["neighbours"]["next"]["distance"] == d_next
         want = formula(w1, w4, n1, n4, d_prev, d_next)

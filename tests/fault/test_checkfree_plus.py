@@ -105,7 +105,7 @@ def test_edge_stage_then_stage0_killed_training_runs_to_the_last_step(make_harne
     assert meta2["step"] == paused
     spare = h.start_node("spare1")
     assert h.ready_info(spare, timeout_s=120)["stage"] == 1
-    rec = audit(audit_dir, 1, 1)
+    rec = audit(audit_dir, 1, 2)
     assert (rec["how"], rec["sources"], rec["step"]) == ("partner-copy", {"next": 2}, paused)
     assert_exact(rec["result"], w2, "stage 1 = copy of stage 2")
 
@@ -117,7 +117,7 @@ def test_edge_stage_then_stage0_killed_training_runs_to_the_last_step(make_harne
     committed = meta2["step"]  # what the transformer stages hold: the resume point
     new_head = h.start_node("spare0")
     assert h.ready_info(new_head, timeout_s=120)["stage"] == 0
-    rec0 = audit(audit_dir, 0, 1)
+    rec0 = audit(audit_dir, 0, 2)
     assert rec0["how"] == "replica" and rec0["sources"]["replica"] in (1, L) and rec0["step"] == committed
     wait_until(lambda: h.events(new_head, "training_finished"), 240, "training to reach --max-steps 36")
     assert_data_order(h, head, new_head, committed, 36)
@@ -138,7 +138,7 @@ def test_last_stage_then_held_stage0_replica_is_bit_identical(make_harness, tmp_
     spare = h.start_node("spareL")
     info_l = h.ready_info(spare, timeout_s=120)
     assert info_l["stage"] == L
-    rec = audit(audit_dir, L, 1)
+    rec = audit(audit_dir, L, 2)
     assert (rec["how"], rec["sources"]) == ("partner-copy", {"prev": L - 1})
     assert_exact(rec["result"], w3, f"stage {L} = copy of stage {L - 1}")
 
@@ -155,7 +155,7 @@ def test_last_stage_then_held_stage0_replica_is_bit_identical(make_harness, tmp_
     head.popen.wait(timeout=10)
     new_head = h.start_node("spare0")
     assert h.ready_info(new_head, timeout_s=120)["stage"] == 0
-    rec0 = audit(audit_dir, 0, 1)
+    rec0 = audit(audit_dir, 0, 2)
     assert rec0["how"] == "replica" and rec0["step"] == 16
     assert_exact(rec0["result"], w0, "rebuilt stage 0 = the lost stage 0 at its last committed step")
     wait_until(lambda: h.events(new_head, "training_finished"), 240, "training to reach --max-steps 28")

@@ -55,7 +55,7 @@ def test_late_joiner_rebuilds_exactly_and_training_recovers(harness: Harness, tm
     assert info["stage"] == 2 and info["generation"] == 2
     assert len(steps()) == paused_at, "nothing commits while stage 2 is missing"
 
-    record = torch.load(os.path.join(audit, "recovery-stage2-gen1.pt"))
+    record = torch.load(os.path.join(audit, "recovery-stage2-gen2.pt"))
     assert record["how"] == "grad-avg" and record["sources"] == {"prev": 1, "next": 3}
     prev, nxt = record["neighbours"]["prev"], record["neighbours"]["next"]
     assert prev["grad_norm"] == meta1["grad_norm"] and nxt["grad_norm"] == meta3["grad_norm"]
