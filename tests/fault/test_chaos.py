@@ -10,9 +10,9 @@ import random
 import signal
 import time
 
-import psutil
 import pytest
 
+from tests.fault.test_orphans import _group  # live processes of a process group
 from tests.support.swarm import Harness, metric, scrape, wait_until
 
 pytestmark = [pytest.mark.loopback, pytest.mark.fault, pytest.mark.slow]
@@ -22,17 +22,6 @@ SEED = int(os.environ.get("CFNODE_CHAOS_SEED", "7"))
 @pytest.fixture
 def harness(make_harness) -> Harness:
     return make_harness("chaos", stages=3)
-
-
-def _group_alive(pgid: int) -> list[int]:
-    out = []
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.pid)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return out
 
 
 def test_three_random_main_pid_kills(harness: Harness) -> None:
@@ -78,4 +67,4 @@ def test_three_random_main_pid_kills(harness: Harness) -> None:
         step = metric(m, "cfnode_training_step")
         assert step >= final and applied == step - base, (stage, node.name, base, applied, step)
     for victim in killed:
-        wait_until(lambda v=victim: not _group_alive(v.popen.pid), 30, f"{victim.name}'s DHT child and p2pd to exit")
+        wait_until(lambda v=victim: not _group(v.popen.pid), 30, f"{victim.name}'s DHT child and p2pd to exit")
