@@ -24,8 +24,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from cfnode.testing.clock import CURRENT_NODE, ClockRegistry, TimeShim
 
-TIME_READERS = ("cfnode.train.driver", "cfnode.membership", "cfnode.recovery.coordinator", "cfnode.net.client",
-                "cfnode.net.service", "cfnode.replication")
+TIME_READERS = ("cfnode.train.driver", "cfnode.node.rebuild", "cfnode.recovery.coordinator", "cfnode.net.client",
+                "cfnode.net.service", "cfnode.recovery.copies")
 """Modules that call time.time() / time.perf_counter() themselves (they do not take the node's Clock)."""
 
 
@@ -98,10 +98,11 @@ Swap = Callable[[Any, str, Any], None]
 
 
 def _memoise(swap: Swap) -> None:
-    from cfnode import membership, metrics
+    from cfnode import metrics
     from cfnode.model import data
+    from cfnode.node import rebuild
 
-    swap(membership, "build_stage", cached_build_stage)
+    swap(rebuild, "build_stage", cached_build_stage)
     swap(metrics, "_version", functools.lru_cache(maxsize=None)(metrics._version))  # package metadata, per node
     original_load = data.load_corpus
     original_from_corpus = data.TokenData.from_corpus.__func__

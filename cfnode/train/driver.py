@@ -16,21 +16,20 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from cfnode import replication
 from cfnode.deadline import within
 from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.net.records import SwarmView
-from cfnode.recovery import store
+from cfnode.recovery import copies, store
 from cfnode.recovery.replicas import replica_targets
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
 from cfnode.train.worker import NonFiniteGradient
 
 if TYPE_CHECKING:
-    from cfnode.node import Node
+    from cfnode.clock import Clock
 
 logger = logging.getLogger(__name__)
 ATTEMPT_COUNTER_BITS = 32
@@ -51,10 +50,24 @@ def batch_fingerprint(batch: torch.Tensor) -> str:
     return hashlib.sha256(batch.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+class DriverHost(copies.CopyHost, Protocol):
+    """What the driver needs from stage 0's node besides what copies need: the view, hops and the clock."""
+
+    clock: Clock
+    join_addr: str | None
+
+    @property
+    def view(self) -> SwarmView: ...
+    async def refresh_view(self) -> SwarmView: ...
+    async def send_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor, target: int) -> bool: ...
+    def route_target(self, method: str, meta: dict[str, Any]) -> int: ...
+    def after_commit(self, norm: float, raw: float) -> None: ...
+
+
 class Driver:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.cfg = node.config
+    def __init__(self, host: DriverHost) -> None:
+        self.host = host
+        self.cfg = host.config
         self.attempt: AttemptKey | None = None
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._val_pending: dict[int, asyncio.Future[float]] = {}
@@ -99,14 +112,14 @@ class Driver:
             return data.train, data.val
 
         started = time.perf_counter()
-        self.train_tokens, self.val_tokens = await self.node.compute(_load)
+        self.train_tokens, self.val_tokens = await self.host.compute(_load)
         logger.info("data ready: %d train / %d validation tokens (%.1fs)", self.train_tokens.numel(),
                     self.val_tokens.numel(), time.perf_counter() - started)
 
     def _new_attempt_id(self) -> int:
         """Attempt ids are (generation, counter): a replacement stage 0 has a higher generation, so its attempts
         outrank the old one's whatever the clocks say; `adopt` lifts the counter past what a stage holds."""
-        self._last_attempt_id = max(self._last_attempt_id + 1, self.node.generation << ATTEMPT_COUNTER_BITS)
+        self._last_attempt_id = max(self._last_attempt_id + 1, self.host.generation << ATTEMPT_COUNTER_BITS)
         return self._last_attempt_id
 
     def adopt(self, holds: tuple[int, int] | None) -> None:
@@ -128,12 +141,12 @@ class Driver:
             raise InvalidPayload("stale_step", f"microbatch {meta['mb']} is not in flight")
 
     async def process(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
-        node, worker = self.node, self.node.worker
+        host, worker = self.host, self.host.worker
         assert worker is not None
         key, mb = AttemptKey(meta["step"], meta["attempt"]), meta["mb"]
         if meta["kind"] == "val":
             assert self._val_targets is not None
-            loss = await node.compute(worker.eval_loss, tensor, self._val_targets[mb])
+            loss = await host.compute(worker.eval_loss, tensor, self._val_targets[mb])
             fut = self._val_pending.get(mb)
             if fut is not None and not fut.done() and key == self._val_key:
                 fut.set_result(loss)
@@ -142,15 +155,15 @@ class Driver:
             return
         if method == "forward":  # activations back from stage L: loss, then gradients into the ring
             assert self._targets is not None
-            loss, grad = await node.compute(worker.head_backward, key, mb, tensor, self._targets[mb],
+            loss, grad = await host.compute(worker.head_backward, key, mb, tensor, self._targets[mb],
                                             self.cfg.train.num_microbatches)
             if key != self.attempt:
                 return
             self._losses[mb] = loss
-            await node.send_hop("backward", meta, grad, node.route_target("backward", meta))
+            await host.send_hop("backward", meta, grad, host.route_target("backward", meta))
         else:  # gradients back from stage 1: embedding backward completes the microbatch
             try:
-                await node.compute(worker.embed_backward, key, mb, tensor)
+                await host.compute(worker.embed_backward, key, mb, tensor)
             except KeyError:
                 return
             fut = self._pending.get(mb)
@@ -180,7 +193,7 @@ class Driver:
         out = []
         for idx in range(1, self.cfg.model.num_stages + 1):
             try:
-                self.node.route(idx)
+                self.host.route(idx)
             except PeerUnavailableError:
                 out.append(idx)
         return out
@@ -191,36 +204,36 @@ class Driver:
             missing = self.missing_stages()
             if not missing:
                 if self._waiting_logged:
-                    self.node.events.emit("ring_complete")
+                    self.host.events.emit("ring_complete")
                 self._waiting_logged.clear()
                 return
             for idx in missing:
                 if idx not in self._waiting_logged:
                     self._waiting_logged.add(idx)
-                    addr = self.node.join_addr or "<addr>"
-                    if self.node.worker is not None and self.node.worker.step > 0:
+                    addr = self.host.join_addr or "<addr>"
+                    if self.host.worker is not None and self.host.worker.step > 0:
                         # One warning per loss: a new holder that flaps right after its rebuild (e.g. a
                         # libp2p dial backoff) is the same incident, so it is only counted as an event.
-                        now = self.node.clock.monotonic()
+                        now = self.host.clock.monotonic()
                         if now - self._lost_logged_at.get(idx, -math.inf) > 3 * self.cfg.heartbeat.ttl_s:
                             logger.warning("stage %d lost; waiting for a node to rebuild it "
                                            "(cfnode join --peers %s)", idx, addr)
                         self._lost_logged_at[idx] = now
                     else:
                         logger.info("stage %d has no node yet; waiting for one (cfnode join --peers %s)", idx, addr)
-                    self.node.events.emit("waiting_for_stage", stage=idx)
+                    self.host.events.emit("waiting_for_stage", stage=idx)
             await asyncio.sleep(self.cfg.heartbeat.period_s)
-            await self.node.refresh_view()
+            await self.host.refresh_view()
 
     async def run(self) -> None:
         train = self.cfg.train
-        worker = self.node.worker
+        worker = self.host.worker
         assert worker is not None
-        self.node.events.emit("training_started", step=worker.step)
+        self.host.events.emit("training_started", step=worker.step)
         while train.max_steps is None or worker.step < train.max_steps:
             if train.debug_hold_at_step is not None and worker.step >= train.debug_hold_at_step:
                 logger.warning("holding before step %d (--debug-hold-at-step); still serving RPCs", worker.step)
-                self.node.events.emit("held", step=worker.step)
+                self.host.events.emit("held", step=worker.step)
                 await asyncio.Event().wait()
             await self.wait_for_ring()
             if self.cfg.recovery.mode == "checkpoint" and not await self._rollback_if_needed():
@@ -230,39 +243,39 @@ class Driver:
             try:
                 result = await self.run_attempt(step)
             except AttemptAborted as e:
-                await self.node.refresh_view()
+                await self.host.refresh_view()
                 await asyncio.sleep(train.retry_backoff_s)
                 logger.warning("step %d aborted (%s); retrying with the same data", step, e)
                 continue
             except Exception as e:  # the driver must outlive any single failure
-                self.node.metrics.loop_errors.labels(loop="driver").inc()
+                self.host.metrics.loop_errors.labels(loop="driver").inc()
                 logger.exception("step %d failed unexpectedly (%s); retrying", step, e)
                 await asyncio.sleep(train.retry_backoff_s)
-                await self.node.refresh_view()
+                await self.host.refresh_view()
                 continue
             if result is None:  # the swarm skipped the step (a non-finite gradient): no loss to report
                 continue
             loss, batch_sha = result
             elapsed = time.perf_counter() - started
             tokens = tokens_per_step(train.num_microbatches, train.microbatch_size, self.cfg.model.seq_len)
-            m = self.node.metrics
+            m = self.host.metrics
             m.loss.set(loss)
             m.step_duration.observe(elapsed)
             m.tokens_processed.inc(tokens)
             record: dict[str, Any] = {"step": worker.step, "loss": loss, "step_s": elapsed,
                                       "tokens_per_s": tokens / elapsed, "grad_norm": worker.grad_norm,
-                                      "batch_sha": batch_sha, "time": self.node.clock.time()}
+                                      "batch_sha": batch_sha, "time": self.host.clock.time()}
             if train.val_every and (worker.step % train.val_every == 0 or worker.step == 1
                                     or worker.step == train.max_steps):
                 record["val_loss"] = await self.validate()
             self.history.append(record)
-            self.node.events.emit("step", **record)
-        self.node.events.emit("training_finished", step=worker.step, **self.stats)
+            self.host.events.emit("step", **record)
+        self.host.events.emit("training_finished", step=worker.step, **self.stats)
 
     def _ring_owners(self) -> dict[int, tuple[str, int] | None]:
         """Who holds each stage at which generation (a rebuild always bumps the generation, even when the same
         peer id comes back)."""
-        view = self.node.view
+        view = self.host.view
         return {i: ((o.peer_id, o.record.generation) if (o := view.online_owner(i)) is not None else None)
                 for i in range(1, self.cfg.model.num_stages + 1)}
 
@@ -271,21 +284,21 @@ class Driver:
         replaced), or this stage 0 is itself a replacement, roll every stage back to the newest complete
         checkpoint. Returns False if the rollback failed (the caller waits for the ring and tries again)."""
         owners = self._ring_owners()
-        if self._owners_at_rollback is None and self.node.generation == 0:
+        if self._owners_at_rollback is None and self.host.generation == 0:
             self._owners_at_rollback = owners  # the original stage 0 of a run: nothing was lost yet
             return True
         if owners == self._owners_at_rollback:
             return True
-        assert self.node.worker is not None
+        assert self.host.worker is not None
         if self._rollback_from is None:
-            self._rollback_from = self.node.worker.step
-        to_step = store.latest_complete(replication.checkpoint_root(self.node))
+            self._rollback_from = self.host.worker.step
+        to_step = store.latest_complete(copies.checkpoint_root(self.host))
         try:
-            await replication.rollback_swarm(self.node, to_step, self._rollback_from, self._last_attempt_id)
+            await copies.rollback_swarm(self.host, to_step, self._rollback_from, self._last_attempt_id)
         except (RejectedError, PeerUnavailableError) as e:
             logger.warning("rollback to the checkpoint of step %d failed (%s); retrying", to_step, e)
             await asyncio.sleep(self.cfg.train.retry_backoff_s)
-            await self.node.refresh_view()
+            await self.host.refresh_view()
             return False
         self._owners_at_rollback, self._rollback_from = owners, None
         return True
@@ -295,8 +308,8 @@ class Driver:
         order can be audited), None if the swarm skipped the step (a non-finite gradient), or raises
         AttemptAborted (state already dropped). Once every stage prepared, the step is decided: it is applied
         everywhere (retried until each stage confirmed) and can no longer abort."""
-        train, node = self.cfg.train, self.node
-        worker = node.worker
+        train, host = self.cfg.train, self.host
+        worker = host.worker
         assert worker is not None
         from cfnode.model.data import batch_for_step
 
@@ -305,12 +318,12 @@ class Driver:
                                num_microbatches=train.num_microbatches, microbatch_size=train.microbatch_size,
                                seq_len=self.cfg.model.seq_len)
         loop = asyncio.get_running_loop()
-        await node.compute(worker.begin, key)
+        await host.compute(worker.begin, key)
         self.attempt, self._failure, self._losses = key, None, {}
         self._targets = batch[:, :, 1:]
         self._pending = {mb: loop.create_future() for mb in range(train.num_microbatches)}
         self.stats["issued"] += train.num_microbatches
-        node.metrics.microbatches_issued.inc(train.num_microbatches)
+        host.metrics.microbatches_issued.inc(train.num_microbatches)
         try:
             await within(self._drive(key, batch), train.step_timeout_s)
             prepared = await self._prepare_all(key)
@@ -353,11 +366,11 @@ class Driver:
             self._account_dropped(AttemptKey(0, 0), "nonfinite_grad", "step skipped by every stage")
             return
         self.stats["committed"] += num_mb
-        self.node.metrics.microbatches_committed.inc(num_mb)
+        self.host.metrics.microbatches_committed.inc(num_mb)
 
     async def _drive(self, key: AttemptKey, batch: torch.Tensor) -> None:
         """Launch microbatches as slots free up (launch_order) and wait for all of them."""
-        node, worker = self.node, self.node.worker
+        host, worker = self.host, self.host.worker
         assert worker is not None
         num_mb = self.cfg.train.num_microbatches
         for mb, after in launch_order(num_mb, self.cfg.train.max_in_flight):
@@ -365,10 +378,10 @@ class Driver:
                 await self._pending[after]
             if self._failure is not None:
                 raise AttemptAborted(f"{self._failure[0]}: {self._failure[1]}")
-            hidden = await node.compute(worker.embed, key, mb, batch[mb, :, :-1])
-            await node.compute(worker.shadow_forward, hidden)  # `redundant` only: stage 1's forward, again
+            hidden = await host.compute(worker.embed, key, mb, batch[mb, :, :-1])
+            await host.compute(worker.shadow_forward, hidden)  # `redundant` only: stage 1's forward, again
             meta = self._meta(key, mb, "train")
-            if not await node.send_hop("forward", meta, hidden, meta["to_stage"]):
+            if not await host.send_hop("forward", meta, hidden, meta["to_stage"]):
                 raise AttemptAborted(self._failure[1] if self._failure else
                                      f"forward to stage {meta['to_stage']} failed")
         await asyncio.gather(*self._pending.values())
@@ -377,24 +390,24 @@ class Driver:
         """A hop's metadata; `route` is the order of transformer stages it visits (swapped on odd training
         microbatches under checkfree+, always in order for validation)."""
         route = route_for(mb, self.cfg.model.num_stages, swaps=self.cfg.swaps and kind == "train")
-        return {"run": self.node.run_id, "step": key.step, "attempt": key.attempt, "mb": mb,
-                "num_mb": self.cfg.train.num_microbatches, "generation": self.node.generation,
+        return {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "mb": mb,
+                "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation,
                 "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
 
     def _commit_meta(self, key: AttemptKey, phase: str, *, skip: bool = False) -> dict[str, Any]:
-        return {"run": self.node.run_id, "step": key.step, "attempt": key.attempt, "phase": phase, "skip": skip,
-                "num_mb": self.cfg.train.num_microbatches, "generation": self.node.generation}
+        return {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "phase": phase, "skip": skip,
+                "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation}
 
     async def _prepare_all(self, key: AttemptKey) -> Prepared:
         """Phase 1 on every stage at once (stage 0 too): all backward passes are in; clip and report the norms.
         A non-finite norm anywhere decides a swarm-wide skip; any other failure raises (the attempt aborts,
         nothing was applied anywhere)."""
-        node, worker = self.node, self.node.worker
-        assert worker is not None and node.client is not None
-        peers = {idx: node.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
+        host, worker = self.host, self.host.worker
+        assert worker is not None and host.client is not None
+        peers = {idx: host.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
         meta = self._commit_meta(key, "prepare")
-        own = asyncio.ensure_future(node.compute(worker.prepare, key, self.cfg.train.num_microbatches))
-        results = await asyncio.gather(*(node.client.commit(p, meta) for p in peers.values()),
+        own = asyncio.ensure_future(host.compute(worker.prepare, key, self.cfg.train.num_microbatches))
+        results = await asyncio.gather(*(host.client.commit(p, meta) for p in peers.values()),
                                        return_exceptions=True)
         nonfinite: list[int] = []
         try:
@@ -413,27 +426,27 @@ class Driver:
         if nonfinite:
             logger.warning("step %d: non-finite gradient norm on stage(s) %s; every stage skips the step",
                            key.step, nonfinite)
-            node.events.emit("step_skipped", step=key.step, stages=nonfinite)
+            host.events.emit("step_skipped", step=key.step, stages=nonfinite)
         return Prepared(peers=peers, norms=norms, skip=bool(nonfinite))
 
     async def _apply_all(self, key: AttemptKey, prepared: Prepared) -> None:
         """Phase 2: stage 0 applies first (so a replica it pushes is never behind the stages it would be resumed
         with), then every stage, each retried until it confirmed or is no longer its stage's owner (then it is
         lost, and its rebuild starts from its neighbours, which applied). A stage that could not apply while
-        staying owner is `behind` at the next step and steps down (node.check_step): never a skipped update."""
-        node, worker = self.node, self.node.worker
-        assert worker is not None and node.client is not None
-        norm, raw = await node.compute(worker.apply, key, skip=prepared.skip)
-        node.after_commit(worker.grad_norm, worker.grad_norm_raw)
+        staying owner is `behind` at the next step and steps down (node/commits.py): never a skipped update."""
+        host, worker = self.host, self.host.worker
+        assert worker is not None and host.client is not None
+        norm, raw = await host.compute(worker.apply, key, skip=prepared.skip)
+        host.after_commit(worker.grad_norm, worker.grad_norm_raw)
         meta = self._commit_meta(key, "apply", skip=prepared.skip)
-        copies = None
+        pushes = None
         if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode) and not prepared.skip:
-            state = await node.compute(worker.snapshot)
-            copies = replication.push_copies(node, state, replication.replica_meta(
-                node, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.peers)
+            state = await host.compute(worker.snapshot)
+            pushes = copies.push_copies(host, state, copies.replica_meta(
+                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.peers)
         applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta) for idx, peer in prepared.peers.items()))
-        if copies is not None:
-            results, _ = await asyncio.gather(applies, copies)
+        if pushes is not None:
+            results, _ = await asyncio.gather(applies, pushes)
         else:
             results = await applies
         for idx, result in zip(prepared.peers, results, strict=True):
@@ -443,12 +456,12 @@ class Driver:
 
     async def _apply_on(self, idx: int, peer: str, key: AttemptKey, meta: dict[str, Any]) -> dict[str, Any] | None:
         """Send the apply to one stage until it confirms; None if it stopped being the stage's owner first."""
-        node = self.node
-        assert node.client is not None
+        host = self.host
+        assert host.client is not None
         rejections = 0
         while True:
             try:
-                return await node.client.commit(peer, meta)
+                return await host.client.commit(peer, meta)
             except RejectedError as e:
                 if e.holds is not None and e.holds[0] == key.step + 1:
                     return {"step": key.step + 1}  # applied already (its reply was lost)
@@ -456,20 +469,20 @@ class Driver:
                 error: Exception = e
             except PeerUnavailableError as e:
                 error = e
-            node.metrics.commit_retries.inc()
-            await node.refresh_view()
-            owner = node.view.online_owner(idx)
+            host.metrics.commit_retries.inc()
+            await host.refresh_view()
+            owner = host.view.online_owner(idx)
             if owner is None or owner.peer_id != peer or rejections >= 3:
                 logger.warning("stage %d did not confirm step %d (%s); %s", idx, key.step, error,
                                "it is no longer the stage's owner" if rejections < 3 else "giving up")
-                node.events.emit("commit_failed", stage=idx, step=key.step, error=str(error)[:200])
+                host.events.emit("commit_failed", stage=idx, step=key.step, error=str(error)[:200])
                 return None
             await asyncio.sleep(COMMIT_RETRY_S)
 
     async def _checkpoint(self, *, failed: bool, results: list[Any]) -> None:
         """`checkpoint` baseline: after a checkpoint step, save stage 0 too and mark the step complete if every
         stage saved it."""
-        saved = await replication.save_checkpoint(self.node)
+        saved = await copies.save_checkpoint(self.host)
         if not saved:
             return
         step = saved["checkpoint_step"]
@@ -478,23 +491,23 @@ class Driver:
                            step)
             return
         try:
-            await asyncio.to_thread(store.mark_complete, replication.checkpoint_root(self.node), step,
+            await asyncio.to_thread(store.mark_complete, copies.checkpoint_root(self.host), step,
                                     self.cfg.model.num_stages)
         except OSError as e:
             logger.error("could not mark the checkpoint of step %d complete: %s", step, e)
             return
-        self.node.events.emit("checkpoint_complete", step=step)
+        self.host.events.emit("checkpoint_complete", step=step)
 
     def _abort(self, key: AttemptKey, reason: str, detail: str) -> None:
-        self.node.metrics.steps_aborted.labels(reason=reason).inc()
+        self.host.metrics.steps_aborted.labels(reason=reason).inc()
         num_mb = self._account_dropped(key, reason, detail)
-        self.node.events.emit("step_aborted", step=key.step, attempt=key.attempt, reason=reason,
+        self.host.events.emit("step_aborted", step=key.step, attempt=key.attempt, reason=reason,
                               detail=detail[:300], microbatches_dropped=num_mb)
 
     def _account_dropped(self, key: AttemptKey, reason: str, detail: str) -> int:
         num_mb = self.cfg.train.num_microbatches
         self.stats["dropped"] += num_mb
-        self.node.metrics.microbatches_dropped.labels(reason=reason).inc(num_mb)
+        self.host.metrics.microbatches_dropped.labels(reason=reason).inc(num_mb)
         return num_mb
 
     # -- validation --------------------------------------------------------------------------------------
@@ -503,8 +516,8 @@ class Driver:
         """Mean loss over the held-out batches, forward only, in ring order."""
         from cfnode.model.data import validation_batches
 
-        train, node = self.cfg.train, self.node
-        worker = node.worker
+        train, host = self.cfg.train, self.host
+        worker = host.worker
         assert worker is not None
         batches = validation_batches(self.val_tokens, num_batches=train.val_batches,
                                      microbatch_size=train.microbatch_size, seq_len=self.cfg.model.seq_len)
@@ -515,9 +528,9 @@ class Driver:
         self._val_pending = {i: loop.create_future() for i in range(len(batches))}
         try:
             for i in range(len(batches)):
-                hidden = await node.compute(worker.eval_embed, batches[i, :, :-1])
+                hidden = await host.compute(worker.eval_embed, batches[i, :, :-1])
                 meta = self._meta(key, i, "val")
-                if not await node.send_hop("forward", meta, hidden, meta["to_stage"]):
+                if not await host.send_hop("forward", meta, hidden, meta["to_stage"]):
                     raise AttemptAborted("validation forward failed")
             losses = await within(asyncio.gather(*self._val_pending.values()), train.step_timeout_s)
         except (AttemptAborted, TimeoutError, asyncio.TimeoutError) as e:
@@ -528,7 +541,7 @@ class Driver:
             for fut in self._val_pending.values():
                 fut.cancel()
         val = float(sum(losses) / len(losses))
-        node.metrics.validation_loss.set(val)
+        host.metrics.validation_loss.set(val)
         logger.info("step %d validation loss %.4f", worker.step, val)
         return val
 

@@ -1,4 +1,4 @@
-"""Which stages a node may claim (cfnode.membership.claimable_stages) and when the swarm counts as trained
+"""Which stages a node may claim (cfnode.node.claim.claimable_stages) and when the swarm counts as trained
 (cfnode.net.records.swarm_has_trained), on hand-built SwarmView objects."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 
 from cfnode.config import NodeConfig, RecoveryConfig, preset
 from cfnode.errors import ConfigMismatchError
-from cfnode.membership import check_meta, claimable_stages
 from cfnode.net.records import MetaRecord, PeerRecord, StageRecord, StageState, SwarmView, swarm_has_trained
+from cfnode.node.claim import check_meta, claimable_stages
 
 NOW = 1000.0
 TTL = 8.0

@@ -1,4 +1,4 @@
-"""membership.watch counts neighbour losses exactly: once per incident, only for a neighbour seen ONLINE since this
+"""node/watch.py `Watch` counts neighbour losses exactly: once per incident, only for a neighbour seen ONLINE since this
 node went ONLINE (a stage that never had an owner, e.g. at start-up, is not a failure), again after it was back.
 `cfnode_stage_failures_detected_total{neighbor}` and the `neighbour_lost` events must agree."""
 
@@ -8,10 +8,10 @@ import asyncio
 from types import SimpleNamespace
 from typing import Any
 
-from cfnode import membership
 from cfnode.config import NodeConfig, preset
 from cfnode.metrics import NodeMetrics
 from cfnode.net.records import PeerRecord, StageRecord, StageState, SwarmView
+from cfnode.node.watch import Watch
 
 NOW = 1000.0
 
@@ -28,11 +28,16 @@ class Events:
 
 
 def holder(stage: int, num_stages: int = 3) -> SimpleNamespace:
-    """A stage holder as watch() sees it (ONLINE on `stage`)."""
-    return SimpleNamespace(config=NodeConfig(model=preset("tiny", num_stages=num_stages)), metrics=NodeMetrics(),
+    """A stage holder as Watch sees it (ONLINE on `stage`); `node.watch` is its Watch."""
+
+    async def unreachable(peer_id: str) -> bool:
+        return False
+
+    node = SimpleNamespace(config=NodeConfig(model=preset("tiny", num_stages=num_stages)), metrics=NodeMetrics(),
                            events=Events(), stage=stage, state=StageState.ONLINE, peer_id=f"peer{stage}",
-                           generation=0, lost_neighbours=set(), seen_neighbours=set(), unrecoverable_logged=False,
-                           fence=lambda: None, last_stage0_peer=None, client=None)
+                           generation=0, fence=lambda: None, is_reachable=unreachable)
+    node.watch = Watch(node)  # type: ignore[arg-type]
+    return node
 
 
 def view(*online: int, offline: tuple[int, ...] = ()) -> SwarmView:
@@ -45,7 +50,7 @@ def view(*online: int, offline: tuple[int, ...] = ()) -> SwarmView:
 
 
 def watch(node: SimpleNamespace, v: SwarmView) -> None:
-    asyncio.run(membership.watch(node, v))
+    asyncio.run(node.watch.on_view(v))
 
 
 def failures(node: SimpleNamespace) -> dict[str, float]:

@@ -27,7 +27,8 @@ from cfnode.net.records import (
     learn_generations,
     merge_views,
 )
-from cfnode.routes import RouteTable
+from cfnode.node.commits import CommitHandler
+from cfnode.node.routes import RouteTable
 from cfnode.train.driver import Driver
 from cfnode.train.schedule import AttemptKey
 from cfnode.train.worker import NonFiniteGradient, StageWorker
@@ -103,20 +104,16 @@ def test_nonfinite_gradient_is_its_own_error_and_the_step_can_be_skipped_everywh
     assert (w.step, w.updates, w.skipped) == (1, 0, 1)
 
 
-class CommitHost:
-    """Just enough of a Node for accept_commit / check_step (the real methods, bound to this object)."""
+class Host:
+    """Just enough of a node for the commit handler (node/commits.py `CommitHost`)."""
 
-    from cfnode.node import Node as _Node
-
-    accept_commit = _Node.accept_commit
-    _apply_commit = _Node._apply_commit
-    check_step = _Node.check_step
-    _behind_check_running = True  # no stage 0 to ask in this test
+    run_id = "r"
+    generation = 1
+    client = None
 
     def __init__(self, worker: StageWorker) -> None:
         self.worker, self.stage = worker, 1
         self.config = NodeConfig(model=CFG, train=TrainConfig(num_microbatches=M))
-        self._commits: dict[Any, Any] = {}
         self.after = 0
         self.metrics = NodeMetrics()
 
@@ -127,30 +124,36 @@ class CommitHost:
         self.after += 1
 
 
+def commit_handler(worker: StageWorker) -> CommitHandler:
+    handler = CommitHandler(Host(worker))  # type: ignore[arg-type]
+    handler._behind_check_running = True  # no stage 0 to ask in these tests
+    return handler
+
+
 def commit_meta(key: AttemptKey, phase: str) -> dict[str, Any]:
     return {"run": "r", "step": key.step, "attempt": key.attempt, "num_mb": M, "generation": 1, "phase": phase}
 
 
 def test_accept_commit_answers_a_retried_apply_with_the_stored_reply() -> None:
     key = AttemptKey(0, 5)
-    host = CommitHost(trained_worker(key))
+    handler = commit_handler(trained_worker(key))
 
     async def scenario() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        prepared = await host.accept_commit(commit_meta(key, "prepare"), "p0")
-        first, again = await asyncio.gather(host.accept_commit(commit_meta(key, "apply"), "p0"),
-                                            host.accept_commit(commit_meta(key, "apply"), "p0"))
+        prepared = await handler.accept(commit_meta(key, "prepare"), "p0")
+        first, again = await asyncio.gather(handler.accept(commit_meta(key, "apply"), "p0"),
+                                            handler.accept(commit_meta(key, "apply"), "p0"))
         return prepared, first, again
 
     prepared, first, again = asyncio.run(scenario())
     assert first == again and first["step"] == 1 and prepared["grad_norm"] == first["grad_norm"]
-    assert host.worker.updates == 1 and host.after == 1
+    assert handler.host.worker.updates == 1 and handler.host.after == 1
 
 
 def test_accept_commit_names_a_nonfinite_gradient() -> None:
     key = AttemptKey(0, 5)
-    host = CommitHost(trained_worker(key, scale=math.inf))
+    handler = commit_handler(trained_worker(key, scale=math.inf))
     with pytest.raises(InvalidPayload) as err:
-        asyncio.run(host.accept_commit(commit_meta(key, "prepare"), "p0"))
+        asyncio.run(handler.accept(commit_meta(key, "prepare"), "p0"))
     assert err.value.reason == "nonfinite_grad"
 
 
@@ -158,20 +161,20 @@ def test_accept_commit_names_a_nonfinite_gradient() -> None:
 def test_a_step_beyond_the_committed_one_never_becomes_active(step: int, reason: str) -> None:
     """A hop with step=10**9 from an authorised neighbour made itself `active` and locked out every real
     attempt; now only the step this stage is at is accepted."""
-    host = CommitHost(trained_worker(AttemptKey(0, 5)))
+    handler = commit_handler(trained_worker(AttemptKey(0, 5)))
     with pytest.raises(InvalidPayload) as err:
-        host.check_step(host.worker, AttemptKey(step, 1))
+        handler.check_step(handler.host.worker, AttemptKey(step, 1))
     assert err.value.reason == reason
-    assert host.worker.active == AttemptKey(0, 5)
+    assert handler.host.worker.active == AttemptKey(0, 5)
 
 
 def test_a_stale_attempt_rejection_says_what_the_stage_holds() -> None:
     key = AttemptKey(0, 5)
-    host = CommitHost(trained_worker(key))
-    host.worker.prepare(key, M)
-    host.worker.apply(key)
+    handler = commit_handler(trained_worker(key))
+    handler.host.worker.prepare(key, M)
+    handler.host.worker.apply(key)
     with pytest.raises(InvalidPayload) as err:
-        host.check_step(host.worker, AttemptKey(0, 7))
+        handler.check_step(handler.host.worker, AttemptKey(0, 7))
     assert err.value.reason == "stale_step" and err.value.holds == (1, -1)
 
 
@@ -181,7 +184,7 @@ def test_a_stale_attempt_rejection_says_what_the_stage_holds() -> None:
 def test_attempt_ids_outrank_the_old_stage0_whatever_the_clock_and_adopt_what_a_stage_holds() -> None:
     def driver(generation: int) -> Driver:
         d = Driver.__new__(Driver)
-        d.node, d._last_attempt_id = SimpleNamespace(generation=generation), 0
+        d.host, d._last_attempt_id = SimpleNamespace(generation=generation), 0
         return d
 
     old, new = driver(3), driver(4)

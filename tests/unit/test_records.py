@@ -445,7 +445,7 @@ def _mine(**changes: object) -> MetaRecord:
 ])
 def test_meta_mismatch_names_the_setting_the_runs_value_and_ours(field_name: str, theirs: object, mine: object,
                                                                  flag: str) -> None:
-    from cfnode.membership import meta_mismatch
+    from cfnode.node.claim import meta_mismatch
 
     message = meta_mismatch("r", _mine(**{field_name: theirs}), _mine(**{field_name: mine}), preset="tiny")
     assert message is not None
@@ -454,7 +454,7 @@ def test_meta_mismatch_names_the_setting_the_runs_value_and_ours(field_name: str
 
 
 def test_meta_mismatch_of_the_model_and_the_recovery_mode() -> None:
-    from cfnode.membership import meta_mismatch
+    from cfnode.node.claim import meta_mismatch
 
     model = meta_mismatch("r", _mine(model_config_hash="ffff", num_stages=5), _mine(), preset="tiny")
     assert model is not None and "config hash ffff (5 stages); this node's is abcd (3 stages, preset 'tiny')" in model
@@ -494,7 +494,7 @@ def test_check_meta_refuses_a_joiner_whose_setting_differs_from_the_runs_copy() 
 
     from cfnode.config import preset
     from cfnode.errors import ConfigMismatchError
-    from cfnode.membership import check_meta
+    from cfnode.node.claim import check_meta
 
     run = MetaRecord(num_stages=3, model_config_hash=preset("tiny", num_stages=3).config_hash(), microbatch_size=4)
     outsider = dataclasses.replace(run, microbatch_size=99, model_config_hash="evil")
@@ -511,7 +511,7 @@ def test_check_meta_refuses_a_joiner_whose_setting_differs_from_the_runs_copy() 
 def test_check_meta_on_a_fresh_run_publishes_its_own_copy() -> None:
     import asyncio
 
-    from cfnode.membership import check_meta
+    from cfnode.node.claim import check_meta
 
     swarm = _OwnedMetas({"outsider": MetaRecord(num_stages=9, model_config_hash="evil")}, view({}))
     asyncio.run(check_meta(_joiner(swarm)))

@@ -1,6 +1,6 @@
 """How a node moves microbatches: the route checks of incoming hops, running them on the compute thread, and
 pushing results to the next stage of the route with a ping-confirmed retry, de-duplication and failure reports
-to stage 0. A mixin of `Node` (node.py), which owns the state it uses.
+to stage 0. A mixin of `Node` (process.py), which owns the state it uses.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""Node: one cfnode process. Composes the DHT records, the RPC servicer and client, the compute thread and
-(on stage 0) the step driver; owns every long-lived task and tears them all down in one place.
+"""Node: one cfnode process. Composes its parts (announcer.py: its own record; routes.py: who owns what;
+claim.py and rebuild.py: getting a stage; watch.py: reacting to views; commits.py and hops.py: serving it;
+stage 0's driver), the RPC endpoint and the compute thread; owns every long-lived task and tears them all down
+in one place. The parts see the node through small Protocols (`ClaimHost`, `CommitHost`, `DriverHost`, ...).
 
 Lifecycle: check the run's model-config hash -> claim a stage (JOINING + jitter + tie-break) or wait as
 STANDBY -> build the stage (seeded init) -> ONLINE -> serve hops; stage 0 also drives training. Threads: the
@@ -20,33 +22,28 @@ from typing import Any, TypeVar
 
 import torch
 
-from cfnode import membership, replication
 from cfnode.clock import SYSTEM_CLOCK, Clock
 from cfnode.config import PROTOCOL_VERSION, NodeConfig
 from cfnode.deadline import within
-from cfnode.errors import (
-    CfnodeError,
-    InvalidPayload,
-    PeerUnavailableError,
-    RecoveryError,
-    RejectedError,
-    UnrecoverableError,
-)
-from cfnode.hops import HopHandling
+from cfnode.errors import CfnodeError, InvalidPayload, PeerUnavailableError, RecoveryError, UnrecoverableError
 from cfnode.logs import EventLog, set_log_context
 from cfnode.metrics import NodeMetrics
 from cfnode.net.client import StageClient
 from cfnode.net.dht import SwarmStore
 from cfnode.net.network import Endpoint, Network
 from cfnode.net.records import PeerRecord, StageRecord, StageState, SwarmView
-from cfnode.routes import RouteTable
+from cfnode.node import claim, rebuild
+from cfnode.node.announcer import Announcer
+from cfnode.node.commits import CommitHandler
+from cfnode.node.hops import HopHandling
+from cfnode.node.routes import RouteTable
+from cfnode.node.watch import Watch
+from cfnode.recovery import copies
 from cfnode.train.schedule import AttemptKey
-from cfnode.train.worker import NonFiniteGradient, StageWorker, worker_holds
+from cfnode.train.worker import StageWorker
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-META_REFRESH_S = 60.0
-EXPIRATION_STEP_S = 0.05
 
 
 class Node(HopHandling):
@@ -84,19 +81,14 @@ class Node(HopHandling):
         self.client: StageClient | None = None
         self.driver: Any = None
         self.metrics_port: int | None = None
-        self._heartbeat_now = asyncio.Event()
+        self.announcer = Announcer(swarm, clock, config.heartbeat, self.metrics, seat=self,
+                                   store_meta=lambda: claim.store_meta(self))
+        self.watch = Watch(self)
+        self.commits = CommitHandler(self)
         self._tasks: dict[asyncio.Task[Any], None] = {}  # ordered: teardown cancels in a replayable order
         self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.stopped = asyncio.Event()
         self.stage_lost = asyncio.Event()
-        self._meta_stored_at = clock.monotonic()
-        self.lost_neighbours: set[int] = set()
-        self.seen_neighbours: set[int] = set()  # neighbour stages seen ONLINE since this node went ONLINE
-        self.unrecoverable_logged = False
-        self.last_stage0_peer: str | None = None
-        self._expirations: dict[int | None, float] = {}
-        self._commits: dict[AttemptKey, asyncio.Future[dict[str, Any]]] = {}
-        """Replies to applied commits by attempt (the last few), so a retried commit is answered again."""
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -124,6 +116,9 @@ class Node(HopHandling):
                            grad_norm=w.grad_norm if w else 1.0, grad_norm_raw=w.grad_norm_raw if w else 1.0,
                            donor=w.donor if w else True, replica_step=w.replica_step if w else -1,
                            generations=tuple(known.get(i, 0) for i in range(self.config.model.num_stages + 1)))
+
+    def record_key(self) -> int | None:
+        return None if self.state is StageState.STANDBY else self.stage
 
     def _own_peer_record(self) -> tuple[int | None, PeerRecord | None]:
         if self.stage is None or self.state is StageState.STANDBY:
@@ -186,7 +181,7 @@ class Node(HopHandling):
             await asyncio.sleep(period * min(4, 1 + failures))
 
     async def _on_view(self) -> None:
-        await membership.watch(self, self.view)
+        await self.watch.on_view(self.view)
         if self.driver is not None and self.stage == 0:
             self.driver.on_view(self.view)
 
@@ -205,144 +200,24 @@ class Node(HopHandling):
         self.worker = None
         self.stage_lost.set()
 
-    # -- heartbeat ---------------------------------------------------------------------------------------
-
-    async def _heartbeat_loop(self) -> None:
-        """Announce our record every period; a failed store is retried after a quarter period, so a stuck call
-        (bounded by the DHT call timeout, ttl/3) never lets the record expire. Survives any error."""
-        period = self.config.heartbeat.period_s
-        while True:
-            started = self.clock.monotonic()
-            wait = period
-            try:
-                await self.announce()
-            except Exception as e:  # noqa: BLE001 - the heartbeat must outlive any single failure
-                self.metrics.loop_errors.labels(loop="heartbeat").inc()
-                logger.warning("heartbeat store failed (%s: %s); retrying soon", type(e).__name__, e)
-                wait = period / 4
-            took = self.clock.monotonic() - started
-            if took > period:
-                logger.warning("heartbeat took %.2fs, longer than its period %.2fs", took, period)
-            self._heartbeat_now.clear()
-            try:
-                # `within`, not wait_for: in 3.11 wait_for swallows a cancellation that arrives as the event is set
-                await within(self._heartbeat_now.wait(), max(0.0, wait - took))
-            except (TimeoutError, asyncio.TimeoutError):
-                pass
+    # -- own record --------------------------------------------------------------------------------------
 
     async def announce(self) -> None:
-        if self.clock.monotonic() - self._meta_stored_at > META_REFRESH_S:
-            await membership.store_meta(self)  # keep {run}:meta alive for as long as the run has nodes
-            self._meta_stored_at = self.clock.monotonic()
-        await self.store_own(None if self.state is StageState.STANDBY else self.stage)
-        self.metrics.last_announce.set(self.clock.time())
+        await self.announcer.announce()
 
     async def store_own(self, stage: int | None, *, ttl_s: float | None = None) -> bool:
-        """Write our record under `stage` (None: the standby key). Its expiration is always later than the last
-        one we wrote there: the DHT refuses an earlier one, so after an OFFLINE written for ttl + 1 a plain
-        heartbeat would silently not land."""
-        ttl = self.config.heartbeat.ttl_s if ttl_s is None else ttl_s
-        now = self.clock.time()
-        ttl = max(ttl, self._expirations.get(stage, 0.0) - now + EXPIRATION_STEP_S)
-        stored = await self.swarm.store_stage(stage, self.own_record(), ttl_s=ttl)
-        if stored:
-            self._expirations[stage] = now + ttl
-        else:
-            logger.warning("the DHT refused our record for %s", "standby" if stage is None else f"stage {stage}")
-        return stored
+        return await self.announcer.store(stage, ttl_s=ttl_s)
 
     def heartbeat_soon(self) -> None:
-        self._heartbeat_now.set()
+        self.announcer.soon()
+
+    # -- serving -----------------------------------------------------------------------------------------
 
     async def accept_commit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
-        """Stage 0's two-phase commit (docs/protocol.md). `prepare`: all backward passes of the attempt are in;
-        clip and report the norms (nothing applied; a non-finite norm is `nonfinite_grad`). `apply`: the Adam step
-        (or, with `skip`, the step passes without an update everywhere). Both are idempotent: an attempt already
-        prepared or applied is answered again with the same result, so stage 0 retries until every stage
-        confirmed."""
-        worker = self.worker
-        if worker is None or self.stage in (None, 0):
-            raise InvalidPayload("not_ready", "no stage to commit")
-        key = AttemptKey(meta["step"], meta["attempt"])
-        num_mb = self.config.train.num_microbatches
-        if meta["num_mb"] != num_mb:
-            raise InvalidPayload("decode", f"commit of {meta['num_mb']} microbatches, this run has {num_mb}")
-        if meta.get("phase") == "prepare":
-            self.check_step(worker, key)
-            try:
-                norm, raw = await self.compute(worker.prepare, key, num_mb)
-            except NonFiniteGradient as e:
-                raise InvalidPayload("nonfinite_grad", str(e)) from e
-            except ValueError as e:
-                raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
-            return {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
-        pending = self._commits.get(key)
-        if pending is not None:  # a retry: the same answer, also while the first call still runs
-            return await asyncio.shield(pending)
-        if key.step > worker.step:
-            self.check_step(worker, key)
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._commits[key] = fut
-        while len(self._commits) > 4:
-            self._commits.pop(next(iter(self._commits)))
-        try:
-            reply = await self._apply_commit(worker, key, skip=bool(meta.get("skip", False)))
-        except BaseException as e:
-            self._commits.pop(key, None)
-            fut.set_exception(e)
-            fut.exception()  # retrieved: a concurrent retry re-raises it, nobody else must
-            raise
-        fut.set_result(reply)
-        return reply
-
-    async def _apply_commit(self, worker: StageWorker, key: AttemptKey, *, skip: bool) -> dict[str, Any]:
-        try:
-            norm, raw = await self.compute(worker.apply, key, skip=skip)
-        except ValueError as e:
-            raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
-        self.after_commit(worker.grad_norm, worker.grad_norm_raw)
-        reply = {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step, "skipped": skip}
-        if self.config.recovery.mode == "redundant" and not skip:  # the shadow on our predecessor follows
-            state = await self.compute(worker.snapshot)
-            await replication.push_copies(self, state, replication.replica_meta(
-                self, step=worker.step, grad_norm=norm, grad_norm_raw=raw))
-        reply.update(await replication.save_checkpoint(self))
-        return reply
+        return await self.commits.accept(meta, peer_id)
 
     def check_step(self, worker: StageWorker, key: AttemptKey) -> None:
-        """A message for step `key.step` must be for the step this stage is at: an older one is stale (the reply
-        says what we hold, so the sender can adopt it); a newer one means stage 0 committed a step we never
-        applied: we refuse it, and once stage 0 confirms it moved on we step down to be rebuilt rather than
-        train on with a skipped update."""
-        if key.step < worker.step or key.attempt <= worker.attempt_floor:
-            raise InvalidPayload("stale_step", f"attempt {tuple(key)} is for step {key.step}, this stage has "
-                                               f"committed {worker.step} steps (or it predates a rollback)",
-                                 holds=worker_holds(worker))
-        if key.step > worker.step:
-            if not self._behind_check_running:
-                self._behind_check_running = True
-                self.spawn(self._confirm_behind(worker), "confirm-behind")
-            raise InvalidPayload("behind", f"attempt {tuple(key)} is for step {key.step}; this stage has only "
-                                           f"committed {worker.step} steps")
-
-    _behind_check_running = False
-
-    async def _confirm_behind(self, worker: StageWorker) -> None:
-        """Ask stage 0 (not the neighbour that sent the hop) how many steps it committed; step down if more than
-        we did."""
-        try:
-            assert self.client is not None
-            info = await self.client.info(self.route(0))
-            theirs = info.get("step")
-            if isinstance(theirs, int) and theirs > worker.step and self.worker is worker:
-                logger.warning("stage 0 committed %d steps, this stage only %d (a commit was lost); stepping "
-                               "down so that the stage is rebuilt", theirs, worker.step)
-                self.events.emit("behind", stage=self.stage, step=worker.step, stage0_step=theirs)
-                self.fence()
-        except (PeerUnavailableError, RejectedError) as e:
-            logger.info("could not confirm with stage 0 that this stage is behind: %s", e)
-        finally:
-            self._behind_check_running = False
+        self.commits.check_step(worker, key)
 
     def after_commit(self, norm: float, raw: float) -> None:
         w = self.worker
@@ -382,7 +257,7 @@ class Node(HopHandling):
         worker = self.worker
         assert worker is not None
         if replica:
-            return replication.replica_snapshot(self)
+            return copies.replica_snapshot(self)
         state = await self.compute(worker.snapshot)
         meta = {"stage": self.stage, "step": worker.step, "generation": self.generation,
                 "grad_norm": worker.grad_norm, "grad_norm_raw": worker.grad_norm_raw,
@@ -390,10 +265,10 @@ class Node(HopHandling):
         return meta, state
 
     async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
-        await replication.accept_replica(self, meta, state)
+        await copies.accept_replica(self, meta, state)
 
     async def accept_restore(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
-        return await replication.accept_restore(self, meta)
+        return await copies.accept_restore(self, meta)
 
     def stage_shapes(self, stage_idx: int) -> dict[str, tuple[int, ...]]:
         """Tensor shapes of a stage's state dict (what a copy of it must look like)."""
@@ -429,31 +304,30 @@ class Node(HopHandling):
         self.events.emit("joined", run_id=self.run_id, peer_id=self.peer_id, metrics_port=self.metrics_port)
         try:
             await self._check_meta()
-            self.spawn(self._heartbeat_loop(), "heartbeat")
+            self.spawn(self.announcer.run(), "heartbeat")
             self.spawn(self._membership_loop(), "membership")
             while True:
                 self.driver = None
-                stage = await membership.claim_stage(self)
+                stage = await claim.claim_stage(self)
                 try:
-                    worker = await membership.acquire_stage(self, stage)
+                    worker = await rebuild.acquire_stage(self, stage)
                     if stage == 0:
                         self.driver = Driver(self)
                         await self.driver.prepare()
-                    await membership.confirm_claim(self, stage, fresh_build=worker.step == 0)  # the unique claimant
+                    await claim.confirm_claim(self, stage, fresh_build=worker.step == 0)  # the unique claimant
                 except Exception as e:  # noqa: BLE001 - RecoveryError, a rival claim, a DHT failure: retry
                     if not isinstance(e, (RecoveryError, UnrecoverableError)):
                         self.metrics.loop_errors.labels(loop="claim").inc()
                     logger.warning("giving stage %d back: %s: %s", stage, type(e).__name__, e)
-                    await membership.retreat(self, stage)
+                    await claim.retreat(self, stage)
                     self.driver = None
                     self.set_state(StageState.JOINING, stage=None)
                     await asyncio.sleep(self.config.heartbeat.period_s)
                     continue
                 self.worker = worker
                 self.metrics.model_parameters.set(worker.num_parameters)
-                self.lost_neighbours.clear()
                 self._seen_hops.clear()  # hop ids are only unique per stage
-                self.seen_neighbours.clear()
+                self.watch.reset()
                 self.stage_lost.clear()
                 self.set_state(StageState.ONLINE, stage=stage)
                 try:
@@ -464,7 +338,7 @@ class Node(HopHandling):
                 self._ready(endpoint.maddrs())
                 if await self._serve_until_fenced():
                     return
-                await membership.retreat(self, stage)  # stepped down: the stage reads as ours no more
+                await claim.retreat(self, stage)  # stepped down: the stage reads as ours no more
         finally:
             await self.leave(endpoint)
 
@@ -472,7 +346,7 @@ class Node(HopHandling):
         """The run's settings check, retried while the DHT fails (a mismatch is final: exit 2)."""
         while True:
             try:
-                await membership.check_meta(self)
+                await claim.check_meta(self)
                 return
             except CfnodeError:
                 raise

@@ -1,0 +1,129 @@
+"""A transformer stage's side of stage 0's two-phase commit (docs/protocol.md): `prepare` (clip, report the
+norms), `apply` (the Adam step, or a skip), both idempotent per attempt; and the step check every message of
+an attempt passes (`stale_step`, or `behind`: this stage missed a commit and steps down to be rebuilt).
+
+One job: a step is applied exactly once here, or the stage stops serving. It sees the node through
+`CommitHost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, Protocol
+
+from cfnode.errors import InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.recovery import copies
+from cfnode.train.schedule import AttemptKey
+from cfnode.train.worker import NonFiniteGradient, StageWorker, worker_holds
+
+logger = logging.getLogger(__name__)
+REPLIES_KEPT = 4
+"""Applied commits whose replies are kept for a retried call (stage 0 retries the one step in flight)."""
+
+
+class CommitHost(copies.CopyHost, Protocol):
+    """What the commit handler needs from the node besides what copies need."""
+
+    def after_commit(self, norm: float, raw: float) -> None: ...
+    def fence(self) -> None: ...
+    def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]: ...
+
+
+class CommitHandler:
+    def __init__(self, host: CommitHost) -> None:
+        self.host = host
+        self._replies: dict[AttemptKey, asyncio.Future[dict[str, Any]]] = {}
+        """Replies to applied commits by attempt (the last few), so a retried commit is answered again."""
+        self._behind_check_running = False
+
+    async def accept(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
+        """`prepare`: all backward passes of the attempt are in; clip and report the norms (nothing applied; a
+        non-finite norm is `nonfinite_grad`). `apply`: the Adam step (or, with `skip`, the step passes without
+        an update everywhere). Both are idempotent: an attempt already prepared or applied is answered again
+        with the same result, so stage 0 retries until every stage confirmed."""
+        host = self.host
+        worker = host.worker
+        if worker is None or host.stage in (None, 0):
+            raise InvalidPayload("not_ready", "no stage to commit")
+        key = AttemptKey(meta["step"], meta["attempt"])
+        num_mb = host.config.train.num_microbatches
+        if meta["num_mb"] != num_mb:
+            raise InvalidPayload("decode", f"commit of {meta['num_mb']} microbatches, this run has {num_mb}")
+        if meta.get("phase") == "prepare":
+            self.check_step(worker, key)
+            try:
+                norm, raw = await host.compute(worker.prepare, key, num_mb)
+            except NonFiniteGradient as e:
+                raise InvalidPayload("nonfinite_grad", str(e)) from e
+            except ValueError as e:
+                raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
+            return {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
+        pending = self._replies.get(key)
+        if pending is not None:  # a retry: the same answer, also while the first call still runs
+            return await asyncio.shield(pending)
+        if key.step > worker.step:
+            self.check_step(worker, key)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._replies[key] = fut
+        while len(self._replies) > REPLIES_KEPT:
+            self._replies.pop(next(iter(self._replies)))
+        try:
+            reply = await self._apply(worker, key, skip=bool(meta.get("skip", False)))
+        except BaseException as e:
+            self._replies.pop(key, None)
+            fut.set_exception(e)
+            fut.exception()  # retrieved: a concurrent retry re-raises it, nobody else must
+            raise
+        fut.set_result(reply)
+        return reply
+
+    async def _apply(self, worker: StageWorker, key: AttemptKey, *, skip: bool) -> dict[str, Any]:
+        host = self.host
+        try:
+            norm, raw = await host.compute(worker.apply, key, skip=skip)
+        except ValueError as e:
+            raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
+        host.after_commit(worker.grad_norm, worker.grad_norm_raw)
+        reply = {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step, "skipped": skip}
+        if host.config.recovery.mode == "redundant" and not skip:  # the shadow on our predecessor follows
+            state = await host.compute(worker.snapshot)
+            await copies.push_copies(host, state, copies.replica_meta(
+                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw))
+        reply.update(await copies.save_checkpoint(host))
+        return reply
+
+    def check_step(self, worker: StageWorker, key: AttemptKey) -> None:
+        """A message for step `key.step` must be for the step this stage is at: an older one is stale (the reply
+        says what we hold, so the sender can adopt it); a newer one means stage 0 committed a step we never
+        applied: we refuse it, and once stage 0 confirms it moved on we step down to be rebuilt rather than
+        train on with a skipped update."""
+        if key.step < worker.step or key.attempt <= worker.attempt_floor:
+            raise InvalidPayload("stale_step", f"attempt {tuple(key)} is for step {key.step}, this stage has "
+                                               f"committed {worker.step} steps (or it predates a rollback)",
+                                 holds=worker_holds(worker))
+        if key.step > worker.step:
+            if not self._behind_check_running:
+                self._behind_check_running = True
+                self.host.spawn(self._confirm_behind(worker), "confirm-behind")
+            raise InvalidPayload("behind", f"attempt {tuple(key)} is for step {key.step}; this stage has only "
+                                           f"committed {worker.step} steps")
+
+    async def _confirm_behind(self, worker: StageWorker) -> None:
+        """Ask stage 0 (not the neighbour that sent the hop) how many steps it committed; step down if more than
+        we did."""
+        host = self.host
+        try:
+            assert host.client is not None
+            info = await host.client.info(host.route(0))
+            theirs = info.get("step")
+            if isinstance(theirs, int) and theirs > worker.step and host.worker is worker:
+                logger.warning("stage 0 committed %d steps, this stage only %d (a commit was lost); stepping "
+                               "down so that the stage is rebuilt", theirs, worker.step)
+                host.events.emit("behind", stage=host.stage, step=worker.step, stage0_step=theirs)
+                host.fence()
+        except (PeerUnavailableError, RejectedError) as e:
+            logger.info("could not confirm with stage 0 that this stage is behind: %s", e)
+        finally:
+            self._behind_check_running = False
