@@ -1,4 +1,4 @@
-"""The `cfnode` command: bootstrap, join, status, demo, experiment. Builds the one frozen NodeConfig; no business logic.
+"""The `cfnode` command: bootstrap, join, status, export, generate, demo, experiment. Builds the one frozen NodeConfig; no business logic.
 
 Every flag also reads an environment variable `CFNODE_<COMMAND>_<FLAG>` (click auto_envvar_prefix).
 Exit codes: 0 clean, 2 usage, 3 no peer reachable, 4 identity taken, 5 unrecoverable swarm state.
@@ -205,6 +205,9 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
               help="--recovery checkpoint: save every stage's weights and Adam state every N steps.")
 @click.option("--events-file", default=None, help="Append JSON-lines swarm events here.")
 @click.option("--ready-file", default=None, help="Write {peer_id, maddrs, stage, metrics_port} here when ready.")
+@click.option("--export-dir", default=None,
+              help="On stage 0: write the whole model as a Hugging Face checkpoint here at --max-steps.")
+@click.option("--export-on-exit", is_flag=True, help="With --export-dir: also export when stopped (SIGTERM/Ctrl-C).")
 @_with(logging_options)
 def join(**kw: Any) -> None:
     """Join a training run: claim a stage (or wait as a spare) and train it with the neighbours."""
@@ -230,11 +233,23 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
     else:
         stage = None
     if kw["model_path"]:
+        from cfnode.export import read_export_info
         from cfnode.model.stages import model_config_from_pretrained
 
-        model = model_config_from_pretrained(kw["model_path"], kw["stages"] or PRESETS[kw["preset_name"]].num_stages)
+        exported = read_export_info(kw["model_path"])  # an export: its own number of stages by default
+        default_stages = exported["model"]["num_stages"] if exported else PRESETS[kw["preset_name"]].num_stages
+        model = model_config_from_pretrained(kw["model_path"], kw["stages"] or default_stages)
+        start_step = int(exported["step"]) if exported else 0
+        if exported:
+            logger.info("%s is the export of run %s at step %d: training goes on from step %d with fresh Adam state "
+                        "(docs/export.md, resuming)", kw["model_path"], exported["run_id"], start_step, start_step)
     else:
         model = preset(kw["preset_name"], num_stages=kw["stages"])
+        start_step = 0
+    if kw["export_dir"]:
+        from cfnode.export import check_out_dir
+
+        check_out_dir(kw["export_dir"])
     if kw["identity_path"]:
         from cfnode.bootstrap import ensure_identity
 
@@ -245,7 +260,8 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
         train=TrainConfig(lr=kw["lr"], num_microbatches=kw["microbatches"], microbatch_size=kw["microbatch_size"],
                           max_in_flight=kw["max_in_flight"], max_steps=kw["max_steps"], val_every=kw["val_every"],
                           val_batches=kw["val_batches"], step_timeout_s=kw["step_timeout"],
-                          num_threads=kw["threads"], debug_hold_at_step=kw["debug_hold_at_step"]),
+                          num_threads=kw["threads"], debug_hold_at_step=kw["debug_hold_at_step"],
+                          start_step=start_step),
         network=NetworkConfig(initial_peers=parse_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
                               request_timeout_s=kw["request_timeout"],
@@ -258,6 +274,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                                 checkpoint_dir=kw["checkpoint_dir"], checkpoint_every=kw["checkpoint_every"]),
         metrics=MetricsConfig(host=kw["metrics_host"], port=kw["metrics_port"]),
         events_path=kw["events_file"], ready_file=kw["ready_file"],
+        export_dir=kw["export_dir"], export_on_exit=kw["export_on_exit"],
     )
 
 
@@ -300,7 +317,7 @@ def _run_join(config: NodeConfig) -> None:
         mirror = asyncio.create_task(mirror_rejections(swarm, node.metrics.mirror_dht_rejections,
                                                        period_s=max(1.0, config.heartbeat.period_s)))
         try:
-            await node.run()
+            await node.run()  # stage 0 returns at --max-steps (after exporting, with --export-dir)
         finally:
             mirror.cancel()
 
@@ -372,6 +389,70 @@ def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: fl
 
 
 @main.command()
+@click.option("--peers", "--initial-peers", "peers", multiple=True, required=True,
+              help="Multiaddr of a running peer of the swarm (repeatable).")
+@click.option("--run-id", default=_D.run_id)
+@click.option("--out", "out_dir", required=True, help="Directory to write the checkpoint to (replaced if an export).")
+@click.option("--identity-path", default="export.id",
+              help="Persistent identity of the exporter (created if absent); nodes allow its peer id with "
+                   "--weights-reader.")
+@click.option("--preset", "preset_name", default=None, type=click.Choice(sorted(PRESETS)),
+              help="The run's preset (default: the preset matching the run's config hash).")
+@click.option("--stages", type=int, default=None, help="The run's transformer stages (default: the run's).")
+@click.option("--model-path", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The checkpoint the run was started from (its config and tokenizer).")
+@click.option("--tokenizer", "tokenizer_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="tokenizer.json the run trained with (default: the checkpoint's, else the shipped one).")
+@click.option("--seed", "data_seed", type=int, default=None, help="The run's data seed, recorded in cfnode.json.")
+@click.option("--heartbeat-ttl", "ttl_s", type=float, default=_H.ttl_s, help="The run's ttl (paces retried downloads).")
+@click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/0",))
+@_with(logging_options)
+def export(peers: tuple[str, ...], out_dir: str, log_level: str, log_format: str, **kw: Any) -> None:
+    """Fetch every stage of a live run at one committed step and write a Hugging Face checkpoint."""
+    from cfnode.export import ExportOptions, ProgressBar, export_peer_id, export_swarm
+
+    setup_logging(log_level, log_format)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    peers = _checked_peers(peers)
+    try:
+        options = ExportOptions(peers=peers, out_dir=out_dir, **kw)
+        click.echo(f"exporting as peer {export_peer_id(options.identity_path)} "
+                   f"(nodes allow it with --weights-reader)", err=True)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    progress = ProgressBar()
+    try:
+        info = export_swarm(options, on_start=progress.start, on_fetched=progress.fetched)
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+    except CfnodeError as e:
+        _fail(e)
+    finally:
+        progress.close()
+    click.echo(f"exported step {info['step']} of run {info['run_id']} to {out_dir}")
+    click.echo(f"  try: cfnode generate --model {out_dir} --prompt 'ROMEO:'")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, help="An exported (or any local Llama) checkpoint directory.")
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", type=int, default=64)
+@click.option("--temperature", type=float, default=0.8, help="0: greedy.")
+@click.option("--top-k", type=int, default=50, help="Sample among the k most likely tokens (0: all).")
+@click.option("--seed", type=int, default=0, help="Same seed, same text.")
+@_with(logging_options)
+def generate(log_level: str, log_format: str, **kw: Any) -> None:
+    """Generate text from an exported checkpoint (plain transformers)."""
+    from cfnode.generate import GenerateOptions, generate_text
+
+    setup_logging("WARNING" if log_level.upper() == "INFO" else log_level, log_format)
+    try:
+        click.echo(generate_text(GenerateOptions(**kw)))
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from e
+
+
+@main.command()
 @click.option("--stages", type=int, default=4, help="Transformer stages L (the demo runs stage 0 plus L).")
 @click.option("--steps", type=int, default=300)
 @click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)),
@@ -391,6 +472,8 @@ def status(peers: tuple[str, ...], run_id: str, as_json: bool, heartbeat_ttl: fl
               help="checkfree+ (needs --stages >= 4) also survives the loss of stage 0 and the edge stages; "
                    "checkpoint and redundant are baselines.")
 @click.option("--checkpoint-every", type=int, default=50, help="With --recovery checkpoint: save every N steps.")
+@click.option("--export-dir", default=None, help="Where the trained model is written (default: WORKDIR/export).")
+@click.option("--prompt", default="ROMEO.", help="Prompt of the sample printed at the end.")
 @_with(logging_options)
 def demo(**kw: Any) -> None:
     """Start a bootstrap, L+1 stage nodes and a spare on 127.0.0.1 and train on the embedded corpus."""

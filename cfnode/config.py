@@ -96,6 +96,9 @@ class TrainConfig:
     """How many microbatches stage 0 keeps in the ring at once."""
     clip_norm: float = 1.0
     max_steps: int | None = None
+    start_step: int = 0
+    """The step the run starts at: 0, or an export's step when every node starts from it (--model-path of a
+    `cfnode export`). The data order continues from it (batches are a function of seed and step)."""
     """Stage 0 stops driving after this many committed steps (None: run until stopped)."""
     val_every: int = 25
     """Run validation on the held-out split every this many steps (0 disables)."""
@@ -114,6 +117,8 @@ class TrainConfig:
         for name in ("num_microbatches", "microbatch_size", "max_in_flight", "num_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.start_step < 0:
+            raise ConfigError(f"train.start_step must be >= 0, got {self.start_step}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.step_timeout_s <= 0:
@@ -232,8 +237,15 @@ class NodeConfig:
     """Append one JSON line per swarm event (joined, claimed, step aborted, ...) to this file."""
     ready_file: str | None = None
     """Write {peer_id, maddrs, metrics_port, ...} as JSON here once the node serves RPCs."""
+    export_dir: str | None = None
+    """Stage 0 only: write the whole model (a Hugging Face checkpoint, `cfnode/export.py`) here when the driver
+    reaches `train.max_steps` (and on SIGTERM with `export_on_exit`)."""
+    export_on_exit: bool = False
+    """Also export to `export_dir` when stopped by SIGTERM/SIGINT (at the last committed step)."""
 
     def __post_init__(self) -> None:
+        if self.export_on_exit and not self.export_dir:
+            raise ConfigError("--export-on-exit needs --export-dir")
         if not self.run_id or ":" in self.run_id:
             raise ConfigError(f"run_id must be non-empty and contain no ':', got {self.run_id!r}")
         if self.stage is not None and not 0 <= self.stage <= self.model.num_stages:

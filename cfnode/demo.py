@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import click
 from tqdm import tqdm
 
 from cfnode.config import PRESETS
@@ -48,6 +49,10 @@ class DemoOptions:
     """checkfree or checkfree+ (every stage, stage 0 included, survives a kill; needs --stages >= 4), or the
     baselines checkpoint (store in WORKDIR/checkpoints) and redundant."""
     checkpoint_every: int = 50
+    export_dir: str | None = None
+    """Where stage 0 writes the trained model at the end (default WORKDIR/export)."""
+    prompt: str = "ROMEO."
+    """The prompt of the sample printed at the end (sampled with seed 0: the same model gives the same text)."""
 
     def kill_plan(self) -> list[tuple[int, int]]:
         plan = []
@@ -193,6 +198,8 @@ def run_demo(options: DemoOptions) -> int:
     workdir = options.workdir or tempfile.mkdtemp(prefix="cfnode-demo-")
     os.makedirs(workdir, exist_ok=True)
     swarm = Swarm(workdir)
+    export_dir = os.path.abspath(options.export_dir or os.path.join(workdir, "export"))
+    exported: dict[str, Any] | None = None
     started = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill <demo>` cleans up like Ctrl-C
     logger.info("demo workdir: %s", workdir)
@@ -211,6 +218,7 @@ def run_demo(options: DemoOptions) -> int:
             common += ["--checkpoint-dir", os.path.join(workdir, "checkpoints"),
                        "--checkpoint-every", str(options.checkpoint_every)]
         common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
+        common += ["--export-dir", export_dir]  # ... and exports at --max-steps, before it leaves
         stage_procs = [swarm.spawn(f"stage{idx}", ["join", *common, "--stage", str(idx)], events=True)
                        for idx in range(options.stages + 1)]
         for proc in stage_procs:  # spares start once every stage is held, so they wait as STANDBY
@@ -224,6 +232,8 @@ def run_demo(options: DemoOptions) -> int:
         for _ in range(options.spares):
             spawn_spare()
         code = _follow(options, swarm, spawn_spare)
+        if code == 0:
+            exported = _wait_for_export(swarm)
     except KeyboardInterrupt:
         logger.warning("interrupted; stopping every process the demo started")
         code = 130
@@ -231,6 +241,7 @@ def run_demo(options: DemoOptions) -> int:
         swarm.stop()
         signal.signal(signal.SIGTERM, previous)
     summary = _summary(options, swarm, started)
+    summary.update(_results(options, summary, workdir, export_dir if exported else None))
     if options.json_summary:
         with open(options.json_summary, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
@@ -238,7 +249,93 @@ def run_demo(options: DemoOptions) -> int:
                 summary["steps_completed"], _fmt(summary["loss_first"]), _fmt(summary["loss_last"]),
                 _fmt(summary["val_loss_first"]), _fmt(summary["val_loss_last"]), summary["tokens_per_s"] or 0,
                 workdir)
+    if summary["loss_png"]:
+        click.echo(f"loss curve:  {summary['loss_png']}")
+    if summary["export_dir"]:
+        click.echo(f"model:       {summary['export_dir']}  (step {exported['step'] if exported else '-'}; "
+                   f"cfnode generate --model {summary['export_dir']} --prompt '...')")
+    if summary["sample"] is not None:
+        click.echo(f"sample:      {summary['sample']!r}")
     return code
+
+
+EXPORT_WAIT_S = 600.0
+
+
+def _wait_for_export(swarm: Swarm) -> dict[str, Any] | None:
+    """Stage 0 exports after its last step and then exits: wait for its `exported` event (None if it failed)."""
+    proc = next((p for p in swarm.procs if any(e["event"] == "training_finished" for e in read_events(p.events_path))),
+                None)
+    if proc is None:
+        return None
+    deadline = time.monotonic() + EXPORT_WAIT_S
+    while time.monotonic() < deadline:
+        done = [e for e in read_events(proc.events_path) if e["event"] == "exported"]
+        if done:
+            return done[-1]
+        if not proc.alive():
+            break
+        time.sleep(0.25)
+    logger.error("stage 0 did not export the model; see %s", proc.log_path)
+    return None
+
+
+def _results(options: DemoOptions, summary: dict[str, Any], workdir: str, export_dir: str | None) -> dict[str, Any]:
+    """What the run produced: loss.png, the export (annotated with how stages were rebuilt) and a sample."""
+    out: dict[str, Any] = {"loss_png": None, "export_dir": export_dir, "sample": None}
+    try:
+        out["loss_png"] = write_loss_plot(os.path.join(workdir, "loss.png"), summary)
+    except Exception as e:  # noqa: BLE001 - a failed plot must not hide the run's result
+        logger.warning("could not draw loss.png: %s", e)
+    if export_dir is None:
+        return out
+    from cfnode.export import annotate_rebuilds
+    from cfnode.generate import GenerateOptions, generate_text
+
+    rebuilt = {e["stage"]: e.get("how") or e.get("rule") for e in summary["events"]
+               if e["event"] == "recovery_finished"}
+    annotate_rebuilds(export_dir, rebuilt)
+    out["sample"] = generate_text(GenerateOptions(model_dir=export_dir, prompt=options.prompt, max_new_tokens=48,
+                                                  temperature=0.8, seed=0))
+    return out
+
+
+def write_loss_plot(path: str, summary: dict[str, Any]) -> str:
+    """Train and validation loss vs step; kills (red dashed) and finished rebuilds (green dotted) marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps: dict[int, dict[str, Any]] = {e["step"]: e for e in summary["steps"]}  # a retried step: the last
+    xs = sorted(steps)
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    ax.plot(xs, [steps[x]["loss"] for x in xs], "-", color="tab:blue", linewidth=1.2, label="train loss")
+    val = [(x, steps[x]["val_loss"]) for x in xs if steps[x].get("val_loss") is not None]
+    if val:
+        ax.plot([x for x, _ in val], [v for _, v in val], "o-", color="tab:orange", markersize=4,
+                label="validation loss")
+    for i, kill in enumerate(summary.get("kills", [])):
+        ax.axvline(kill["killed_at_step"], color="tab:red", linestyle="--", linewidth=1,
+                   label="kill -9 of a stage" if i == 0 else None)
+        ax.annotate(f"kill {kill['stage']}", (kill["killed_at_step"], 1), xycoords=("data", "axes fraction"),
+                    xytext=(3, -12), textcoords="offset points", color="tab:red", fontsize=8)
+    rebuilds = [e for e in summary["events"] if e["event"] == "recovery_finished"]
+    for i, e in enumerate(rebuilds):
+        ax.axvline(e.get("step", 0), color="tab:green", linestyle=":", linewidth=1.5,
+                   label="stage rebuilt" if i == 0 else None)
+        ax.annotate(f"rebuilt {e['stage']} ({e.get('how') or e.get('rule')})", (e.get("step", 0), 1),
+                    xycoords=("data", "axes fraction"), xytext=(3, -24), textcoords="offset points",
+                    color="tab:green", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (cross-entropy)")
+    ax.set_title(f"cfnode demo: {summary['steps_completed']} steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -374,6 +471,7 @@ def _summary(options: DemoOptions, swarm: Swarm, started: float) -> dict[str, An
         "tokens_per_s": tokens_per_s,
         "wall_s": round(time.time() - started, 1),
         "recoveries": _recoveries(swarm, all_events),
+        "steps": [{k: e.get(k) for k in ("step", "loss", "val_loss")} for e in steps],
         "kills": [dict(k) for k in swarm.kills],  # each --kill as done: stage, at_step, killed_at_step, ts, node
         "events": sorted((e for e in all_events if e["event"] != "step"), key=lambda e: e["ts"]),
     }

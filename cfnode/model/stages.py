@@ -277,3 +277,56 @@ def model_config_from_pretrained(model_path: str, num_stages: int, seq_len: int 
 def stage_param_count(module: nn.Module) -> int:
     """Number of distinct parameter elements of `module`."""
     return sum(p.numel() for p in module.parameters())
+
+
+def model_key(stage_idx: int, name: str, layers_per_stage: int) -> str:
+    """The `LlamaForCausalLM` state_dict key of stage `stage_idx`'s tensor `name` (the reverse of
+    `split_llama`'s naming): stage 0's `embed_tokens.*`/`norm.*` live under `model.`, `lm_head.*` stays; stage
+    s >= 1's `layers.j.*` is decoder layer `(s - 1) * layers_per_stage + j`."""
+    if stage_idx == 0:
+        return name if name.startswith("lm_head.") else f"model.{name}"
+    head, sep, rest = name.partition(".")
+    index, sep2, tail = rest.partition(".")
+    if head != "layers" or not sep or not sep2 or not index.isdigit() or int(index) >= layers_per_stage:
+        raise ValueError(f"{name!r} is not a tensor of a {layers_per_stage}-layer transformer stage")
+    return f"model.layers.{(stage_idx - 1) * layers_per_stage + int(index)}.{tail}"
+
+
+def empty_llama(cfg: ModelConfig, config: LlamaConfig | None = None) -> LlamaForCausalLM:
+    """A `LlamaForCausalLM` whose parameters are on the meta device (no memory): fill it with `merge_stage`.
+    Its rotary embedding's (non-persistent) `inv_freq` is computed on the CPU."""
+    config = config if config is not None else llama_config(cfg)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
+    return model
+
+
+def merge_stage(model: LlamaForCausalLM, cfg: ModelConfig, stage_idx: int,
+                state: dict[str, torch.Tensor]) -> None:
+    """Install stage `stage_idx`'s state_dict into `model` (from `empty_llama`) WITHOUT copying: the model's
+    parameters become `state`'s tensors (so merging every stage holds the weights once). The stage's keys must
+    be exactly those of `stage_shapes(cfg, stage_idx)`, with those shapes."""
+    expected = stage_shapes(cfg, stage_idx)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(f"stage {stage_idx}: tensors do not match the model (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"stage {stage_idx}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+    mapped = {model_key(stage_idx, name, cfg.layers_per_stage): t.detach().float() for name, t in state.items()}
+    result = model.load_state_dict(mapped, strict=False, assign=True)
+    if result.unexpected_keys:  # pragma: no cover - guarded by the key check above
+        raise ValueError(f"stage {stage_idx}: unexpected keys {result.unexpected_keys[:3]}")
+
+
+def merge_llama(cfg: ModelConfig, states: dict[int, dict[str, torch.Tensor]]) -> LlamaForCausalLM:
+    """The full model from every stage's state_dict (0..num_stages), sharing their tensors (the reverse of
+    `split_llama`)."""
+    if sorted(states) != list(range(cfg.num_stages + 1)):
+        raise ValueError(f"need stages 0..{cfg.num_stages}, got {sorted(states)}")
+    model = empty_llama(cfg)
+    for idx, state in states.items():
+        merge_stage(model, cfg, idx, state)
+    return model

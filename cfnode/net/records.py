@@ -123,13 +123,15 @@ class MetaRecord:
     """Every stage must expect the same activation shapes and microbatches per step."""
     clip_norm: float = 1.0
     """Every stage clips its gradient at the same norm (CheckFree weights by the post-clip norms)."""
+    start_step: int = 0
+    """Every stage counts steps from the same start (a resumed export's step)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
         return {"num_stages": self.num_stages, "model_config_hash": self.model_config_hash,
                 "recovery_mode": self.recovery_mode, "recovery_rule": self.recovery_rule,
                 "microbatch_size": self.microbatch_size, "num_microbatches": self.num_microbatches,
-                "clip_norm": self.clip_norm, "version": self.version}
+                "clip_norm": self.clip_norm, "start_step": self.start_step, "version": self.version}
 
     @classmethod
     def from_wire(cls, value: object) -> MetaRecord | None:
@@ -144,7 +146,7 @@ class MetaRecord:
                        recovery_rule=str(value.get("recovery_rule", "grad-avg")),
                        microbatch_size=int(value.get("microbatch_size", 8)),
                        num_microbatches=int(value.get("num_microbatches", 4)), clip_norm=clip_norm,
-                       version=int(value.get("version", 0)))
+                       start_step=int(value.get("start_step", 0)), version=int(value.get("version", 0)))
         except (KeyError, ValueError, TypeError, OverflowError):
             return None
 
@@ -248,11 +250,11 @@ def keeps_claim(view: SwarmView, stage_idx: int, my_peer_id: str) -> bool:
     return bool(joining) and joining[0] == my_peer_id
 
 
-def swarm_has_trained(view: SwarmView, num_stages: int) -> bool:
-    """True once any live ONLINE stage reports a committed step: a stage taken now must be rebuilt from its
-    neighbours rather than from the seeded init (ARCHITECTURE §5 step 3)."""
+def swarm_has_trained(view: SwarmView, num_stages: int, start_step: int = 0) -> bool:
+    """True once any live ONLINE stage reports a step committed after the run's `start_step`: a stage taken now
+    must be rebuilt from its neighbours rather than from its initial weights (ARCHITECTURE §5 step 3)."""
     return any(
-        (owner := view.online_owner(i)) is not None and owner.record.step > 0 for i in range(num_stages + 1)
+        (owner := view.online_owner(i)) is not None and owner.record.step > start_step for i in range(num_stages + 1)
     )
 
 

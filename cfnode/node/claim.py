@@ -73,6 +73,7 @@ _RUN_WIDE = (  # (MetaRecord field, how a user sets it, why every node must agre
     ("microbatch_size", "--microbatch-size", "every stage must expect the run's activation shapes"),
     ("num_microbatches", "--microbatches", "every stage must commit after the same microbatches"),
     ("clip_norm", "train.clip_norm", "every stage must clip at the run's norm (CheckFree weighs the clipped norms)"),
+    ("start_step", "a start step (--model-path of an export)", "every stage must count steps from the run's start"),
 )
 
 
@@ -99,19 +100,20 @@ def _meta_record(host: ClaimHost) -> MetaRecord:
     return MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash(),
                       recovery_mode=recovery.mode, recovery_rule=recovery.rule,
                       microbatch_size=train.microbatch_size, num_microbatches=train.num_microbatches,
-                      clip_norm=float(train.clip_norm))
+                      clip_norm=float(train.clip_norm), start_step=train.start_step)
 
 
 async def store_meta(host: ClaimHost) -> None:
     await host.swarm.store_meta(_meta_record(host))
 
 
-def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None, *, mode: str = "checkfree") -> list[int]:
+def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None, *, mode: str = "checkfree",
+                     start_step: int = 0) -> list[int]:
     """Empty stages this node may take, lowest first. Once the swarm has trained, stage 0 is taken only to
     rebuild it (from a live copy or the checkpoint store): otherwise its embedding and head exist nowhere
     else, and a fresh one would be garbage."""
     candidates = range(num_stages + 1) if wanted is None else [wanted]
-    stage0_ok = not swarm_has_trained(view, num_stages) or stage0_recoverable(view, num_stages, mode)
+    stage0_ok = not swarm_has_trained(view, num_stages, start_step) or stage0_recoverable(view, num_stages, mode)
     return [i for i in candidates if not is_occupied(view.members(i), view.now) and (i != 0 or stage0_ok)]
 
 
@@ -128,7 +130,8 @@ async def claim_stage(host: ClaimHost) -> int:
             await asyncio.sleep(cfg.heartbeat.period_s)
             continue
         await host.watch.confirm_unrecoverable(view)
-        targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, mode=cfg.recovery.mode)
+        targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, mode=cfg.recovery.mode,
+                                   start_step=cfg.train.start_step)
         if not targets:
             if not announced_standby:
                 host.set_state(StageState.STANDBY, stage=None)
@@ -189,7 +192,7 @@ async def confirm_claim(host: ClaimHost, stage: int, *, fresh_build: bool) -> No
         await asyncio.sleep(host.config.heartbeat.claim_jitter_s / 2)
     else:
         raise RecoveryError(f"could not read our own claim of stage {stage} back; giving it back to be safe")
-    if fresh_build and swarm_has_trained(view, host.config.model.num_stages):
+    if fresh_build and swarm_has_trained(view, host.config.model.num_stages, host.config.train.start_step):
         raise RecoveryError(f"the swarm trained while stage {stage} was built from the seeded init")
     rivals = claim_rivals(view, stage, host.peer_id, host.generation)
     if rivals:

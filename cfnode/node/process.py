@@ -314,7 +314,7 @@ class Node(HopHandling):
                     if stage == 0:
                         self.driver = Driver(self)
                         await self.driver.prepare()
-                    await claim.confirm_claim(self, stage, fresh_build=worker.step == 0)  # the unique claimant
+                    await claim.confirm_claim(self, stage, fresh_build=worker.step == self.config.train.start_step)  # the unique claimant
                 except Exception as e:  # noqa: BLE001 - RecoveryError, a rival claim, a DHT failure: retry
                     if not isinstance(e, (RecoveryError, UnrecoverableError)):
                         self.metrics.loop_errors.labels(loop="claim").inc()
@@ -337,10 +337,35 @@ class Node(HopHandling):
                 self.events.emit("online", stage=stage, generation=self.generation, step=worker.step)
                 self._ready(endpoint.maddrs())
                 if await self._serve_until_fenced():
+                    await self._export("max_steps")
                     return
                 await claim.retreat(self, stage)  # stepped down: the stage reads as ours no more
+        except asyncio.CancelledError:
+            if self.config.export_on_exit:
+                await self._export("stopped")
+            raise
         finally:
             await self.leave(endpoint)
+
+    async def _export(self, why: str) -> None:
+        """`--export-dir` on stage 0: write the whole model (cfnode/export.py) while this node is still the ring's
+        stage 0, so the other stages serve it their weights. A failed export is logged, never raised."""
+        worker = self.worker
+        if self.config.export_dir is None or self.stage != 0 or worker is None or self.client is None:
+            return
+        from cfnode.export import export_from_ring
+
+        try:
+            state = await self.compute(worker.snapshot)
+            info = await export_from_ring(self.config.export_dir, config=self.config, stage0_state=state,
+                                          step=worker.step, generation=self.generation, client=self.client,
+                                          view=await self.refresh_view(), peer_id=self.peer_id)
+        except (CfnodeError, OSError) as e:
+            logger.error("exporting the model to %s failed: %s", self.config.export_dir, e)
+            self.events.emit("export_failed", why=why, error=str(e)[:300])
+            return
+        logger.info("exported step %d to %s", info["step"], self.config.export_dir)
+        self.events.emit("exported", dir=self.config.export_dir, step=info["step"], why=why)
 
     async def _check_meta(self) -> None:
         """The run's settings check, retried while the DHT fails (a mismatch is final: exit 2)."""

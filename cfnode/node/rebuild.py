@@ -57,7 +57,8 @@ async def acquire_stage(host: RebuildHost, stage: int) -> StageWorker:
     host.generation = host.routes.next_generation(stage)  # never one the swarm used for this stage
     host.set_state(StageState.RECOVERING, stage=stage)
     await host.announce()
-    if not swarm_has_trained(view, num):  # a seeded init: just leave rival claims time to show (confirm_claim)
+    if not swarm_has_trained(view, num, cfg.train.start_step):  # initial weights: leave rival claims time to show
+        worker.start_at(cfg.train.start_step)
         await asyncio.sleep(host.rng.uniform(0.1, max(0.1, cfg.heartbeat.claim_jitter_s)))
         return worker
     if cfg.recovery.mode == "checkpoint":

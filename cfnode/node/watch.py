@@ -48,10 +48,10 @@ def stage0_recoverable(view: SwarmView, num_stages: int, mode: str) -> bool:
     return mode == "checkpoint" or bool(copy_holders(view, 0, num_stages, mode))
 
 
-def stage0_lost(view: SwarmView, num_stages: int, mode: str) -> bool:
+def stage0_lost(view: SwarmView, num_stages: int, mode: str, start_step: int = 0) -> bool:
     """Stage 0 is gone from a swarm that had trained, and nothing can rebuild it."""
     return (view.online_owner(0) is None and not is_occupied(view.members(0), view.now)
-            and swarm_has_trained(view, num_stages) and not stage0_recoverable(view, num_stages, mode))
+            and swarm_has_trained(view, num_stages, start_step) and not stage0_recoverable(view, num_stages, mode))
 
 
 class Watch:
@@ -107,7 +107,7 @@ class Watch:
         ping: a read that merely missed its record (a slow DHT) is not a loss."""
         host = self.host
         num, mode = host.config.model.num_stages, host.config.recovery.mode
-        if not stage0_lost(view, num, mode):
+        if not stage0_lost(view, num, mode, host.config.train.start_step):
             host.metrics.unrecoverable.set(0)
             self.unrecoverable_logged = False
             return
@@ -123,7 +123,7 @@ class Watch:
         """Log once (and export) that stage 0 is gone from a swarm that had trained."""
         host = self.host
         num, mode = host.config.model.num_stages, host.config.recovery.mode
-        lost = stage0_lost(view, num, mode)
+        lost = stage0_lost(view, num, mode, host.config.train.start_step)
         host.metrics.unrecoverable.set(1 if lost else 0)
         if lost and not self.unrecoverable_logged:
             self.unrecoverable_logged = True

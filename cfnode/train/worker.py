@@ -213,6 +213,11 @@ class StageWorker:
         self._rebase(step)
         self.donor = False
 
+    def start_at(self, step: int) -> None:
+        """Initial weights of a run that starts at `step` (a resumed export): the first step committed is `step`."""
+        self.step = step
+        self._rebase(step)
+
     def _rebase(self, step: int) -> None:
         self.base_step, self.updates, self.skipped = step, 0, 0
         self.prepared = self.last_applied = None

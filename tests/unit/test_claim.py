@@ -84,6 +84,17 @@ def test_stage_zero_not_claimable_once_trained(trained_stage: int) -> None:
     assert claimable_stages(v, L, 0) == []
 
 
+def test_a_run_resumed_at_a_step_has_trained_only_past_it() -> None:
+    """A swarm resumed from an export at step 10: stages reporting step 10 are still the export's initial
+    weights (stage 0 may be built from it); one commit later the swarm has trained."""
+    at_start = view({i: [peer(f"p{i}", ONLINE, step=10)] for i in range(1, L + 1)})
+    assert swarm_has_trained(at_start, L) and not swarm_has_trained(at_start, L, start_step=10)
+    assert claimable_stages(at_start, L, 0, start_step=10) == [0]
+    assert claimable_stages(at_start, L, 0) == []
+    past = view({1: [peer("p1", ONLINE, step=11)]})
+    assert swarm_has_trained(past, L, start_step=10)
+
+
 def test_only_online_records_count_as_trained() -> None:
     v = view({1: [peer("a", RECOVERING, step=50)], 2: [peer("b", JOINING, step=50)],
               3: [peer("c", OFFLINE, step=50)]}, standby=(peer("s", STANDBY, step=50),))
