@@ -123,6 +123,7 @@ def test_edge_stage_then_stage0_killed_training_runs_to_the_last_step(make_harne
     assert_data_order(h, head, new_head, committed, 36)
 
 
+@pytest.mark.slow  # ~65 s; the other checkfree+ test stays in the default run
 def test_last_stage_then_held_stage0_replica_is_bit_identical(make_harness, tmp_path) -> None:
     audit_dir = str(tmp_path / "audit")
     h = make_harness("cfplus-b", stages=L, extra=("--recovery", "checkfree+", "--max-steps", "28",

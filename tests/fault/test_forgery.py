@@ -117,6 +117,7 @@ class Attacker:
         self.dht.shutdown()
 
 
+@pytest.mark.slow  # ~100 s: attack, 15 steps under it, a late joiner, recovery; the validator has unit tests
 def test_forged_records_change_nothing(harness: Harness) -> None:
     h = harness
     h.start_bootstrap()

@@ -50,6 +50,7 @@ def test_sigterm_leave_is_taken_over_without_waiting_for_the_ttl(harness: Harnes
     wait_until(lambda: len(h.events(nodes[0], "step")) >= before + 5, 120, "training to go on")
 
 
+@pytest.mark.slow  # ~60 s; the harness kills rebuilding nodes in-process
 def test_spare_killed_mid_rebuild_is_replaced_by_another(harness: Harness) -> None:
     h = harness
     nodes = _form(h)

@@ -18,6 +18,7 @@ def harness(make_harness) -> Harness:
     return make_harness("nostage0", stages=2)
 
 
+@pytest.mark.slow  # ~50-80 s; claim.py/watch.py decisions have unit tests
 def test_stage0_loss_is_an_explicit_unrecoverable_state(harness: Harness) -> None:
     h = harness
     h.start_bootstrap()

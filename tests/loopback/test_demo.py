@@ -48,6 +48,7 @@ def test_demo_trains_writes_a_summary_and_cleans_up(tmp_path) -> None:
     assert not _procs_of(workdir), "the demo must stop every process it started"
 
 
+@pytest.mark.slow  # ~25-40 s; test_unrecoverable (slow) and the unit tests cover the exit path
 def test_demo_exits_5_when_stage0_dies(tmp_path) -> None:
     workdir = str(tmp_path / "demo")
     stderr_path = tmp_path / "demo.stderr"
