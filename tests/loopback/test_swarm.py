@@ -152,7 +152,7 @@ async def _send_from_outsider(stage1_maddr: str, stage1_id: str, cases: list[Cas
             try:
                 replies.append((sender, case, await client.push_raw("forward", stage1_id, parts)))
             except PeerUnavailableError as e:
-                # the server stops reading an oversized stream; the sender may only see the pipe close
+                # the server rejected and closed the stream before this client read the reply (see the test)
                 replies.append((sender, case, {"ok": False, "reason": "connection closed", "error": str(e)}))
         if replica:  # a stage-0 replica pushed by someone who is not stage 0 (and to a run without checkfree+)
             model = preset("tiny", num_stages=2)
@@ -164,6 +164,8 @@ async def _send_from_outsider(stage1_maddr: str, stage1_id: str, cases: list[Cas
                 replies.append((sender, "replica", {"ok": True}))
             except RejectedError as e:
                 replies.append((sender, "replica", {"ok": False, "reason": e.reason}))
+            except PeerUnavailableError as e:
+                replies.append((sender, "replica", {"ok": False, "reason": "connection closed", "error": str(e)}))
         return replies
     finally:
         await p2p.shutdown()
@@ -195,16 +197,24 @@ def test_malformed_barrage_is_rejected_while_training_continues(swarm: Harness) 
     steps_before = len(_steps(swarm))
     replies = asyncio.run(_barrage(info1["maddrs"][0], info1["peer_id"]))
     (replica_reply,) = [reply for _, case, reply in replies if case == "replica"]
-    assert replica_reply == {"ok": False, "reason": "unauthorized"}, replica_reply
+    assert replica_reply["ok"] is False and replica_reply["reason"] in ("unauthorized", "connection closed")
+
+    def _replica_rejected() -> float:
+        return (metric(scrape(info1["metrics_port"]), "cfnode_rpc_rejected_total", method="replica",
+                       reason="unauthorized")
+                - metric(before, "cfnode_rpc_rejected_total", method="replica", reason="unauthorized"))
+
+    _settle(lambda: _replica_rejected() >= 1, "the replica's rejection to be counted")
+    assert _replica_rejected() == 1
     replies = [r for r in replies if r[1] != "replica"]
     for _, case, reply in replies:
         assert reply["ok"] is False, (case, reply)
         if reply["reason"] != "connection closed":
             assert reply["reason"] == case, (case, reply)
-    closed = [case for _, case, reply in replies if reply["reason"] == "connection closed"]
-    # the server refuses a bad tensor header without reading the rest, so that sender may see its stream
-    # closed; the server-side counts below still prove each case was rejected for its own reason
-    assert set(closed) <= {"too_large", "shape", "dtype"}, replies
+    # Any rejected sender may see its stream closed instead of the reply: the server answers and closes while
+    # hivemind's client may still be finishing its write (seen on single-part cases too, about once in twenty
+    # runs). Which reason each case got is proven on the server side: its rejection counts below must be exact,
+    # each logged once per sender, and no traceback.
     senders = {sender for sender, case, _ in replies if case == "too_large"}
     assert len(senders) == 2 and not senders & {s for s, case, _ in replies if case != "too_large"}, replies
 
