@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 ATTEMPT_COUNTER_BITS = 32
 COMMIT_RETRY_S = 0.2
+FIRST_GENERATION = 1
+"""The generation of a stage's first holder (node/routes.py `next_generation` of a stage nobody held)."""
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,7 @@ class Driver:
         replaced), or this stage 0 is itself a replacement, roll every stage back to the newest complete
         checkpoint. Returns False if the rollback failed (the caller waits for the ring and tries again)."""
         owners = self._ring_owners()
-        if self._owners_at_rollback is None and self.host.generation == 0:
+        if self._owners_at_rollback is None and self.host.generation <= FIRST_GENERATION:
             self._owners_at_rollback = owners  # the original stage 0 of a run: nothing was lost yet
             return True
         if owners == self._owners_at_rollback:

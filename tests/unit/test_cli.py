@@ -14,6 +14,7 @@ from click.testing import CliRunner, Result
 
 from cfnode import cli
 from cfnode.errors import ConfigError
+from cfnode.net.peers import parse_peers, split_peers
 
 PEER = "/ip4/127.0.0.1/tcp/31337/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco"
 PEER2 = "/ip4/127.0.0.1/tcp/31338/p2p/12D3KooWD3eckifWpRn9wQpMG9R9hX3sD158z7EqHWmweQAJU5SA"
@@ -153,7 +154,7 @@ def test_env_var_peers_satisfies_required() -> None:
     ((",", " "), ()),
 ])
 def test_split_peers(given: tuple[str, ...], expected: tuple[str, ...]) -> None:
-    assert cli._split_peers(given) == expected
+    assert split_peers(given) == expected
 
 
 BAD_PEERS = [
@@ -170,13 +171,13 @@ BAD_PEERS = [
 
 def test_parse_peers_accepts_peer_multiaddrs() -> None:
     dns = "/dns4/bootstrap/tcp/31337/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco"
-    assert cli.parse_peers((PEER, f"{PEER2}, {dns}")) == (PEER, PEER2, dns)
+    assert parse_peers((PEER, f"{PEER2}, {dns}")) == (PEER, PEER2, dns)
 
 
 @pytest.mark.parametrize("bad", BAD_PEERS)
 def test_parse_peers_rejects_a_bad_multiaddr_in_one_line(bad: str) -> None:
     with pytest.raises(ConfigError) as err:
-        cli.parse_peers((PEER, bad))
+        parse_peers((PEER, bad))
     text = str(err.value)
     assert "\n" not in text and text.startswith("--peers ") and repr(bad) in text, text
     assert err.value.exit_code == 2
@@ -185,7 +186,7 @@ def test_parse_peers_rejects_a_bad_multiaddr_in_one_line(bad: str) -> None:
 @pytest.mark.parametrize("given", [(",",), (" ", "")])
 def test_parse_peers_rejects_no_address(given: tuple[str, ...]) -> None:
     with pytest.raises(ConfigError, match="--peers"):
-        cli.parse_peers(given)
+        parse_peers(given)
 
 
 def assert_one_line_peers_error(result: Result, bad: str) -> None:

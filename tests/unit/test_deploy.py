@@ -39,6 +39,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from cfnode import cli
 from cfnode.config import PRESETS, NetworkConfig
 from cfnode.errors import ConfigError
+from cfnode.net.peers import split_peers
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
@@ -95,7 +96,7 @@ def check_cfnode_argv(argv: Sequence[str], where: str) -> click.Context:
         ctx = command.make_context(name, args, parent=parent, resilient_parsing=False)
         flags = {p.name: p.opts[0] for p in command.params if p.opts}
         for param in MADDR_PARAMS:
-            for maddr in cli._split_peers(ctx.params.get(param) or ()):
+            for maddr in split_peers(ctx.params.get(param) or ()):
                 try:
                     Multiaddr(maddr)
                 except ValueError as e:
