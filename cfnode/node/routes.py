@@ -26,6 +26,8 @@ from cfnode.net.records import (
 )
 
 logger = logging.getLogger(__name__)
+FIRST_GENERATION = 1
+"""The generation of a stage's first holder: `next_generation` of a stage nobody ever held."""
 SENDER_RECHECK_S = 0.3
 """An unknown sender triggers a fresh read at most this often (a new owner may have come online)."""
 
@@ -88,7 +90,7 @@ class RouteTable:
 
     def next_generation(self, stage_idx: int) -> int:
         """A generation never used for this stage as far as the swarm remembers."""
-        return max(self.generations.get(stage_idx, 0), self.view.max_generation(stage_idx)) + 1
+        return max(self.generations.get(stage_idx, 0), self.view.max_generation(stage_idx), FIRST_GENERATION - 1) + 1
 
     # -- routing -----------------------------------------------------------------------------------------
 

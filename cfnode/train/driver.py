@@ -23,6 +23,7 @@ import torch
 from cfnode.deadline import within
 from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.net.records import SwarmView
+from cfnode.node.routes import FIRST_GENERATION
 from cfnode.recovery import copies, store
 from cfnode.recovery.replicas import replica_targets
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
@@ -34,8 +35,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 ATTEMPT_COUNTER_BITS = 32
 COMMIT_RETRY_S = 0.2
-FIRST_GENERATION = 1
-"""The generation of a stage's first holder (node/routes.py `next_generation` of a stage nobody held)."""
 
 
 @dataclass(frozen=True)
