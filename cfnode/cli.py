@@ -20,6 +20,7 @@ from cfnode.config import (
     PRESETS,
     RECOVERY_MODES,
     DataConfig,
+    GroupConfig,
     HeartbeatConfig,
     MetricsConfig,
     NetworkConfig,
@@ -114,6 +115,10 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
               help="Multiaddr of a running peer, e.g. the bootstrap's (repeatable).")
 @click.option("--stage", default="auto", help="auto (lowest empty stage, else STANDBY) or a stage index.")
 @click.option("--run-id", default=_D.run_id, help="Name of the training run (DHT key prefix).")
+@click.option("--replicas", type=int, default=1, show_default=True,
+              help="Most members per stage group (run-wide): with more than 1, a node that finds no empty stage "
+                   "joins the group with the least throughput and trains with it data-parallel.")
+@click.option("--spare", is_flag=True, help="Wait as STANDBY rather than join a live stage group.")
 @click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)),
               envvar="CFNODE_JOIN_PRESET")
 @click.option("--stages", type=int, default=None, help="Override the preset's number of transformer stages.")
@@ -226,6 +231,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                                 audit_dir=kw["audit_recovery"], debug_stall_s=kw["debug_recovery_stall"],
                                 checkpoint_dir=kw["checkpoint_dir"], checkpoint_every=kw["checkpoint_every"]),
         metrics=MetricsConfig(host=kw["metrics_host"], port=kw["metrics_port"]),
+        group=GroupConfig(replicas=kw["replicas"], spare=kw["spare"]),
         events_path=kw["events_file"], ready_file=kw["ready_file"],
         export_dir=kw["export_dir"], export_on_exit=kw["export_on_exit"],
     )

@@ -214,6 +214,27 @@ class RecoveryConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GroupConfig:
+    """Stage groups (docs/architecture.md "Stage groups"): several peers hold one stage, train it data-parallel
+    and average their gradients each step with hivemind's all-reduce."""
+
+    replicas: int = 1
+    """The most members a stage group may have; run-wide. 1: one peer per stage (every other node is a spare)."""
+    spare: bool = False
+    """Wait as STANDBY instead of joining a live group (a spare rebuilds a stage whose group is empty)."""
+    join_timeout_s: float = 30.0
+    """How long stage 0 holds the ring at a step boundary for a newcomer to copy a member's state."""
+    averaging_timeout_s: float = 15.0
+    """A group's all-reduce of one step must finish within this (else the attempt aborts and is retried)."""
+    matchmaking_s: float = 0.5
+    """hivemind's min_matchmaking_time: how long a member waits for the rest of its group to show up."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.replicas <= 16:
+            raise ConfigError(f"--replicas must be 1..16, got {self.replicas}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
     host: str = "127.0.0.1"
     port: int | None = None
@@ -233,6 +254,7 @@ class NodeConfig:
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
     events_path: str | None = None
     """Append one JSON line per swarm event (joined, claimed, step aborted, ...) to this file."""
     ready_file: str | None = None

@@ -90,6 +90,8 @@ REJECT_REASONS = (
     "banned",        # the sender was banned after repeated rejections (until the ban expires)
     "rate_limited",  # too many requests of this kind from the sender
     "timeout",       # an incoming stream stalled (no part within the part timeout) or overran its deadline
+    "averaging",     # a stage group's gradient all-reduce did not complete with exactly the named members
+    "admission",     # a newcomer cannot be let into the stage group it asked for (full, gone, or not stage 0)
 )
 
 

@@ -21,13 +21,13 @@ from cfnode import __version__
 from cfnode.errors import REJECT_REASONS
 from cfnode.net.validation import REJECT_REASONS as DHT_REJECT_REASONS
 
-RPC_METHODS = ("forward", "backward", "get_weights", "info", "commit", "abort", "replica", "restore")
+RPC_METHODS = ("forward", "backward", "get_weights", "info", "commit", "abort", "replica", "restore", "admit")
 RPC_SIDES = ("client", "server")
 RPC_RESULTS = ("ok", "rejected")  # incoming RPCs answered; an exception escaping a handler is not counted
 RPC_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 STATES = ("joining", "online", "recovering", "standby", "fenced", "offline")
 ABORT_REASONS = ("peer_unavailable", "rejected", "timeout", "stage_missing", "reported", "error", "nonfinite_grad",
-                 "cancelled")
+                 "cancelled", "group_diverged")
 LOOPS = ("heartbeat", "membership", "driver", "claim", "dht_read")
 DROP_REASONS = ("generation",)
 TRANSFER_DIRECTIONS = ("sent", "received")
@@ -154,6 +154,13 @@ class NodeMetrics(BootstrapMetrics):
             "(net/validation.py: unsigned, not owner-bound, forged, unparseable, old version, expiry out of bounds), "
             "by reason; mirrors the DHT process's counts", ["reason"], registry=r)
         self._dht_rejections_seen: dict[str, int] = {}
+        self.averaging_duration = Histogram("cfnode_group_averaging_duration_seconds",
+                                            "Wall time of a stage group's gradient all-reduce in one commit",
+                                            registry=r, buckets=RPC_BUCKETS)
+        self.group_members = Gauge("cfnode_group_members", "ONLINE members of each stage's group, as this node "
+                                   "sees them", ["stage"], registry=r)
+        self.group_joins = Counter("cfnode_group_joins", "Exact joins of a live stage group: as the newcomer "
+                                   "(joined) or stage 0 (admitted), or that timed out", ["role"], registry=r)
         self.commit_retries = Counter("cfnode_commit_retries", "Commit RPCs sent again until the stage confirmed "
                                       "(stage 0)", registry=r)
         # Every labelled series exists from the start (at 0), so rate() and alerts see it before its first event.
@@ -190,6 +197,8 @@ class NodeMetrics(BootstrapMetrics):
             self.dht_records_dropped.labels(reason=reason)
         for reason in DHT_REJECT_REASONS:
             self.dht_records_rejected.labels(reason=reason)
+        for role in ("joined", "admitted", "timed_out"):
+            self.group_joins.labels(role=role)
         self.stage_index.set(-1)
         self.replica_step.set(-1)
 

@@ -93,11 +93,17 @@ class StageClient:
         reply = await self._unary(method, peer_id, rpc(_aiter(parts), timeout=timeout_s), timeout_s)
         return unpack_metadata(reply.metadata)
 
-    async def commit(self, peer_id: str, meta: dict[str, Any]) -> dict[str, Any]:
+    async def commit(self, peer_id: str, meta: dict[str, Any], *, timeout_s: float | None = None) -> dict[str, Any]:
         stub = self._stub(peer_id)
-        timeout_s = self.net.request_timeout_s
+        timeout_s = timeout_s or self.net.request_timeout_s
         req = runtime_pb2.ExpertRequest(metadata=pack_metadata(meta))
         reply = await self._unary("commit", peer_id, stub.rpc_commit(req, timeout=timeout_s), timeout_s)
+        return _check_reply(unpack_metadata(reply.metadata))
+
+    async def admit(self, peer_id: str, meta: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+        """rpc_admit (stage groups): ask stage 0 to let us into a stage's group; answered at a step boundary."""
+        req = runtime_pb2.ExpertRequest(metadata=pack_metadata(meta))
+        reply = await self._unary("admit", peer_id, self._stub(peer_id).rpc_admit(req, timeout=timeout_s), timeout_s)
         return _check_reply(unpack_metadata(reply.metadata))
 
     async def restore(self, peer_id: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -141,15 +147,15 @@ class StageClient:
         self.metrics.transfer_bytes.labels(direction="sent", kind="replica").inc(
             sum(t.numel() * t.element_size() for t in state.values()))
 
-    async def get_weights(self, peer_id: str, *, max_bytes: int, timeout_s: float,
-                          replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Fetch a stage's weights (or, with `replica`, the stage-0 replica it holds) as a stream; each part
-        must arrive within the request timeout."""
+    async def get_weights(self, peer_id: str, *, max_bytes: int, timeout_s: float, replica: bool = False,
+                          state: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Fetch a stage's weights (with `replica`, the stage-0 replica it holds; with `state`, its weights, Adam
+        state and step, for an exact copy) as a stream; each part must arrive within the request timeout."""
         stub = self._stub(peer_id)
         started = time.perf_counter()
+        uid = "replica" if replica else "state" if state else "weights"
         try:
-            stream = await within(stub.rpc_get_weights(runtime_pb2.ExpertUID(uid="replica" if replica else "weights")),
-                                  self.net.request_timeout_s)
+            stream = await within(stub.rpc_get_weights(runtime_pb2.ExpertUID(uid=uid)), self.net.request_timeout_s)
             meta, tensors = await within(
                 read_message(aiter_with_timeout(stream, self.net.request_timeout_s), max_bytes=max_bytes),
                 timeout_s,

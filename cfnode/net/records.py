@@ -54,6 +54,9 @@ class StageRecord:
     generations: tuple[int, ...] = ()
     """The highest generation the writer knows for each stage 0..L: the swarm's memory of generations, which
     outlives any one holder's record (a claimant takes the maximum, plus one: generations never repeat)."""
+    joined_from: str = ""
+    """A member that joined a live stage group: the peer id of the member whose exact state it copied (it keeps
+    the group's generation). Empty for the member that built or rebuilt the stage (the group's founder)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -67,6 +70,7 @@ class StageRecord:
             "donor": bool(self.donor),
             "replica_step": int(self.replica_step),
             "generations": [int(g) for g in self.generations],
+            "joined_from": str(self.joined_from),
             "version": int(self.version),
         }
 
@@ -89,6 +93,7 @@ class StageRecord:
                 donor=bool(value.get("donor", True)),
                 replica_step=int(value.get("replica_step", -1)),
                 generations=_generations(value.get("generations", ())),
+                joined_from=_peer_id(value.get("joined_from", "")),
                 version=int(value.get("version", 0)),
             )
         except (KeyError, ValueError, TypeError, OverflowError):
@@ -96,6 +101,12 @@ class StageRecord:
 
 
 MAX_GENERATIONS_LISTED = 1024
+
+
+def _peer_id(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 128:
+        raise ValueError("a peer id is a short string")
+    return value
 
 
 def _generations(value: object) -> tuple[int, ...]:
@@ -125,13 +136,16 @@ class MetaRecord:
     """Every stage clips its gradient at the same norm (CheckFree weights by the post-clip norms)."""
     start_step: int = 0
     """Every stage counts steps from the same start (a resumed export's step)."""
+    replicas: int = 1
+    """The most members a stage group may have (1: one peer per stage, the others wait as spares)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
         return {"num_stages": self.num_stages, "model_config_hash": self.model_config_hash,
                 "recovery_mode": self.recovery_mode, "recovery_rule": self.recovery_rule,
                 "microbatch_size": self.microbatch_size, "num_microbatches": self.num_microbatches,
-                "clip_norm": self.clip_norm, "start_step": self.start_step, "version": self.version}
+                "clip_norm": self.clip_norm, "start_step": self.start_step, "replicas": self.replicas,
+                "version": self.version}
 
     @classmethod
     def from_wire(cls, value: object) -> MetaRecord | None:
@@ -146,7 +160,8 @@ class MetaRecord:
                        recovery_rule=str(value.get("recovery_rule", "grad-avg")),
                        microbatch_size=int(value.get("microbatch_size", 8)),
                        num_microbatches=int(value.get("num_microbatches", 4)), clip_norm=clip_norm,
-                       start_step=int(value.get("start_step", 0)), version=int(value.get("version", 0)))
+                       start_step=int(value.get("start_step", 0)), replicas=int(value.get("replicas", 1)),
+                       version=int(value.get("version", 0)))
         except (KeyError, ValueError, TypeError, OverflowError):
             return None
 
@@ -201,11 +216,24 @@ class SwarmView:
         return self.stages.get(stage_idx, ())
 
     def online_owner(self, stage_idx: int) -> PeerRecord | None:
-        """The ONLINE owner of a stage: highest generation wins, then the smallest peer id (deterministic)."""
+        """The ONLINE owner of a stage (its group's lead): highest generation wins, then the smallest peer id."""
         online = [p for p in self.members(stage_idx) if p.record.state is StageState.ONLINE]
         if not online:
             return None
         return min(online, key=lambda p: (-p.record.generation, p.peer_id))
+
+    def group(self, stage_idx: int) -> tuple[PeerRecord, ...]:
+        """The stage's group, by peer id: its ONLINE members at the highest ONLINE generation that joined by
+        exact copy, and of those that founded it (built or rebuilt the stage) only the one whose id sorts first,
+        the others step down (net/groups.py). With one peer per stage it is the owner alone."""
+        online = [p for p in self.members(stage_idx) if p.record.state is StageState.ONLINE]
+        if not online:
+            return ()
+        top = max(p.record.generation for p in online)
+        at_top = [p for p in online if p.record.generation == top]
+        founders = sorted((p for p in at_top if not p.record.joined_from), key=lambda p: p.peer_id)
+        members = [p for p in at_top if p.record.joined_from] + founders[:1]
+        return tuple(sorted(members, key=lambda p: p.peer_id))
 
     def max_generation(self, stage_idx: int) -> int:
         return max((p.record.generation for p in self.members(stage_idx)), default=0)

@@ -76,6 +76,9 @@ class StageHost(Protocol):
     async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None: ...
     async def accept_restore(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]: ...
     async def weights_snapshot(self, replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    async def member_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+    def check_path(self, method: str, meta: dict[str, Any], peer_id: str) -> None: ...
+    async def accept_admit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]: ...
     def info(self) -> dict[str, Any]: ...
 
     def replica_bytes(self, of_stage: int) -> int:
@@ -212,6 +215,7 @@ class StageServicer(ServicerBase):
             if meta["from_stage"] != expected:
                 raise InvalidPayload("unauthorized", f"{method} must come from stage {expected}")
             await host.check_sender(peer_id, expected, meta["generation"])
+            host.check_path(method, meta, peer_id)
 
         meta, tensors = await read_message(
             requests, max_bytes=cap, on_meta=on_meta, on_header=on_header, on_first_part=on_first_part,
@@ -245,6 +249,24 @@ class StageServicer(ServicerBase):
         except InvalidPayload as e:
             return self._reject("commit", e, peer_id)
         self.host.metrics.rpc_requests.labels(method="commit", result="ok").inc()
+        return _ok(**result)
+
+    async def rpc_admit(self, request: runtime_pb2.ExpertRequest,
+                        context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Stage groups: a newcomer asks stage 0 to be let into a stage's group; the reply (at the next step
+        boundary, while the ring waits for it) names the step and the member to copy."""
+        peer_id = context.remote_id.to_base58()
+        if (refused := self._refuse_banned("admit", peer_id)) is not None:
+            return refused
+        try:
+            meta = unpack_metadata(request.metadata)
+            require_fields(meta, {"run": str, "stage": int, "generation": int})
+            if meta["run"] != self.host.run_id:
+                raise InvalidPayload("wrong_run", f"admit for run {meta['run']!r}")
+            result = await self.host.accept_admit(meta, peer_id)
+        except InvalidPayload as e:
+            return self._reject("admit", e, peer_id)
+        self.host.metrics.rpc_requests.labels(method="admit", result="ok").inc()
         return _ok(**result)
 
     async def rpc_abort(self, request: runtime_pb2.ExpertRequest,
@@ -326,7 +348,8 @@ class StageServicer(ServicerBase):
 
     async def rpc_get_weights(self, request: runtime_pb2.ExpertUID,
                               context: P2PContext) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Stream this stage's weights (uid "weights") or its stage-0 replica (uid "replica"): first part
+        """Stream this stage's weights (uid "weights"), its stage-0 replica (uid "replica") or, for a newcomer of
+        its group, its weights with Adam state and step (uid "state"): first part
         {ok, names, stage, step, generation, grad norms, hash}. Only for callers the host authorises (ring
         members and spares), at most `weights_burst` per caller per `weights_refill_s` and `weights_slots` at
         once: the snapshot clones the whole stage on the compute thread."""
@@ -348,7 +371,10 @@ class StageServicer(ServicerBase):
             return
         try:
             try:
-                meta, state = await host.weights_snapshot(replica=request.uid == "replica")
+                if request.uid == "state":
+                    meta, state = await host.member_state()
+                else:
+                    meta, state = await host.weights_snapshot(replica=request.uid == "replica")
             except InvalidPayload as e:
                 yield self._reject("get_weights", e, peer_id)
                 return

@@ -12,9 +12,11 @@ import asyncio
 import logging
 import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from cfnode.errors import ConfigMismatchError, RecoveryError
+from cfnode.net.groups import group_to_join
 from cfnode.net.records import (
     MetaRecord,
     StageState,
@@ -74,6 +76,7 @@ _RUN_WIDE = (  # (MetaRecord field, how a user sets it, why every node must agre
     ("num_microbatches", "--microbatches", "every stage must commit after the same microbatches"),
     ("clip_norm", "train.clip_norm", "every stage must clip at the run's norm (CheckFree weighs the clipped norms)"),
     ("start_step", "a start step (--model-path of an export)", "every stage must count steps from the run's start"),
+    ("replicas", "--replicas", "every node must size the stage groups alike"),
 )
 
 
@@ -100,7 +103,8 @@ def _meta_record(host: ClaimHost) -> MetaRecord:
     return MetaRecord(num_stages=model.num_stages, model_config_hash=model.config_hash(),
                       recovery_mode=recovery.mode, recovery_rule=recovery.rule,
                       microbatch_size=train.microbatch_size, num_microbatches=train.num_microbatches,
-                      clip_norm=float(train.clip_norm), start_step=train.start_step)
+                      clip_norm=float(train.clip_norm), start_step=train.start_step,
+                      replicas=host.config.group.replicas)
 
 
 async def store_meta(host: ClaimHost) -> None:
@@ -117,8 +121,17 @@ def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None, *, mo
     return [i for i in candidates if not is_occupied(view.members(i), view.now) and (i != 0 or stage0_ok)]
 
 
-async def claim_stage(host: ClaimHost) -> int:
-    """JOINING + jitter + tie-break on the lowest claimable stage; otherwise wait as STANDBY."""
+@dataclass(frozen=True)
+class Claim:
+    """The stage a node got: to build or rebuild it (`join` False), or to join its live group by exact copy."""
+
+    stage: int
+    join: bool = False
+
+
+async def claim_stage(host: ClaimHost) -> Claim:
+    """JOINING + jitter + tie-break on the lowest claimable stage; with stage groups and no empty stage, the live
+    group with the least throughput (node/join.py); otherwise wait as STANDBY."""
     cfg = host.config
     announced_standby = False
     while True:
@@ -132,6 +145,12 @@ async def claim_stage(host: ClaimHost) -> int:
         await host.watch.confirm_unrecoverable(view)
         targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, mode=cfg.recovery.mode,
                                    start_step=cfg.train.start_step)
+        joinable = None if targets or cfg.group.spare else group_to_join(view, cfg.model.num_stages,
+                                                                         cfg.group.replicas, cfg.stage)
+        if joinable is not None:
+            logger.info("no empty stage; joining stage %d's group", joinable)
+            host.events.emit("claimed", stage=joinable, join=True)
+            return Claim(joinable, join=True)
         if not targets:
             if not announced_standby:
                 host.set_state(StageState.STANDBY, stage=None)
@@ -159,7 +178,7 @@ async def claim_stage(host: ClaimHost) -> int:
         if kept:
             logger.info("claimed stage %d", target)
             host.events.emit("claimed", stage=target)
-            return target
+            return Claim(target)
         logger.info("lost the race for stage %d; retrying", target)
         await retreat(host, target)
         host.set_state(StageState.STANDBY if announced_standby else StageState.JOINING, stage=None)

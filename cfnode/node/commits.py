@@ -1,5 +1,5 @@
-"""A transformer stage's side of stage 0's two-phase commit (docs/protocol.md): `prepare` (clip, report the
-norms), `apply` (the Adam step, or a skip), both idempotent per attempt; and the step check every message of
+"""A transformer stage's side of stage 0's two-phase commit (docs/protocol.md): `prepare` (in a stage group: the
+members' gradient all-reduce first; then clip, report the norms), `apply` (the Adam step, or a skip), both idempotent per attempt; and the step check every message of
 an attempt passes (`stale_step`, or `behind`: this stage missed a commit and steps down to be rebuilt).
 
 One job: a step is applied exactly once here, or the stage stops serving. It sees the node through
@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from cfnode.errors import InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.recovery import copies
+from cfnode.train.averaging import AveragingError, GroupAverager
 from cfnode.train.schedule import AttemptKey
 from cfnode.train.worker import NonFiniteGradient, StageWorker, worker_holds
 
@@ -26,8 +28,11 @@ REPLIES_KEPT = 4
 class CommitHost(copies.CopyHost, Protocol):
     """What the commit handler needs from the node besides what copies need."""
 
+    peer_id: str
+
     def after_commit(self, norm: float, raw: float) -> None: ...
     def fence(self) -> None: ...
+    def group_averager(self) -> GroupAverager: ...
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]: ...
 
 
@@ -37,6 +42,7 @@ class CommitHandler:
         self._replies: dict[AttemptKey, asyncio.Future[dict[str, Any]]] = {}
         """Replies to applied commits by attempt (the last few), so a retried commit is answered again."""
         self._behind_check_running = False
+        self._preparing: dict[AttemptKey, asyncio.Future[tuple[float, float, str]]] = {}
 
     async def accept(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
         """`prepare`: all backward passes of the attempt are in; clip and report the norms (nothing applied; a
@@ -53,13 +59,20 @@ class CommitHandler:
             raise InvalidPayload("decode", f"commit of {meta['num_mb']} microbatches, this run has {num_mb}")
         if meta.get("phase") == "prepare":
             self.check_step(worker, key)
+            group, samples, rounds = self._group_of(meta, num_mb)
             try:
-                norm, raw = await host.compute(worker.prepare, key, num_mb)
+                if len(group) <= 1:
+                    norm, raw = await host.compute(worker.prepare, key, samples)
+                    digest = ""
+                else:
+                    norm, raw, digest = await self._prepare_in_group(worker, key, group, samples, rounds)
             except NonFiniteGradient as e:
                 raise InvalidPayload("nonfinite_grad", str(e)) from e
             except ValueError as e:
                 raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
-            return {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step}
+            except AveragingError as e:
+                raise InvalidPayload("averaging", str(e)) from e
+            return {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step, "grad_digest": digest}
         pending = self._replies.get(key)
         if pending is not None:  # a retry: the same answer, also while the first call still runs
             return await asyncio.shield(pending)
@@ -78,6 +91,57 @@ class CommitHandler:
             raise
         fut.set_result(reply)
         return reply
+
+    def _group_of(self, meta: dict[str, Any], num_mb: int) -> tuple[list[str], int, int]:
+        """Stage groups: the members stage 0 routed this attempt's microbatches over (us included), how many of
+        them came through us, and the all-reduce rounds asked for. Without `group`: a stage held alone ([])."""
+        group = meta.get("group")
+        if group is None:
+            return [], num_mb, 1
+        samples, rounds = meta.get("samples"), meta.get("rounds", 1)
+        if (not isinstance(group, list) or not all(isinstance(g, str) for g in group)
+                or self.host.peer_id not in group or len(set(group)) != len(group)
+                or len(group) > self.host.config.group.replicas):
+            raise InvalidPayload("decode", f"commit group must list distinct members, us included, at most "
+                                           f"{self.host.config.group.replicas}")
+        if type(samples) is not int or not 0 <= samples <= num_mb or rounds not in (1, 2):
+            raise InvalidPayload("decode", f"commit samples must be 0..{num_mb} and rounds 1 or 2")
+        return group, samples, rounds
+
+    async def _prepare_in_group(self, worker: StageWorker, key: AttemptKey, group: list[str], samples: int,
+                                rounds: int) -> tuple[float, float, str]:
+        """Average the members' gradients (train/averaging.py), then clip and measure the group's gradient; a
+        retried prepare of the same attempt is answered from the first."""
+        pending = self._preparing.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[tuple[float, float, str]] = asyncio.get_running_loop().create_future()
+        self._preparing = {key: fut}  # one attempt at a time: an older one is over
+        try:
+            result = await self._average_and_prepare(worker, key, group, samples, rounds)
+        except BaseException as e:
+            self._preparing.pop(key, None)
+            fut.set_exception(e)
+            fut.exception()
+            raise
+        fut.set_result(result)
+        return result
+
+    async def _average_and_prepare(self, worker: StageWorker, key: AttemptKey, group: list[str], samples: int,
+                                   rounds: int) -> tuple[float, float, str]:
+        host = self.host
+        num_mb = host.config.train.num_microbatches
+        if worker.prepared is not None and worker.prepared[0] == key:
+            return worker.prepared[1], worker.prepared[2], worker.prepared_digest
+        averager = host.group_averager()
+        tag = (key.step, key.attempt)
+        started = time.perf_counter()
+        vector = await host.compute(worker.gradient_vector, key, samples)
+        total = (await averager.average(vector, weight=float(samples), group=group, tag=tag)) * num_mb
+        if rounds == 2:  # the members' float32 roundings disagreed: average those (exact for neighbours)
+            total = await averager.average(total.float().double(), weight=1.0, group=group, tag=tag)
+        host.metrics.averaging_duration.observe(time.perf_counter() - started)
+        return await host.compute(worker.prepare_averaged, key, total)
 
     async def _apply(self, worker: StageWorker, key: AttemptKey, *, skip: bool) -> dict[str, Any]:
         host = self.host

@@ -38,6 +38,8 @@ class HopHandling:
     client: StageClient | None
     driver: Any
     run_id: str
+    peer_id: str
+    routes: Any
     generation: int
     _seen_hops: OrderedDict[tuple[Any, ...], None]
 
@@ -48,6 +50,32 @@ class HopHandling:
         if tuple(meta["route"]) != expected:
             raise InvalidPayload("route", f"{meta['kind']} microbatch {meta['mb']} must take route {list(expected)}, "
                                           f"got {meta['route']!r:.80}")
+
+    def check_path(self, method: str, meta: dict[str, Any], peer_id: str) -> None:
+        """Stage groups: a hop names the member of each stage on its route (`path`, pinned by stage 0's balancer);
+        we must be our stage's and the sender its stage's (stage 0 is not on the path)."""
+        path = meta.get("path")
+        if path is None:
+            return
+        route = meta["route"]
+        if not isinstance(path, list) or len(path) != len(route) or not all(isinstance(p, str) for p in path):
+            raise InvalidPayload("route", f"path must name one peer per stage of route {route!r:.60}")
+        assert self.stage is not None
+        if self.stage != 0 and path[route.index(self.stage)] != self.peer_id:
+            raise InvalidPayload("route", f"the path gives stage {self.stage} to {path[route.index(self.stage)][:12]}")
+        sender = self.expected_sender(method, meta)
+        if sender != 0 and path[route.index(sender)] != peer_id:
+            raise InvalidPayload("unauthorized", f"the path gives stage {sender} to another member")
+
+    def hop_peer(self, meta: dict[str, Any], target: int) -> str:
+        """The member of stage `target` a hop goes to: the one its path names (stage 0: its holder)."""
+        path = meta.get("path")
+        if target == 0 or path is None:
+            return self.route(target)
+        peer = path[meta["route"].index(target)]
+        if self.routes.is_banned(peer):
+            raise PeerUnavailableError(f"stage {target}'s member {peer[:12]} is banned")
+        return peer
 
     def expected_sender(self, method: str, meta: dict[str, Any]) -> int:
         """The stage a hop must come from: the forward predecessor on its route, or for gradients the forward
@@ -136,11 +164,11 @@ class HopHandling:
         assert self.stage is not None
         out_meta = {**meta, "from_stage": self.stage, "to_stage": target, "generation": self.generation}
         try:
-            peer = self.route(target)
+            peer = self.hop_peer(meta, target)
         except PeerUnavailableError:
             await self.refresh_view()  # a new holder may have come online since the last poll
             try:
-                peer = self.route(target)
+                peer = self.hop_peer(meta, target)
             except PeerUnavailableError as e:
                 await self.report_failure(meta, f"stage {target} unavailable: {e}", suspect=target)
                 return False
@@ -163,6 +191,7 @@ class HopHandling:
                 self.events.emit("neighbour_unreachable", stage=target, peer=peer[:12], error=str(e)[:200])
             await self.report_failure(meta, f"{method} to stage {target} failed: {e}",
                                       suspect=target if isinstance(e, PeerUnavailableError) else None,
+                                      suspect_peer=peer if isinstance(e, PeerUnavailableError) else None,
                                       holds=getattr(e, "holds", None))
             return False
 
@@ -176,14 +205,15 @@ class HopHandling:
             return False
 
     async def report_failure(self, meta: dict[str, Any], reason: str, *, suspect: int | None = None,
-                             holds: tuple[int, int] | None = None) -> None:
+                             suspect_peer: str | None = None, holds: tuple[int, int] | None = None) -> None:
         """Fast path: tell stage 0 that this attempt cannot complete (it would time out otherwise), and which
-        stage we could not reach, so stage 0 can confirm and stop routing to it."""
+        stage (and member) we could not reach, so stage 0 can confirm and stop routing to it."""
         if meta.get("kind") != "train":
             return
         if self.stage == 0:
             self.driver.adopt(holds)
-            self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "peer_unavailable", reason)
+            self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "peer_unavailable", reason,
+                                     suspect=suspect_peer)
             return
         try:
             peer0 = self.route(0)
@@ -191,6 +221,7 @@ class HopHandling:
                                             "reason": reason[:300], "from_stage": self.stage,
                                             "generation": self.generation,
                                             "suspect_stage": -1 if suspect is None else suspect,
+                                            "suspect_peer": suspect_peer or "",
                                             "holds": list(holds) if holds is not None else None})
         except (PeerUnavailableError, RejectedError) as e:
             logger.debug("could not report the failure to stage 0: %s", e)

@@ -32,13 +32,14 @@ from cfnode.net.client import StageClient
 from cfnode.net.dht import SwarmStore
 from cfnode.net.network import Endpoint, Network
 from cfnode.net.records import PeerRecord, StageRecord, StageState, SwarmView
-from cfnode.node import claim, rebuild
+from cfnode.node import claim, join, rebuild
 from cfnode.node.announcer import Announcer
 from cfnode.node.commits import CommitHandler
 from cfnode.node.hops import HopHandling
 from cfnode.node.routes import RouteTable
 from cfnode.node.watch import Watch
 from cfnode.recovery import copies
+from cfnode.train.averaging import AveragingError, GroupAverager, HivemindAverager, averaging_prefix
 from cfnode.train.schedule import AttemptKey
 from cfnode.train.worker import StageWorker
 
@@ -75,6 +76,8 @@ class Node(HopHandling):
         self.stage: int | None = None
         self.state = StageState.JOINING
         self.generation = 0
+        self.joined_from = ""
+        """Stage groups: the member whose exact state we copied to join our group ("" if we built the stage)."""
         self.worker: StageWorker | None = None
         self.routes = RouteTable(swarm, clock, config.heartbeat, self.metrics, config.model.num_stages,
                                  own=self._own_peer_record)
@@ -89,6 +92,7 @@ class Node(HopHandling):
         self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.stopped = asyncio.Event()
         self.stage_lost = asyncio.Event()
+        self._averager: tuple[int, GroupAverager] | None = None
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -115,6 +119,7 @@ class Node(HopHandling):
         return StageRecord(state=self.state, step=w.step if w else 0, generation=self.generation,
                            grad_norm=w.grad_norm if w else 1.0, grad_norm_raw=w.grad_norm_raw if w else 1.0,
                            donor=w.donor if w else True, replica_step=w.replica_step if w else -1,
+                           throughput=w.throughput if w else 0.0, joined_from=self.joined_from,
                            generations=tuple(known.get(i, 0) for i in range(self.config.model.num_stages + 1)))
 
     def record_key(self) -> int | None:
@@ -235,22 +240,31 @@ class Node(HopHandling):
         holds = meta.get("holds")
         if isinstance(holds, list) and len(holds) == 2 and all(type(h) is int for h in holds):
             self.driver.adopt((holds[0], holds[1]))
-        self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "reported",
-                                 f"stage {meta['from_stage']}: {meta['reason']}")
         suspect = meta.get("suspect_stage")
+        suspect_peer = meta.get("suspect_peer") or None
+        if not isinstance(suspect_peer, str) or len(suspect_peer) > 128:
+            suspect_peer = None
         if isinstance(suspect, int) and 0 < suspect <= self.config.model.num_stages:
-            self.spawn(self._confirm_suspect(suspect), "confirm-suspect")
+            if suspect_peer is None:
+                try:
+                    suspect_peer = self.route(suspect)
+                except PeerUnavailableError:
+                    suspect_peer = None
+        else:
+            suspect_peer = None
+        self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "reported",
+                                 f"stage {meta['from_stage']}: {meta['reason']}", suspect=suspect_peer)
 
-    async def _confirm_suspect(self, stage_idx: int) -> None:
-        """A neighbour could not reach stage `stage_idx`: ping its owner ourselves; ban it if silent, so the
-        driver waits for the ring instead of retrying into a dead peer until its record expires."""
-        try:
-            peer = self.route(stage_idx)
-        except PeerUnavailableError:
-            return
-        if not await self.is_reachable(peer):
-            self.ban(peer, "confirmed_dead")
-            self.events.emit("neighbour_unreachable", stage=stage_idx, peer=peer[:12], confirmed_by="ping")
+    async def confirm_suspect(self, peer: str) -> bool:
+        """A peer could not reach `peer`: ping it ourselves; ban it if silent, so the driver routes around it (a
+        stage group's other members) or waits for the ring instead of retrying into a dead peer until its record
+        expires. True if it is dead."""
+        if await self.is_reachable(peer):
+            return False
+        self.ban(peer, "confirmed_dead")
+        stage = next((i for i, ps in self.view.stages.items() if any(p.peer_id == peer for p in ps)), -1)
+        self.events.emit("neighbour_unreachable", stage=stage, peer=peer[:12], confirmed_by="ping")
+        return True
 
     async def weights_snapshot(self, replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """This stage's weights, or (`replica`) the stage-0 replica it holds, with the metadata a rebuild checks."""
@@ -263,6 +277,39 @@ class Node(HopHandling):
                 "grad_norm": worker.grad_norm, "grad_norm_raw": worker.grad_norm_raw,
                 "config_hash": self.config.model.config_hash()}
         return meta, state
+
+    async def member_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Stage groups: our weights, Adam state and step, for a newcomer of our group to copy exactly."""
+        worker = self.worker
+        assert worker is not None
+        meta, state = await self.compute(worker.export_state)
+        return {**meta, "stage": self.stage, "generation": self.generation,
+                "config_hash": self.config.model.config_hash()}, state
+
+    def group_averager(self) -> GroupAverager:
+        """The all-reduce of our stage's group (created on first use; a new stage gets a new one)."""
+        if self._averager is not None and self._averager[0] == self.stage:
+            return self._averager[1]
+        self.close_averager()
+        dht = getattr(self.swarm, "dht", None)
+        worker = self.worker
+        if dht is None or worker is None or self.stage is None:
+            raise AveragingError("this node cannot average: no hivemind DHT or no stage")
+        averager = HivemindAverager(dht, prefix=averaging_prefix(self.run_id, self.stage),
+                                    size=worker.num_parameters, timeout_s=self.config.group.averaging_timeout_s,
+                                    matchmaking_s=self.config.group.matchmaking_s, own_peer=self.peer_id)
+        self._averager = (self.stage, averager)
+        return averager
+
+    def close_averager(self) -> None:
+        if self._averager is not None:
+            self._averager[1].close()
+            self._averager = None
+
+    async def accept_admit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
+        if self.stage != 0 or self.driver is None or self.state is not StageState.ONLINE:
+            raise InvalidPayload("admission", "only stage 0's driver admits members")
+        return await self.driver.admit(peer_id, meta["stage"], meta["generation"])
 
     async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         await copies.accept_replica(self, meta, state)
@@ -308,19 +355,27 @@ class Node(HopHandling):
             self.spawn(self._membership_loop(), "membership")
             while True:
                 self.driver = None
-                stage = await claim.claim_stage(self)
+                self.joined_from = ""
+                self.close_averager()
+                got = await claim.claim_stage(self)
+                stage = got.stage
                 try:
-                    worker = await rebuild.acquire_stage(self, stage)
-                    if stage == 0:
-                        self.driver = Driver(self)
-                        await self.driver.prepare()
-                    await claim.confirm_claim(self, stage, fresh_build=worker.step == self.config.train.start_step)  # the unique claimant
+                    if got.join:  # a live group: an exact copy of one of its members, no CheckFree
+                        worker = await join.join_group(self, stage)
+                    else:
+                        worker = await rebuild.acquire_stage(self, stage)
+                        if stage == 0:
+                            self.driver = Driver(self)
+                            await self.driver.prepare()
+                        await claim.confirm_claim(self, stage,  # the unique claimant
+                                                  fresh_build=worker.step == self.config.train.start_step)
                 except Exception as e:  # noqa: BLE001 - RecoveryError, a rival claim, a DHT failure: retry
                     if not isinstance(e, (RecoveryError, UnrecoverableError)):
                         self.metrics.loop_errors.labels(loop="claim").inc()
                     logger.warning("giving stage %d back: %s: %s", stage, type(e).__name__, e)
                     await claim.retreat(self, stage)
                     self.driver = None
+                    self.joined_from = ""
                     self.set_state(StageState.JOINING, stage=None)
                     await asyncio.sleep(self.config.heartbeat.period_s)
                     continue
@@ -421,6 +476,7 @@ class Node(HopHandling):
             except Exception as e:  # noqa: BLE001 - best effort on the way out
                 logger.debug("could not announce OFFLINE: %s", e)
         await endpoint.close()
+        self.close_averager()
         self.compute_pool.shutdown(wait=False, cancel_futures=True)
         self.events.emit("left", stage=self.stage)
 

@@ -74,6 +74,8 @@ class RouteTable:
         self.banned = {p: t for p, t in self.banned.items() if t > now}
         online = sum(1 for i in range(self.num_stages + 1) if self.view.online_owner(i) is not None)
         self.metrics.swarm_stages_online.set(online)
+        for i in range(self.num_stages + 1):
+            self.metrics.group_members.labels(stage=str(i)).set(len(self.view.group(i)))
         self.metrics.swarm_standby.set(len(self.view.standby))
         return self.view
 
@@ -98,11 +100,21 @@ class RouteTable:
         return self.view.online_owner(stage_idx)
 
     def route(self, stage_idx: int) -> str:
-        """The live ONLINE owner of a stage, or PeerUnavailableError."""
-        owner = self.view.online_owner(stage_idx)
-        if owner is None or self.banned.get(owner.peer_id, 0) > self.clock.time():
+        """The first live member of a stage's group (its owner, with one peer per stage), or
+        PeerUnavailableError."""
+        members = self.members(stage_idx)
+        if not members:
             raise PeerUnavailableError(f"stage {stage_idx} has no live owner")
-        return owner.peer_id
+        return members[0][0]
+
+    def members(self, stage_idx: int) -> list[tuple[str, float]]:
+        """The stage group's members that are not banned, as (peer id, throughput), the lead first."""
+        now = self.clock.time()
+        return [(p.peer_id, p.record.throughput) for p in self.view.group(stage_idx)
+                if self.banned.get(p.peer_id, 0) <= now]
+
+    def is_banned(self, peer_id: str) -> bool:
+        return self.banned.get(peer_id, 0) > self.clock.time()
 
     def ban(self, peer_id: str, reason: str) -> None:
         """Stop routing to a peer until its current record would expire (plus one period, so the view has
@@ -120,23 +132,27 @@ class RouteTable:
             p.peer_id == peer_id for p in self.view.standby)
 
     async def check_sender(self, peer_id: str, stage_idx: int, generation: int) -> None:
-        """The sender must be the ONLINE owner of `stage_idx` with the generation it claims."""
-        owner = self.view.online_owner(stage_idx)
-        if (owner is None or owner.peer_id != peer_id) and \
-                self.clock.monotonic() - self.refreshed_at > SENDER_RECHECK_S:
+        """The sender must be an ONLINE member of `stage_idx`'s group (its owner, with one peer per stage) with
+        the generation it claims."""
+        member = _member(self.view, stage_idx, peer_id)
+        if member is None and self.clock.monotonic() - self.refreshed_at > SENDER_RECHECK_S:
             await self.refresh_or_keep()
-            owner = self.view.online_owner(stage_idx)
-        if owner is None or owner.peer_id != peer_id:
+            member = _member(self.view, stage_idx, peer_id)
+        if member is None:
             raise InvalidPayload("unauthorized", f"sender is not the ONLINE owner of stage {stage_idx}")
-        if owner.record.generation != generation:
+        if member.record.generation != generation:
             raise InvalidPayload("generation", f"sender claims generation {generation}, its record says "
-                                               f"{owner.record.generation}")
+                                               f"{member.record.generation}")
 
     async def is_member(self, peer_id: str) -> bool:
         """`knows`, re-reading the DHT (rate-limited) for a peer we have not seen yet (a fresh claimant)."""
         if not self.knows(peer_id) and self.clock.monotonic() - self.refreshed_at > SENDER_RECHECK_S:
             await self.refresh_or_keep()
         return self.knows(peer_id)
+
+
+def _member(view: SwarmView, stage_idx: int, peer_id: str) -> PeerRecord | None:
+    return next((p for p in view.group(stage_idx) if p.peer_id == peer_id), None)
 
 
 def _stage_of(view: SwarmView, record: PeerRecord) -> int:

@@ -1,5 +1,5 @@
-"""What each membership read tells a node: step down when the view's owner of our stage is somebody else (one
-owner per stage), a neighbour lost or back, and stage 0 gone for good (only after its last holder fails a
+"""What each membership read tells a node: step down when the view says our stage is somebody else's (one owner
+per stage; in groups, a higher generation or a founder that outranks us: net/groups.py), a neighbour lost or back, and stage 0 gone for good (only after its last holder fails a
 ping: a read that merely missed its record is not a loss).
 
 One job: react to views. `Watch` keeps what it has noticed (neighbours seen, losses logged); it sees the node
@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Protocol
 
 from cfnode.errors import UnrecoverableError
+from cfnode.net.groups import step_down_reason
 from cfnode.net.records import StageState, SwarmView, is_occupied, swarm_has_trained
 from cfnode.recovery.replicas import replica_targets
 from cfnode.train.schedule import next_stage, prev_stage
@@ -32,6 +33,7 @@ class WatchHost(Protocol):
     stage: int | None
     state: StageState
     generation: int
+    joined_from: str
 
     def fence(self) -> None: ...
     async def is_reachable(self, peer_id: str) -> bool: ...
@@ -77,11 +79,14 @@ class Watch:
         stage = host.stage
         if stage is None or host.state is not StageState.ONLINE:
             return
-        owner = view.online_owner(stage)
-        if owner is not None and owner.peer_id != host.peer_id:  # whoever outranks us: one owner per stage
-            logger.warning("stage %d is now held by %s at generation %d (ours %d); stepping down to STANDBY",
-                           stage, owner.peer_id[:12], owner.record.generation, host.generation)
-            host.events.emit("fenced", stage=stage, by=owner.peer_id[:12], generation=owner.record.generation)
+        why = step_down_reason(view, stage, host.peer_id, host.generation, joined_from=host.joined_from,
+                               replicas=host.config.group.replicas)
+        if why is not None:  # whoever outranks us: one owner per stage, one founder per group generation
+            owner = view.online_owner(stage)
+            logger.warning("stage %d is now %s (ours: generation %d); stepping down to STANDBY", stage, why,
+                           host.generation)
+            host.events.emit("fenced", stage=stage, by=owner.peer_id[:12] if owner else "",
+                             generation=owner.record.generation if owner else host.generation, why=why)
             host.fence()
             return
         num = host.config.model.num_stages

@@ -25,7 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from cfnode.testing.clock import CURRENT_NODE, ClockRegistry, TimeShim
 
 TIME_READERS = ("cfnode.train.driver", "cfnode.node.rebuild", "cfnode.recovery.coordinator", "cfnode.net.client",
-                "cfnode.net.service", "cfnode.recovery.copies")
+                "cfnode.net.service", "cfnode.recovery.copies", "cfnode.train.worker")
 """Modules that call time.time() / time.perf_counter() themselves (they do not take the node's Clock)."""
 
 

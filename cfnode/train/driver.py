@@ -26,11 +26,14 @@ from cfnode.net.records import SwarmView
 from cfnode.node.routes import FIRST_GENERATION
 from cfnode.recovery import copies, store
 from cfnode.recovery.replicas import replica_targets
+from cfnode.train.admission import Admissions
+from cfnode.train.paths import AttemptPaths
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
 from cfnode.train.worker import NonFiniteGradient
 
 if TYPE_CHECKING:
     from cfnode.clock import Clock
+    from cfnode.node.routes import RouteTable
 
 logger = logging.getLogger(__name__)
 ATTEMPT_COUNTER_BITS = 32
@@ -39,11 +42,16 @@ COMMIT_RETRY_S = 0.2
 
 @dataclass(frozen=True)
 class Prepared:
-    """Phase 1's outcome: who prepared (stage -> peer), their norms, and whether the step is skipped."""
+    """Phase 1's outcome: who prepared (stage -> its group's members, lead first), their norms (each group's
+    members report the same), and whether the step is skipped."""
 
-    peers: dict[int, str]
+    peers: dict[int, tuple[str, ...]]
     norms: dict[int, tuple[float, float]]
     skip: bool
+
+    @property
+    def leads(self) -> dict[int, str]:
+        return {i: ms[0] for i, ms in self.peers.items() if ms}
 
 
 def batch_fingerprint(batch: torch.Tensor) -> str:
@@ -56,6 +64,7 @@ class DriverHost(copies.CopyHost, Protocol):
 
     clock: Clock
     join_addr: str | None
+    routes: RouteTable
 
     @property
     def view(self) -> SwarmView: ...
@@ -63,6 +72,7 @@ class DriverHost(copies.CopyHost, Protocol):
     async def send_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor, target: int) -> bool: ...
     def route_target(self, method: str, meta: dict[str, Any]) -> int: ...
     def after_commit(self, norm: float, raw: float) -> None: ...
+    async def confirm_suspect(self, peer: str) -> bool: ...
 
 
 class Driver:
@@ -85,6 +95,12 @@ class Driver:
         self._owners_at_rollback: dict[int, tuple[str, int] | None] | None = None
         self._rollback_from: int | None = None
         self.history: list[dict[str, Any]] = []
+        self.paths = AttemptPaths()
+        self.admissions = Admissions(host)  # type: ignore[arg-type]
+        self._suspects: list[str] = []
+        """Members a failed hop pointed at: pinged (and banned if dead) before the attempt is retried."""
+        self._rounds: dict[int, int] = {}
+        """Stages whose members' gradients disagreed after the all-reduce: the retry averages twice."""
         self.commit_norms: dict[int, tuple[int, float, float]] = {}
         """Per transformer stage: (steps committed, post-clip norm, raw norm) as it reported them when preparing
         its last committed step. A rebuild weights its donors by these, not by what the donors claim."""
@@ -167,11 +183,14 @@ class Driver:
                 await host.compute(worker.embed_backward, key, mb, tensor)
             except KeyError:
                 return
+            self.paths.done("train", mb)
             fut = self._pending.get(mb)
             if fut is not None and not fut.done() and key == self.attempt:
                 fut.set_result(None)
 
-    def fail_attempt(self, key: AttemptKey, reason: str, detail: str) -> None:
+    def fail_attempt(self, key: AttemptKey, reason: str, detail: str, *, suspect: str | None = None) -> None:
+        if suspect is not None and key == self.attempt and suspect not in self._suspects:
+            self._suspects.append(suspect)
         if key != self.attempt or self._failure is not None:
             return
         self._failure = (reason, detail)
@@ -239,13 +258,16 @@ class Driver:
             await self.wait_for_ring()
             if self.cfg.recovery.mode == "checkpoint" and not await self._rollback_if_needed():
                 continue
+            await self.admissions.serve(worker.step)
             step = worker.step
             started = time.perf_counter()
             try:
                 result = await self.run_attempt(step)
             except AttemptAborted as e:
+                rerouted = await self._confirm_suspects()
                 await self.host.refresh_view()
-                await asyncio.sleep(train.retry_backoff_s)
+                if not rerouted:  # a member of a group died: its siblings take the retry at once
+                    await asyncio.sleep(train.retry_backoff_s)
                 logger.warning("step %d aborted (%s); retrying with the same data", step, e)
                 continue
             except Exception as e:  # the driver must outlive any single failure
@@ -304,6 +326,17 @@ class Driver:
         self._owners_at_rollback, self._rollback_from = owners, None
         return True
 
+    async def _confirm_suspects(self) -> bool:
+        """Ping the members failed hops pointed at; True if one was dead and its stage still has a live member
+        (the retry goes around it without waiting)."""
+        rerouted = False
+        suspects, self._suspects = self._suspects, []
+        for peer in suspects:
+            if await self.host.confirm_suspect(peer):
+                stage = next((i for i, ms in self.paths.participants.items() if peer in ms), None)
+                rerouted |= stage is not None and any(p != peer for p, _ in self.host.routes.members(stage))
+        return rerouted
+
     async def run_attempt(self, step: int) -> tuple[float, str] | None:
         """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data
         order can be audited), None if the swarm skipped the step (a non-finite gradient), or raises
@@ -320,6 +353,10 @@ class Driver:
                                seq_len=self.cfg.model.seq_len)
         loop = asyncio.get_running_loop()
         await host.compute(worker.begin, key)
+        members = {i: host.routes.members(i) for i in range(1, self.cfg.model.num_stages + 1)}
+        if not all(members.values()):
+            raise AttemptAborted("a stage has no live member")
+        self.paths.start(members)
         self.attempt, self._failure, self._losses = key, None, {}
         self._targets = batch[:, :, 1:]
         self._pending = {mb: loop.create_future() for mb in range(train.num_microbatches)}
@@ -382,6 +419,7 @@ class Driver:
             hidden = await host.compute(worker.embed, key, mb, batch[mb, :, :-1])
             await host.compute(worker.shadow_forward, hidden)  # `redundant` only: stage 1's forward, again
             meta = self._meta(key, mb, "train")
+            meta["path"] = self.paths.pin("train", mb, meta["route"])
             if not await host.send_hop("forward", meta, hidden, meta["to_stage"]):
                 raise AttemptAborted(self._failure[1] if self._failure else
                                      f"forward to stage {meta['to_stage']} failed")
@@ -400,35 +438,61 @@ class Driver:
                 "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation}
 
     async def _prepare_all(self, key: AttemptKey) -> Prepared:
-        """Phase 1 on every stage at once (stage 0 too): all backward passes are in; clip and report the norms.
-        A non-finite norm anywhere decides a swarm-wide skip; any other failure raises (the attempt aborts,
-        nothing was applied anywhere)."""
+        """Phase 1 on every stage at once (stage 0 too): all backward passes are in; a stage group's members
+        average their gradients; clip and report the norms. A non-finite norm anywhere decides a swarm-wide
+        skip; any other failure raises (the attempt aborts, nothing was applied anywhere)."""
         host, worker = self.host, self.host.worker
         assert worker is not None and host.client is not None
-        peers = {idx: host.route(idx) for idx in range(1, self.cfg.model.num_stages + 1)}
-        meta = self._commit_meta(key, "prepare")
+        peers = dict(self.paths.participants)
+        calls = [(idx, peer) for idx, members in peers.items() for peer in members]
         own = asyncio.ensure_future(host.compute(worker.prepare, key, self.cfg.train.num_microbatches))
-        results = await asyncio.gather(*(host.client.commit(p, meta) for p in peers.values()),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(host.client.commit(peer, self._prepare_meta(key, idx, peer),
+                                                            timeout_s=self._prepare_timeout(idx))
+                                         for idx, peer in calls), return_exceptions=True)
         nonfinite: list[int] = []
         try:
             await own
         except NonFiniteGradient:
             nonfinite.append(0)
         norms: dict[int, tuple[float, float]] = {}
-        for idx, result in zip(peers, results, strict=True):
+        digests: dict[int, set[str]] = {}
+        for (idx, _), result in zip(calls, results, strict=True):
             if isinstance(result, RejectedError) and result.reason == "nonfinite_grad":
-                nonfinite.append(idx)
+                if idx not in nonfinite:
+                    nonfinite.append(idx)
             elif isinstance(result, BaseException):
                 self.adopt(getattr(result, "holds", None))
                 raise result
             else:
-                norms[idx] = (float(result["grad_norm"]), float(result["grad_norm_raw"]))
+                norms.setdefault(idx, (float(result["grad_norm"]), float(result["grad_norm_raw"])))
+                digests.setdefault(idx, set()).add(str(result.get("grad_digest", "")))
+        diverged = [idx for idx, d in digests.items() if len(d) > 1 and idx not in nonfinite]
+        if diverged:
+            for idx in diverged:
+                self._rounds[idx] = 2
+            self._failure = ("group_diverged", f"stage(s) {diverged}: members' averaged gradients differ")
+            logger.warning("step %d: the members of stage(s) %s hold different averaged gradients; retrying with "
+                           "a second all-reduce round", key.step, diverged)
+            raise AttemptAborted(self._failure[1])
+        for idx in peers:
+            self._rounds.pop(idx, None)
         if nonfinite:
             logger.warning("step %d: non-finite gradient norm on stage(s) %s; every stage skips the step",
                            key.step, nonfinite)
             host.events.emit("step_skipped", step=key.step, stages=nonfinite)
         return Prepared(peers=peers, norms=norms, skip=bool(nonfinite))
+
+    def _prepare_meta(self, key: AttemptKey, idx: int, peer: str) -> dict[str, Any]:
+        meta = self._commit_meta(key, "prepare")
+        group = self.paths.group(idx)
+        if len(group) > 1:  # a stage group: its members average, each weighted by the microbatches it took
+            meta.update(group=group, samples=self.paths.samples_of(idx, peer), rounds=self._rounds.get(idx, 1))
+        return meta
+
+    def _prepare_timeout(self, idx: int) -> float | None:
+        if len(self.paths.group(idx)) <= 1:
+            return None
+        return self.cfg.network.request_timeout_s + 2 * self.cfg.group.averaging_timeout_s
 
     async def _apply_all(self, key: AttemptKey, prepared: Prepared) -> None:
         """Phase 2: stage 0 applies first (so a replica it pushes is never behind the stages it would be resumed
@@ -444,13 +508,14 @@ class Driver:
         if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode) and not prepared.skip:
             state = await host.compute(worker.snapshot)
             pushes = copies.push_copies(host, state, copies.replica_meta(
-                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.peers)
-        applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta) for idx, peer in prepared.peers.items()))
+                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.leads)
+        calls = [(idx, peer) for idx, members in prepared.peers.items() for peer in members]
+        applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta) for idx, peer in calls))
         if pushes is not None:
             results, _ = await asyncio.gather(applies, pushes)
         else:
             results = await applies
-        for idx, result in zip(prepared.peers, results, strict=True):
+        for (idx, _), result in zip(calls, results, strict=True):
             if result is not None and idx in prepared.norms:
                 self.commit_norms[idx] = (key.step + 1, *prepared.norms[idx])
         await self._checkpoint(failed=any(r is None for r in results), results=list(results))
@@ -472,8 +537,7 @@ class Driver:
                 error = e
             host.metrics.commit_retries.inc()
             await host.refresh_view()
-            owner = host.view.online_owner(idx)
-            if owner is None or owner.peer_id != peer or rejections >= 3:
+            if all(p.peer_id != peer for p in host.view.group(idx)) or rejections >= 3:
                 logger.warning("stage %d did not confirm step %d (%s); %s", idx, key.step, error,
                                "it is no longer the stage's owner" if rejections < 3 else "giving up")
                 host.events.emit("commit_failed", stage=idx, step=key.step, error=str(error)[:200])
@@ -498,6 +562,10 @@ class Driver:
             logger.error("could not mark the checkpoint of step %d complete: %s", step, e)
             return
         self.host.events.emit("checkpoint_complete", step=step)
+
+    async def admit(self, peer_id: str, stage: int, generation: int) -> dict[str, Any]:
+        """rpc_admit: a newcomer of a stage group; answered at the next step boundary (train/admission.py)."""
+        return await self.admissions.request(peer_id, stage, generation)
 
     def _abort(self, key: AttemptKey, reason: str, detail: str) -> None:
         self.host.metrics.steps_aborted.labels(reason=reason).inc()
@@ -524,6 +592,10 @@ class Driver:
                                      microbatch_size=train.microbatch_size, seq_len=self.cfg.model.seq_len)
         key = AttemptKey(worker.step, self._new_attempt_id())
         loop = asyncio.get_running_loop()
+        members = {i: host.routes.members(i) for i in range(1, self.cfg.model.num_stages + 1)}
+        if not all(members.values()):
+            return math.nan
+        self.paths.start(members)
         self._val_key = key
         self._val_targets = batches[:, :, 1:]
         self._val_pending = {i: loop.create_future() for i in range(len(batches))}
@@ -531,6 +603,7 @@ class Driver:
             for i in range(len(batches)):
                 hidden = await host.compute(worker.eval_embed, batches[i, :, :-1])
                 meta = self._meta(key, i, "val")
+                meta["path"] = self.paths.pin("val", i, meta["route"])
                 if not await host.send_hop("forward", meta, hidden, meta["to_stage"]):
                     raise AttemptAborted("validation forward failed")
             losses = await within(asyncio.gather(*self._val_pending.values()), train.step_timeout_s)

@@ -8,8 +8,10 @@ backward. Partial state of an aborted attempt is dropped by `begin()` when a new
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
+import time
 from typing import Any
 
 import torch
@@ -20,10 +22,28 @@ from cfnode.train.schedule import AttemptKey, is_newer
 logger = logging.getLogger(__name__)
 
 StashKey = tuple[AttemptKey, int]
+THROUGHPUT_SMOOTHING = 0.2
 
 
 class NonFiniteGradient(ValueError):
     """The accumulated gradient has a NaN/Inf norm: the attempt cannot be committed."""
+
+
+def gradient_digest(params: list[torch.Tensor] | Any) -> str:
+    """A short digest of the parameters' gradients' bits (members of a group compare theirs before applying)."""
+    h = hashlib.sha256()
+    for p in params:
+        if p.grad is not None:
+            h.update(p.grad.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A short digest of a module's weights' bits."""
+    h = hashlib.sha256()
+    for _, v in sorted(module.state_dict().items()):
+        h.update(v.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def worker_holds(worker: StageWorker) -> tuple[int, int]:
@@ -52,6 +72,8 @@ class StageWorker:
         self.skipped = 0
         """Steps passed without an update (the swarm skipped them after a non-finite gradient)."""
         self.prepared: tuple[AttemptKey, float, float] | None = None
+        self.prepared_digest = ""
+        """Stage groups: the digest of the prepared (averaged, clipped) gradient, compared between members."""
         self.last_applied: tuple[AttemptKey, float, float] | None = None
         self.grad_norm = 1.0
         self.grad_norm_raw = 1.0
@@ -60,6 +82,9 @@ class StageWorker:
         self.held: tuple[dict[str, torch.Tensor], int, tuple[float, float]] | None = None
         """A copy of another stage's (weights, step, (grad norm, raw grad norm)), replaced as one tuple so a
         reader on another thread never mixes two pushes (recovery/replicas.py says whose copy)."""
+        self.throughput = 0.0
+        """Microbatches per compute-second of this stage (forward + backward), smoothed; 0 until measured."""
+        self._forward_s: dict[StashKey, float] = {}
         self.shadow_module: nn.Module | None = None
         """`redundant` mode: a module holding the replica, whose forward this stage runs redundantly."""
 
@@ -81,6 +106,7 @@ class StageWorker:
             return 0
         dropped = len(self.stash)
         self.stash.clear()
+        self._forward_s.clear()
         self.module.zero_grad(set_to_none=True)
         self.backward_done = 0
         self.prepared = None  # an attempt prepared and then aborted is never applied
@@ -93,18 +119,31 @@ class StageWorker:
     # -- transformer stages ------------------------------------------------------------------------------
 
     def forward(self, key: AttemptKey, mb: int, hidden: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
         x = hidden.detach().requires_grad_(True)
         y = self.module(x)
         self.stash[(key, mb)] = (x, y)
+        self._forward_s[(key, mb)] = time.perf_counter() - started
         return y.detach()
 
     def backward(self, key: AttemptKey, mb: int, grad: torch.Tensor) -> torch.Tensor:
+        started = time.perf_counter()
         x, y = self.stash.pop((key, mb))
         assert y is not None
         torch.autograd.backward(y, grad)
         self.backward_done += 1
         assert x.grad is not None
+        self._measured(self._forward_s.pop((key, mb), 0.0) + time.perf_counter() - started)
         return x.grad
+
+    def _measured(self, seconds: float) -> None:
+        """Throughput (microbatches per compute-second, forward + backward), smoothed: what the driver's balancer
+        and a newcomer choosing a group read from our record."""
+        if seconds <= 0:
+            return
+        rate = 1.0 / seconds
+        self.throughput = rate if self.throughput <= 0 else (1 - THROUGHPUT_SMOOTHING) * self.throughput + \
+            THROUGHPUT_SMOOTHING * rate
 
     @torch.no_grad()
     def eval_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -160,6 +199,87 @@ class StageWorker:
         post = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
         self.prepared = (key, post, raw)
         return post, raw
+
+    # -- stage groups: the gradient as one vector (averaged between members), exact copies of a member --------
+
+    def gradient_vector(self, key: AttemptKey, num_microbatches: int) -> torch.Tensor:
+        """This member's summed gradient of the attempt, divided by the microbatches it processed, as one float64
+        vector in parameter order (zeros where it had none): what the group averages, weighted by those
+        microbatches. Raises ValueError like `prepare`."""
+        if not self.accepts(key):
+            raise ValueError(f"commit of {tuple(key)} but the active attempt is {self.active}")
+        if self.backward_done != num_microbatches:
+            raise ValueError(f"commit of {tuple(key)} after {self.backward_done}/{num_microbatches} backward passes")
+        parts = [p.grad.reshape(-1).double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
+                 for p in self.module.parameters()]
+        vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        return vector / num_microbatches if num_microbatches else vector
+
+    def prepare_averaged(self, key: AttemptKey, total: torch.Tensor) -> tuple[float, float, str]:
+        """Phase 1 of a group member: the group's summed gradient (float64, from the all-reduce) becomes the
+        gradient, rounded to float32 (every member gets the same bits), then clipped and measured like `prepare`.
+        Returns (grad_norm, grad_norm_raw, digest of the clipped gradient)."""
+        if self.prepared is not None and self.prepared[0] == key:
+            return self.prepared[1], self.prepared[2], self.prepared_digest
+        if not self.accepts(key):
+            raise ValueError(f"commit of {tuple(key)} but the active attempt is {self.active}")
+        offset = 0
+        for p in self.module.parameters():
+            n = p.numel()
+            p.grad = total[offset:offset + n].to(p.dtype).reshape(p.shape)
+            offset += n
+        params = list(self.module.parameters())
+        raw = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
+        if not math.isfinite(raw):
+            self.module.zero_grad(set_to_none=True)
+            self.backward_done = 0
+            raise NonFiniteGradient(f"non-finite gradient norm at step {key.step}")
+        post = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
+        self.prepared = (key, post, raw)
+        self.prepared_digest = gradient_digest(params)
+        return post, raw, self.prepared_digest
+
+    def export_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Weights, Adam state and step for a newcomer of this stage's group: with them it is bit-identical to
+        this member from the next step on. Tensors are named `weights/<param>` and `adam/<param>/<key>`."""
+        tensors = {f"weights/{k}": v.detach().clone() for k, v in self.module.state_dict().items()}
+        names = dict((id(p), n) for n, p in self.module.named_parameters())
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    tensors[f"adam/{names[id(p)]}/{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else \
+                        v.detach().clone()
+        meta = {"step": self.step, "lr": self.lr, "grad_norm": self.grad_norm, "grad_norm_raw": self.grad_norm_raw}
+        return meta, tensors
+
+    def install_state(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Become an exact copy of a group member (`export_state`): weights, Adam state, lr, step and norms."""
+        weights = {k[len("weights/"):]: v for k, v in tensors.items() if k.startswith("weights/")}
+        self.module.load_state_dict(weights, strict=True)
+        self.lr = float(meta["lr"])
+        self.optimizer = self._make_optimizer(self.lr)
+        params = dict(self.module.named_parameters())
+        for key, value in tensors.items():
+            if not key.startswith("adam/"):
+                continue
+            _, name, field_name = key.split("/", 2)
+            if name not in params:
+                raise ValueError(f"optimizer state for unknown parameter {name!r}")
+            p = params[name]
+            state = self.optimizer.state[p]
+            if field_name == "step":
+                state["step"] = value.reshape(()).clone().to(torch.float32)
+            elif value.shape == p.shape:
+                state[field_name] = value.clone().to(p.dtype)
+            else:
+                raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
+        self.stash.clear()
+        self.module.zero_grad(set_to_none=True)
+        self.active = None
+        self.backward_done = 0
+        self.step = int(meta["step"])
+        self.grad_norm, self.grad_norm_raw = float(meta["grad_norm"]), float(meta["grad_norm_raw"])
+        self._rebase(self.step)
 
     def apply(self, key: AttemptKey, *, skip: bool = False) -> tuple[float, float]:
         """Phase 2: the Adam step of the prepared attempt (or, with `skip`, the step passes without an update:

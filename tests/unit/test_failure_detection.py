@@ -35,7 +35,7 @@ def holder(stage: int, num_stages: int = 3) -> SimpleNamespace:
 
     node = SimpleNamespace(config=NodeConfig(model=preset("tiny", num_stages=num_stages)), metrics=NodeMetrics(),
                            events=Events(), stage=stage, state=StageState.ONLINE, peer_id=f"peer{stage}",
-                           generation=0, fence=lambda: None, is_reachable=unreachable)
+                           generation=0, joined_from="", fence=lambda: None, is_reachable=unreachable)
     node.watch = Watch(node)  # type: ignore[arg-type]
     return node
 

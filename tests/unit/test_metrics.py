@@ -67,6 +67,9 @@ NODE_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "cfnode_dht_records_dropped_total": ("counter", ("reason",)),
     "cfnode_dht_records_rejected_total": ("counter", ("reason",)),
     "cfnode_commit_retries_total": ("counter", ()),
+    "cfnode_group_averaging_duration_seconds": ("histogram", ()),
+    "cfnode_group_members": ("gauge", ("stage",)),
+    "cfnode_group_joins_total": ("counter", ("role",)),
 }
 BOOTSTRAP_FAMILIES = {k: NODE_FAMILIES[k] for k in ("cfnode_build_info", "cfnode_node_info", "cfnode_dht_peers")}
 PROCESS_FAMILIES = {"process_cpu_seconds_total", "process_resident_memory_bytes", "process_start_time_seconds",

@@ -71,11 +71,11 @@ def test_key_builders() -> None:
 
 def test_stage_record_round_trip() -> None:
     rec = StageRecord(state=RECOVERING, step=17, generation=3, grad_norm=0.25, grad_norm_raw=4.5,
-                      throughput=123.5, donor=False, replica_step=16, generations=(2, 5, 3))
+                      throughput=123.5, donor=False, replica_step=16, generations=(2, 5, 3), joined_from="QmPeer")
     wire = rec.to_wire()
     assert wire == {"state": "RECOVERING", "step": 17, "generation": 3, "grad_norm": 0.25,
                     "grad_norm_raw": 4.5, "throughput": 123.5, "donor": False, "replica_step": 16,
-                    "generations": [2, 5, 3], "version": PROTOCOL_VERSION}
+                    "generations": [2, 5, 3], "joined_from": "QmPeer", "version": PROTOCOL_VERSION}
     assert StageRecord.from_wire(wire) == rec
 
 
@@ -129,11 +129,12 @@ def test_stage_record_infinite_int_field_is_none(field_name: str) -> None:
 
 
 def test_meta_record_round_trip_and_malformed() -> None:
-    meta = MetaRecord(num_stages=4, model_config_hash="abcd1234", recovery_mode="checkfree+", start_step=10)
+    meta = MetaRecord(num_stages=4, model_config_hash="abcd1234", recovery_mode="checkfree+", start_step=10,
+                      replicas=2)
     wire = meta.to_wire()
     assert wire == {"num_stages": 4, "model_config_hash": "abcd1234", "recovery_mode": "checkfree+",
                     "recovery_rule": "grad-avg", "microbatch_size": 8, "num_microbatches": 4, "clip_norm": 1.0,
-                    "start_step": 10, "version": PROTOCOL_VERSION}
+                    "start_step": 10, "replicas": 2, "version": PROTOCOL_VERSION}
     assert MetaRecord.from_wire(wire) == meta
     assert MetaRecord.from_wire({"num_stages": 2, "model_config_hash": "h"}).recovery_mode == "checkfree"
     assert MetaRecord.from_wire({"num_stages": 2, "model_config_hash": "h"}).version == 0
@@ -443,6 +444,7 @@ def _mine(**changes: object) -> MetaRecord:
     ("num_microbatches", 8, 4, "--microbatches"),
     ("clip_norm", 0.5, 1.0, "train.clip_norm"),
     ("start_step", 10, 0, "a start step (--model-path of an export)"),
+    ("replicas", 2, 1, "--replicas"),
 ])
 def test_meta_mismatch_names_the_setting_the_runs_value_and_ours(field_name: str, theirs: object, mine: object,
                                                                  flag: str) -> None:

@@ -87,6 +87,10 @@ class FakeHost:
     def expected_sender(self, method: str, meta: dict[str, Any]) -> int:
         return 0 if method == "forward" else 2
 
+    def check_path(self, method: str, meta: dict[str, Any], peer_id: str) -> None:
+        if meta.get("path") not in (None, ["me", "stage2"]):
+            raise InvalidPayload("route", "path")
+
     async def check_sender(self, peer_id: str, stage_idx: int, generation: int) -> None:
         self.sender_checks += 1
         if self.owners.get(stage_idx) != peer_id:

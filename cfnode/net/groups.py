@@ -1,0 +1,61 @@
+"""Stage groups (docs/architecture.md "Stage groups"): the pure rules on a view that decide which group a node
+joins and when a member must step down. A stage's group is `SwarmView.group(i)`: its ONLINE members at the
+highest ONLINE generation. The member that built or rebuilt the stage founded that generation; the others joined
+it by copying a member's exact state (`StageRecord.joined_from`) and keep its generation.
+"""
+
+from __future__ import annotations
+
+from cfnode.net.records import PeerRecord, StageState, SwarmView
+
+
+def group_ids(view: SwarmView, stage_idx: int) -> tuple[str, ...]:
+    return tuple(p.peer_id for p in view.group(stage_idx))
+
+
+def group_throughput(members: tuple[PeerRecord, ...]) -> float:
+    """A group's measured throughput: the sum of its members' (microbatches per second each)."""
+    return sum(max(0.0, p.record.throughput) for p in members)
+
+
+def group_to_join(view: SwarmView, num_stages: int, replicas: int, wanted: int | None = None) -> int | None:
+    """The live transformer-stage group a newcomer joins when no stage is empty (Petals' rule: the one with the
+    least measured throughput; then the smaller group, then the lower index), or None when every group has
+    `replicas` members (or `wanted`'s group is full or empty). Stage 0 is held by one peer: the driver."""
+    if replicas <= 1:
+        return None
+    candidates = range(1, num_stages + 1) if wanted is None else ([wanted] if wanted > 0 else [])
+    best: tuple[float, int, int] | None = None
+    for idx in candidates:
+        members = view.group(idx)
+        if not 1 <= len(members) < replicas:
+            continue
+        key = (group_throughput(members), len(members), idx)
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[2]
+
+
+def step_down_reason(view: SwarmView, stage_idx: int, peer_id: str, generation: int, *, joined_from: str,
+                     replicas: int) -> str | None:
+    """Why an ONLINE member must stop serving its stage now, or None.
+
+    One peer per stage (`replicas == 1`): whenever the view's owner is somebody else. In groups: when another
+    peer is ONLINE at a higher generation (the stage was rebuilt without us), or when we founded our generation
+    and so did another peer whose id sorts first (two rebuilds that raced: the one with the smaller id keeps
+    it). A member that joined by exact copy shares its generation with the founder and stays."""
+    online = [p for p in view.members(stage_idx) if p.record.state is StageState.ONLINE and p.peer_id != peer_id]
+    if replicas <= 1:
+        owner = view.online_owner(stage_idx)
+        if owner is not None and owner.peer_id != peer_id:
+            return f"held by {owner.peer_id[:12]} at generation {owner.record.generation}"
+        return None
+    higher = [p for p in online if p.record.generation > generation]
+    if higher:
+        top = max(higher, key=lambda p: p.record.generation)
+        return f"rebuilt by {top.peer_id[:12]} at generation {top.record.generation}"
+    if not joined_from:
+        rivals = sorted(p.peer_id for p in online if p.record.generation == generation and not p.record.joined_from)
+        if rivals and rivals[0] < peer_id:
+            return f"founded at generation {generation} by {rivals[0][:12]} too"
+    return None

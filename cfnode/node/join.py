@@ -1,0 +1,78 @@
+"""Joining a live stage group exactly (docs/architecture.md "Stage groups"): announce JOINING on the stage, ask
+stage 0 to be admitted (it answers at a step boundary with the step and a member to copy, and holds the ring),
+copy that member's weights, Adam state and step (`rpc_get_weights` uid "state"), and go ONLINE with the group's
+generation and `joined_from` naming the member. No CheckFree: nothing was lost.
+
+Sees the node through `JoinHost`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+from cfnode.errors import PeerUnavailableError, RecoveryError, RejectedError
+from cfnode.model.stages import build_stage
+from cfnode.net.records import StageState
+from cfnode.recovery import copies
+from cfnode.train.worker import StageWorker
+
+if TYPE_CHECKING:
+    from cfnode.node.routes import RouteTable
+
+logger = logging.getLogger(__name__)
+STATE_COPIES = 3
+"""Weights, Adam's two moments: a member's state is about three times its weights."""
+
+
+class JoinHost(copies.CopyHost, Protocol):
+    routes: RouteTable
+    max_replica_bytes: int
+    joined_from: str
+
+    def set_state(self, state: StageState, *, stage: int | None) -> None: ...
+    async def announce(self) -> None: ...
+
+
+async def join_group(host: JoinHost, stage: int) -> StageWorker:
+    """Become an exact copy of a member of `stage`'s group at a step boundary; raises RecoveryError to give the
+    stage back (the group filled up, the member died, the copy did not match)."""
+    cfg = host.config
+    assert host.client is not None
+    started = time.perf_counter()
+    group = host.routes.view.group(stage)
+    if not group:
+        raise RecoveryError(f"stage {stage}'s group is gone")
+    host.generation = group[0].record.generation
+    host.set_state(StageState.JOINING, stage=stage)
+    await host.announce()
+    module = await host.compute(build_stage, cfg.model, stage, cfg.model_path)
+    worker = StageWorker(module, stage_idx=stage, lr=cfg.train.lr, clip_norm=cfg.train.clip_norm)
+    logger.info("asking stage 0 to join stage %d's group (%d members, generation %d)", stage, len(group),
+                host.generation)
+    try:
+        admitted = await host.client.admit(host.route(0), {"run": host.run_id, "stage": stage,
+                                                            "generation": host.generation},
+                                           timeout_s=cfg.group.join_timeout_s + cfg.train.step_timeout_s)
+        source, step = str(admitted["source"]), int(admitted["step"])
+        meta, tensors = await host.client.get_weights(source, max_bytes=STATE_COPIES * host.max_replica_bytes,
+                                                      timeout_s=cfg.recovery.fetch_timeout_s, state=True)
+    except (PeerUnavailableError, RejectedError, KeyError, ValueError, TypeError) as e:
+        raise RecoveryError(f"joining stage {stage}'s group failed: {e}") from e
+    if (meta.get("stage"), meta.get("step"), meta.get("generation"), meta.get("config_hash")) != \
+            (stage, step, host.generation, cfg.model.config_hash()):
+        raise RecoveryError(f"the copy of stage {stage} from {source[:12]} is at stage {meta.get('stage')}, step "
+                            f"{meta.get('step')}, generation {meta.get('generation')}; expected step {step}, "
+                            f"generation {host.generation}")
+    try:
+        await host.compute(worker.install_state, meta, tensors)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise RecoveryError(f"the copy of stage {stage} from {source[:12]} does not fit: {e}") from e
+    host.joined_from = source
+    took = time.perf_counter() - started
+    logger.info("joined stage %d's group as an exact copy of %s at step %d (%.2fs)", stage, source[:12], step, took)
+    host.events.emit("joined_group", stage=stage, source=source[:12], step=step, generation=host.generation,
+                     duration_s=round(took, 4))
+    host.metrics.group_joins.labels(role="joined").inc()
+    return worker
