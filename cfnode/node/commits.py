@@ -136,6 +136,8 @@ class CommitHandler:
         averager = host.group_averager()
         tag = (key.step, key.attempt)
         started = time.perf_counter()
+        if samples == 0:  # no microbatch came through us: the attempt starts here, with a zero gradient
+            await host.compute(worker.begin, key)
         vector = await host.compute(worker.gradient_vector, key, samples)
         total = (await averager.average(vector, weight=float(samples), group=group, tag=tag)) * num_mb
         if rounds == 2:  # the members' float32 roundings disagreed: average those (exact for neighbours)

@@ -8,6 +8,7 @@ Sees the node through `JoinHost`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -22,11 +23,13 @@ if TYPE_CHECKING:
     from cfnode.node.routes import RouteTable
 
 logger = logging.getLogger(__name__)
+VISIBILITY_READS = 4
 STATE_COPIES = 3
 """Weights, Adam's two moments: a member's state is about three times its weights."""
 
 
 class JoinHost(copies.CopyHost, Protocol):
+    peer_id: str
     routes: RouteTable
     max_replica_bytes: int
     joined_from: str
@@ -44,16 +47,21 @@ async def join_group(host: JoinHost, stage: int) -> StageWorker:
     group = host.routes.view.group(stage)
     if not group:
         raise RecoveryError(f"stage {stage}'s group is gone")
+    try:
+        stage0 = host.route(0)
+    except PeerUnavailableError as e:
+        raise RecoveryError(f"no stage 0 to admit us into stage {stage}'s group yet") from e
     host.generation = group[0].record.generation
     host.set_state(StageState.JOINING, stage=stage)
     await host.announce()
+    await _until_visible(host, stage)
     module = await host.compute(build_stage, cfg.model, stage, cfg.model_path)
     worker = StageWorker(module, stage_idx=stage, lr=cfg.train.lr, clip_norm=cfg.train.clip_norm)
     logger.info("asking stage 0 to join stage %d's group (%d members, generation %d)", stage, len(group),
                 host.generation)
     try:
-        admitted = await host.client.admit(host.route(0), {"run": host.run_id, "stage": stage,
-                                                            "generation": host.generation},
+        admitted = await host.client.admit(stage0, {"run": host.run_id, "stage": stage,
+                                                     "generation": host.generation},
                                            timeout_s=cfg.group.join_timeout_s + cfg.train.step_timeout_s)
         source, step = str(admitted["source"]), int(admitted["step"])
         meta, tensors = await host.client.get_weights(source, max_bytes=STATE_COPIES * host.max_replica_bytes,
@@ -76,3 +84,12 @@ async def join_group(host: JoinHost, stage: int) -> StageWorker:
                      duration_s=round(took, 4))
     host.metrics.group_joins.labels(role="joined").inc()
     return worker
+
+
+async def _until_visible(host: JoinHost, stage: int) -> None:
+    """Stage 0 admits only a peer with a record in the run: read our JOINING record back first."""
+    for _ in range(VISIBILITY_READS):
+        await host.routes.refresh()
+        if any(p.peer_id == host.peer_id for p in host.routes.last_read.members(stage)):
+            return
+        await asyncio.sleep(host.config.heartbeat.claim_jitter_s / 2)

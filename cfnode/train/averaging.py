@@ -28,6 +28,7 @@ import torch
 from cfnode.errors import CfnodeError
 
 logger = logging.getLogger(__name__)
+START_TIMEOUT_S = 60.0
 
 
 class AveragingError(CfnodeError):
@@ -96,11 +97,16 @@ class HivemindAverager:
                 super().run()
 
         logger.info("starting the all-reduce of %s for groups of %d (%d values)", self.prefix, group_size, self.size)
-        return _Averager([torch.zeros(self.size, dtype=torch.float64)], self.dht, start=True,
-                         prefix=f"{self.prefix}_g{group_size}", target_group_size=group_size,
-                         min_group_size=group_size, min_matchmaking_time=self.matchmaking_s,
-                         request_timeout=max(0.1, self.matchmaking_s / 2), allreduce_timeout=self.timeout_s,
-                         next_chunk_timeout=self.timeout_s, declare_state_period=3600.0)
+        averager = _Averager([torch.zeros(self.size, dtype=torch.float64)], self.dht, start=False,
+                             prefix=f"{self.prefix}_g{group_size}", target_group_size=group_size,
+                             min_group_size=group_size, min_matchmaking_time=self.matchmaking_s,
+                             request_timeout=max(0.1, self.matchmaking_s / 2), allreduce_timeout=self.timeout_s,
+                             next_chunk_timeout=self.timeout_s, declare_state_period=3600.0)
+        # Not `start=True`: hivemind's run_in_background sets SIGINT to SIG_IGN in *our* process for good (and
+        # needs the main thread); the node's own SIGINT/SIGTERM handling must stay.
+        averager.start()
+        averager.wait_until_ready(START_TIMEOUT_S)
+        return averager
 
     async def average(self, vector: torch.Tensor, *, weight: float, group: Sequence[str],
                       tag: tuple[int, int]) -> torch.Tensor:
