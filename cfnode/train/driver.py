@@ -1,10 +1,13 @@
 """Stage 0's step driver (ARCHITECTURE §6): draws the microbatches of step s from (seed, s), keeps several in
-the ring, computes head + loss when activations come back from stage L, runs the embedding backward when
-gradients come back from stage 1, then asks every stage to commit (clip, norms, Adam step).
+the ring, pins each microbatch's path over the stage groups' members (train/paths.py, train/balancer.py), computes
+head + loss when activations come back from stage L, runs the embedding backward when gradients come back from
+stage 1, then has every member of every stage commit (train/commit.py: a group averages its gradients, then
+clip, norms, Adam step). At a step boundary it lets newcomers into stage groups (train/admission.py).
 
 A failed hop, an abort report, a missing stage or the step timeout aborts the attempt: every partial result is
 dropped (the other stages drop theirs when they see a newer attempt) and the same step is retried with the
-same data once the ring is whole. Accounting: issued == committed + dropped microbatches.
+same data: at once, around a group member found dead; otherwise once the ring is whole. Accounting: issued ==
+committed + dropped microbatches.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -25,11 +27,10 @@ from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnava
 from cfnode.net.records import SwarmView
 from cfnode.node.routes import FIRST_GENERATION
 from cfnode.recovery import copies, store
-from cfnode.recovery.replicas import replica_targets
 from cfnode.train.admission import Admissions
+from cfnode.train.commit import GroupDiverged, Prepared, StepCommit
 from cfnode.train.paths import AttemptPaths
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
-from cfnode.train.worker import NonFiniteGradient
 
 if TYPE_CHECKING:
     from cfnode.clock import Clock
@@ -37,21 +38,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ATTEMPT_COUNTER_BITS = 32
-COMMIT_RETRY_S = 0.2
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Phase 1's outcome: who prepared (stage -> its group's members, lead first), their norms (each group's
-    members report the same), and whether the step is skipped."""
-
-    peers: dict[int, tuple[str, ...]]
-    norms: dict[int, tuple[float, float]]
-    skip: bool
-
-    @property
-    def leads(self) -> dict[int, str]:
-        return {i: ms[0] for i, ms in self.peers.items() if ms}
 
 
 def batch_fingerprint(batch: torch.Tensor) -> str:
@@ -99,11 +85,7 @@ class Driver:
         self.admissions = Admissions(host)  # type: ignore[arg-type]
         self._suspects: list[str] = []
         """Members a failed hop pointed at: pinged (and banned if dead) before the attempt is retried."""
-        self._rounds: dict[int, int] = {}
-        """Stages whose members' gradients disagreed after the all-reduce: the retry averages twice."""
-        self.commit_norms: dict[int, tuple[int, float, float]] = {}
-        """Per transformer stage: (steps committed, post-clip norm, raw norm) as it reported them when preparing
-        its last committed step. A rebuild weights its donors by these, not by what the donors claim."""
+        self.commit = StepCommit(host, self.paths, self.adopt)
 
     async def prepare(self) -> None:
         """Load the corpus and tokenize it (cached on disk) on the compute thread."""
@@ -364,13 +346,15 @@ class Driver:
         host.metrics.microbatches_issued.inc(train.num_microbatches)
         try:
             await within(self._drive(key, batch), train.step_timeout_s)
-            prepared = await self._prepare_all(key)
+            prepared = await self.commit.prepare_all(key)
         except asyncio.CancelledError:  # the driver stops (fenced, shutting down): the attempt is dropped
             self._account_dropped(key, "cancelled", "the driver stopped during the attempt")
             raise
         except Exception as e:  # every failure before the decision aborts the attempt, and is accounted for
             if self._failure:
                 reason = self._failure[0]
+            elif isinstance(e, GroupDiverged):
+                reason = "group_diverged"
             elif isinstance(e, (TimeoutError, asyncio.TimeoutError)):
                 reason = "timeout"
             elif isinstance(e, RejectedError):
@@ -389,7 +373,7 @@ class Driver:
                 elif not fut.cancelled():
                     fut.exception()  # mark retrieved
         try:
-            await self._apply_all(key, prepared)
+            await self.commit.apply_all(key, prepared)
         except asyncio.CancelledError:  # decided: stage 0 applied first, so the step counts as committed
             self._account_decided(prepared)
             raise
@@ -433,135 +417,9 @@ class Driver:
                 "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation,
                 "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
 
-    def _commit_meta(self, key: AttemptKey, phase: str, *, skip: bool = False) -> dict[str, Any]:
-        return {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "phase": phase, "skip": skip,
-                "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation}
-
-    async def _prepare_all(self, key: AttemptKey) -> Prepared:
-        """Phase 1 on every stage at once (stage 0 too): all backward passes are in; a stage group's members
-        average their gradients; clip and report the norms. A non-finite norm anywhere decides a swarm-wide
-        skip; any other failure raises (the attempt aborts, nothing was applied anywhere)."""
-        host, worker = self.host, self.host.worker
-        assert worker is not None and host.client is not None
-        peers = dict(self.paths.participants)
-        calls = [(idx, peer) for idx, members in peers.items() for peer in members]
-        own = asyncio.ensure_future(host.compute(worker.prepare, key, self.cfg.train.num_microbatches))
-        results = await asyncio.gather(*(host.client.commit(peer, self._prepare_meta(key, idx, peer),
-                                                            timeout_s=self._prepare_timeout(idx))
-                                         for idx, peer in calls), return_exceptions=True)
-        nonfinite: list[int] = []
-        try:
-            await own
-        except NonFiniteGradient:
-            nonfinite.append(0)
-        norms: dict[int, tuple[float, float]] = {}
-        digests: dict[int, set[str]] = {}
-        for (idx, _), result in zip(calls, results, strict=True):
-            if isinstance(result, RejectedError) and result.reason == "nonfinite_grad":
-                if idx not in nonfinite:
-                    nonfinite.append(idx)
-            elif isinstance(result, BaseException):
-                self.adopt(getattr(result, "holds", None))
-                raise result
-            else:
-                norms.setdefault(idx, (float(result["grad_norm"]), float(result["grad_norm_raw"])))
-                digests.setdefault(idx, set()).add(str(result.get("grad_digest", "")))
-        diverged = [idx for idx, d in digests.items() if len(d) > 1 and idx not in nonfinite]
-        if diverged:
-            for idx in diverged:
-                self._rounds[idx] = 2
-            self._failure = ("group_diverged", f"stage(s) {diverged}: members' averaged gradients differ")
-            logger.warning("step %d: the members of stage(s) %s hold different averaged gradients; retrying with "
-                           "a second all-reduce round", key.step, diverged)
-            raise AttemptAborted(self._failure[1])
-        for idx in peers:
-            self._rounds.pop(idx, None)
-        if nonfinite:
-            logger.warning("step %d: non-finite gradient norm on stage(s) %s; every stage skips the step",
-                           key.step, nonfinite)
-            host.events.emit("step_skipped", step=key.step, stages=nonfinite)
-        return Prepared(peers=peers, norms=norms, skip=bool(nonfinite))
-
-    def _prepare_meta(self, key: AttemptKey, idx: int, peer: str) -> dict[str, Any]:
-        meta = self._commit_meta(key, "prepare")
-        group = self.paths.group(idx)
-        if len(group) > 1:  # a stage group: its members average, each weighted by the microbatches it took
-            meta.update(group=group, samples=self.paths.samples_of(idx, peer), rounds=self._rounds.get(idx, 1))
-        return meta
-
-    def _prepare_timeout(self, idx: int) -> float | None:
-        if len(self.paths.group(idx)) <= 1:
-            return None
-        return self.cfg.network.request_timeout_s + 2 * self.cfg.group.averaging_timeout_s
-
-    async def _apply_all(self, key: AttemptKey, prepared: Prepared) -> None:
-        """Phase 2: stage 0 applies first (so a replica it pushes is never behind the stages it would be resumed
-        with), then every stage, each retried until it confirmed or is no longer its stage's owner (then it is
-        lost, and its rebuild starts from its neighbours, which applied). A stage that could not apply while
-        staying owner is `behind` at the next step and steps down (node/commits.py): never a skipped update."""
-        host, worker = self.host, self.host.worker
-        assert worker is not None and host.client is not None
-        norm, raw = await host.compute(worker.apply, key, skip=prepared.skip)
-        host.after_commit(worker.grad_norm, worker.grad_norm_raw)
-        meta = self._commit_meta(key, "apply", skip=prepared.skip)
-        pushes = None
-        if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode) and not prepared.skip:
-            state = await host.compute(worker.snapshot)
-            pushes = copies.push_copies(host, state, copies.replica_meta(
-                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.leads)
-        calls = [(idx, peer) for idx, members in prepared.peers.items() for peer in members]
-        applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta) for idx, peer in calls))
-        if pushes is not None:
-            results, _ = await asyncio.gather(applies, pushes)
-        else:
-            results = await applies
-        for (idx, _), result in zip(calls, results, strict=True):
-            if result is not None and idx in prepared.norms:
-                self.commit_norms[idx] = (key.step + 1, *prepared.norms[idx])
-        await self._checkpoint(failed=any(r is None for r in results), results=list(results))
-
-    async def _apply_on(self, idx: int, peer: str, key: AttemptKey, meta: dict[str, Any]) -> dict[str, Any] | None:
-        """Send the apply to one stage until it confirms; None if it stopped being the stage's owner first."""
-        host = self.host
-        assert host.client is not None
-        rejections = 0
-        while True:
-            try:
-                return await host.client.commit(peer, meta)
-            except RejectedError as e:
-                if e.holds is not None and e.holds[0] == key.step + 1:
-                    return {"step": key.step + 1}  # applied already (its reply was lost)
-                rejections += 1
-                error: Exception = e
-            except PeerUnavailableError as e:
-                error = e
-            host.metrics.commit_retries.inc()
-            await host.refresh_view()
-            if all(p.peer_id != peer for p in host.view.group(idx)) or rejections >= 3:
-                logger.warning("stage %d did not confirm step %d (%s); %s", idx, key.step, error,
-                               "it is no longer the stage's owner" if rejections < 3 else "giving up")
-                host.events.emit("commit_failed", stage=idx, step=key.step, error=str(error)[:200])
-                return None
-            await asyncio.sleep(COMMIT_RETRY_S)
-
-    async def _checkpoint(self, *, failed: bool, results: list[Any]) -> None:
-        """`checkpoint` baseline: after a checkpoint step, save stage 0 too and mark the step complete if every
-        stage saved it."""
-        saved = await copies.save_checkpoint(self.host)
-        if not saved:
-            return
-        step = saved["checkpoint_step"]
-        if failed or any(not isinstance(r, dict) or r.get("checkpoint_step") != step for r in results):
-            logger.warning("checkpoint of step %d is incomplete (a stage did not save it); keeping the previous one",
-                           step)
-            return
-        try:
-            await asyncio.to_thread(store.mark_complete, copies.checkpoint_root(self.host), step,
-                                    self.cfg.model.num_stages)
-        except OSError as e:
-            logger.error("could not mark the checkpoint of step %d complete: %s", step, e)
-            return
-        self.host.events.emit("checkpoint_complete", step=step)
+    @property
+    def commit_norms(self) -> dict[int, tuple[int, float, float]]:
+        return self.commit.commit_norms
 
     async def admit(self, peer_id: str, stage: int, generation: int) -> dict[str, Any]:
         """rpc_admit: a newcomer of a stage group; answered at the next step boundary (train/admission.py)."""
