@@ -14,6 +14,7 @@ from typing import Any
 from cfnode.config import NetworkConfig
 from cfnode.errors import NoPeerReachableError
 from cfnode.net.dht import SwarmDHT, create_dht
+from cfnode.net.groups import group_throughput
 from cfnode.net.identity import open_identity
 from cfnode.net.records import MetaRecord, StageState, SwarmView, run_meta
 from cfnode.net.validation import RunRecordValidator
@@ -76,7 +77,8 @@ def _stages_to_read(num_stages: int) -> int:
 
 def snapshot(run_id: str, meta: MetaRecord | None, view: SwarmView, *, ttl_s: float) -> dict[str, Any]:
     """The run as one JSON-able dict: a row per live record (and per EMPTY stage when the run's size is
-    known), the spares, the rebuilds in progress and whether stage 0 is lost for good."""
+    known), each stage's group (members, generation, step, throughput and each member's share of it), the spares,
+    the rebuilds in progress and whether stage 0 is lost for good."""
     num_stages = meta.num_stages if meta else max((i for i, ps in view.stages.items() if ps), default=0)
     rows = []
     for idx in range(num_stages + 1):
@@ -84,19 +86,30 @@ def snapshot(run_id: str, meta: MetaRecord | None, view: SwarmView, *, ttl_s: fl
         if not members:
             if meta is not None:
                 rows.append({"stage": idx, "peer": None, "state": "EMPTY", "step": None, "generation": None,
-                             "grad_norm": None, "age_s": None})
+                             "grad_norm": None, "throughput": None, "age_s": None})
             continue
         for p in members:
             rows.append({"stage": idx, "peer": p.peer_id, "state": p.record.state.value, "step": p.record.step,
                          "generation": p.record.generation, "grad_norm": round(p.record.grad_norm, 4),
-                         "age_s": round(p.age_s(view.now, ttl_s), 1)})
+                         "throughput": round(p.record.throughput, 2), "age_s": round(p.age_s(view.now, ttl_s), 1),
+                         "joined_from": p.record.joined_from or None})
     for p in view.standby:
         rows.append({"stage": None, "peer": p.peer_id, "state": StageState.STANDBY.value, "step": None,
                      "generation": None, "grad_norm": None, "age_s": round(p.age_s(view.now, ttl_s), 1)})
     empty = [r["stage"] for r in rows if r["state"] == "EMPTY"]
     trained = any((r["step"] or 0) > 0 and r["state"] == "ONLINE" for r in rows)
     online = sorted({r["stage"] for r in rows if r["state"] == "ONLINE"})
+    groups = []
+    for idx in range(num_stages + 1):
+        group = view.group(idx)
+        if group:
+            total = group_throughput(group)
+            groups.append({"stage": idx, "members": [p.peer_id for p in group],
+                           "generation": group[0].record.generation, "step": max(p.record.step for p in group),
+                           "throughput": round(total, 2),
+                           "load": [round(p.record.throughput / total, 3) if total > 0 else None for p in group]})
     return {"run_id": run_id, "num_stages": num_stages if meta else None,
+            "replicas": meta.replicas if meta else None, "groups": groups,
             "model_config_hash": meta.model_config_hash if meta else None, "stages": rows,
             "empty_stages": empty, "online_stages": online,
             "spares": [r["peer"] for r in rows if r["state"] == StageState.STANDBY.value],
@@ -110,17 +123,23 @@ def render_table(snapshot: dict[str, Any]) -> str:
     if "error" in snapshot:
         return f"run {snapshot['run_id']}: {snapshot['error']}"
     head = f"run {snapshot['run_id']}: {snapshot['num_stages']} transformer stages, model {snapshot['model_config_hash']}"
-    cols = ("stage", "peer", "state", "step", "generation", "grad_norm", "age_s")
+    cols = ("stage", "peer", "state", "step", "generation", "grad_norm", "throughput", "age_s")
     lines = [head, "  ".join(f"{c:>10}" if c != "peer" else f"{c:<16}" for c in cols)]
     for row in snapshot["stages"]:
         cells = []
         for c in cols:
-            v = row[c]
+            v = row.get(c)
             text = "-" if v is None else (str(v)[:16] if c == "peer" else str(v))
             cells.append(f"{text:<16}" if c == "peer" else f"{text:>10}")
         lines.append("  ".join(cells))
     if snapshot["empty_stages"]:
         lines.append(f"empty stages: {snapshot['empty_stages']}")
+    for g in snapshot.get("groups", []):
+        if len(g["members"]) > 1 or (snapshot.get("replicas") or 1) > 1:
+            shares = ", ".join("-" if x is None else f"{100 * x:.0f}%" for x in g["load"])
+            lines.append(f"group of stage {g['stage']}: {len(g['members'])} of {snapshot.get('replicas') or '?'} "
+                         f"members, generation {g['generation']}, step {g['step']}, {g['throughput']} "
+                         f"microbatches/s (shares {shares})")
     spares = snapshot.get("spares", [])
     lines.append(f"spares (STANDBY): {len(spares)}" + (f" ({', '.join(p[:16] for p in spares)})" if spares else ""))
     for r in snapshot.get("recovering", []):

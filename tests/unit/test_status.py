@@ -166,3 +166,21 @@ def test_read_takes_the_runs_meta_from_its_lowest_live_member(monkeypatch: pytes
     reads.clear()
     snap = asyncio.run(cfnode.status._read(object(), "run", TTL))
     assert snap["num_stages"] is None and reads == [cfnode.status.DEFAULT_MAX_STAGES]
+
+
+def test_snapshot_shows_each_group_with_members_generation_step_and_load() -> None:
+    from cfnode.net.records import MetaRecord, PeerRecord, StageRecord, StageState, SwarmView
+    from cfnode.status import render_table, snapshot
+
+    def rec(peer: str, tput: float, joined: str = "") -> PeerRecord:
+        return PeerRecord(peer_id=peer, record=StageRecord(state=StageState.ONLINE, step=7, generation=2,
+                                                           throughput=tput, joined_from=joined),
+                          expiration_time=110.0)
+
+    view = SwarmView(stages={0: (rec("A0", 5.0),), 1: (rec("B1", 3.0), rec("C1", 1.0, joined="B1"))}, now=100.0)
+    snap = snapshot("r", MetaRecord(num_stages=1, model_config_hash="h", replicas=2), view, ttl_s=8)
+    group1 = next(g for g in snap["groups"] if g["stage"] == 1)
+    assert group1 == {"stage": 1, "members": ["B1", "C1"], "generation": 2, "step": 7, "throughput": 4.0,
+                      "load": [0.75, 0.25]}
+    assert "group of stage 1: 2 of 2 members, generation 2, step 7, 4.0 microbatches/s (shares 75%, 25%)" in \
+        render_table(snap)
