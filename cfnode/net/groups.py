@@ -6,7 +6,7 @@ it by copying a member's exact state (`StageRecord.joined_from`) and keep its ge
 
 from __future__ import annotations
 
-from cfnode.net.records import PeerRecord, StageState, SwarmView
+from cfnode.net.records import PeerRecord, StageState, SwarmView, is_alive, is_occupied, swarm_has_trained
 
 
 def group_ids(view: SwarmView, stage_idx: int) -> tuple[str, ...]:
@@ -59,3 +59,23 @@ def step_down_reason(view: SwarmView, stage_idx: int, peer_id: str, generation: 
         if rivals and rivals[0] < peer_id:
             return f"founded at generation {generation} by {rivals[0][:12]} too"
     return None
+
+
+def stage_to_move_to(view: SwarmView, num_stages: int, stage_idx: int, peer_id: str, *, replicas: int,
+                     start_step: int = 0) -> int | None:
+    """Rebalancing (CheckFree only when a group is empty): the empty transformer stage this member should leave
+    its group for and rebuild, or None. Only when no spare waits to do it, only from the largest group (ties: the
+    lowest stage), never its last member, and only the member whose id sorts last, so one peer moves."""
+    if replicas <= 1 or stage_idx == 0 or not swarm_has_trained(view, num_stages, start_step):
+        return None
+    if any(is_alive(p.expiration_time, view.now) and p.record.state is StageState.STANDBY for p in view.standby):
+        return None
+    empty = [i for i in range(1, num_stages + 1) if not is_occupied(view.members(i), view.now)]
+    if not empty:
+        return None
+    sizes = {i: len(view.group(i)) for i in range(1, num_stages + 1)}
+    largest = min(sizes, key=lambda i: (-sizes[i], i))
+    group = group_ids(view, stage_idx)
+    if largest != stage_idx or sizes[largest] < 2 or not group or group[-1] != peer_id:
+        return None
+    return empty[0]

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Protocol
 
 from cfnode.errors import UnrecoverableError
-from cfnode.net.groups import step_down_reason
+from cfnode.net.groups import stage_to_move_to, step_down_reason
 from cfnode.net.records import StageState, SwarmView, is_occupied, swarm_has_trained
 from cfnode.recovery.replicas import replica_targets
 from cfnode.train.schedule import next_stage, prev_stage
@@ -90,6 +90,15 @@ class Watch:
             host.fence()
             return
         num = host.config.model.num_stages
+        target = None if host.config.stage is not None else stage_to_move_to(  # a pinned member stays
+            view, num, stage, host.peer_id, replicas=host.config.group.replicas,
+            start_step=host.config.train.start_step)
+        if target is not None:
+            logger.warning("stage %d's group is empty and no spare waits: leaving stage %d's group to rebuild it",
+                           target, stage)
+            host.events.emit("rebalancing", stage=stage, to_stage=target)
+            host.fence()
+            return
         for side, idx in (("prev", prev_stage(stage, num)), ("next", next_stage(stage, num))):
             alive = view.online_owner(idx) is not None
             if alive:
