@@ -96,3 +96,39 @@ def test_a_member_killed_mid_step_is_routed_around_and_a_newcomer_joins_exactly(
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "the newcomer diverged from its group"
     committed = [e["step"] for e in steps()]
     assert committed == list(range(1, len(committed) + 1))
+
+
+@pytest.mark.slow
+def test_a_whole_group_killed_is_rebuilt_by_checkfree_from_the_neighbouring_groups(harness: Harness,
+                                                                                   tmp_path) -> None:
+    import os
+
+    from tests.fault.test_rebuild_exact import checkfree
+
+    h = harness
+    groups, head = _form_groups(h, max_steps=400)
+    steps = lambda: h.events(head["proc"], "step")  # noqa: E731
+    audit = str(tmp_path / "audit")
+    spare = h.start_node("spare", "--spare", "--audit-recovery", audit)
+    wait_until(lambda: h.events(spare, "standby"), 120, "the spare to wait as STANDBY")
+    wait_until(lambda: len(steps()) >= 5, 180, "5 committed steps")
+    for victim in groups[2]:
+        kill_group(victim)
+    for victim in groups[2]:
+        victim.popen.wait(timeout=10)
+    killed_at = len(steps())
+    finished = wait_until(lambda: h.events(spare, "recovery_finished"), 120, "the spare to rebuild stage 2")[0]
+    assert finished["stage"] == 2 and finished["how"] == "grad-avg" and finished["sources"] == {"prev": 1, "next": 3}
+    wait_until(lambda: len(steps()) >= killed_at + 5, 120, "5 steps after the rebuild")
+    record = torch.load(os.path.join(audit, f"recovery-stage2-gen{finished['generation']}.pt"))
+    prev, nxt = record["neighbours"]["prev"], record["neighbours"]["next"]
+    expected = checkfree(prev["state"], nxt["state"], prev["grad_norm"], nxt["grad_norm"])
+    assert all(torch.equal(record["result"][k], expected[k]) for k in expected)
+    # the neighbours' members are identical, so the rebuild's donors are the whole groups' weights
+    for i in (1, 3):
+        wa, wb, _ = _same_step_weights(h, *(h.ready_info(m) for m in groups[i]))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for p in [head["proc"], *groups[1], *groups[3]]:
+        assert not h.events(p, "recovery_started")
+    committed = [e["step"] for e in steps()]
+    assert committed == list(range(1, len(committed) + 1))
