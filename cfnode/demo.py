@@ -21,7 +21,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from cfnode.config import PRESETS
+from cfnode.config import PRESETS, GroupConfig
 from cfnode.errors import EXIT_UNRECOVERABLE, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,13 @@ class DemoOptions:
     heartbeat_period: float = 2.0
     heartbeat_ttl: float = 8.0
     kill: tuple[str, ...] = ()
-    """STAGE@STEP: SIGKILL the process holding STAGE once STEP steps have committed (repeatable)."""
+    """STAGE@STEP: SIGKILL the process holding STAGE once STEP steps have committed (repeatable). With
+    `replicas` > 1: one member of the stage's group (the longest-serving one); the group carries on, no rebuild."""
+    kill_group: tuple[str, ...] = ()
+    """STAGE@STEP: SIGKILL every member of STAGE's group at once, so a spare rebuilds it with CheckFree
+    (repeatable). With `replicas` 1 the same as `kill`."""
+    replicas: int = 1
+    """Members started for every transformer stage 1..L (`join --replicas`, run-wide); stage 0 stays one node."""
     recovery_rule: str = "grad-avg"
     recovery: str = "checkfree"
     """checkfree or checkfree+ (every stage, stage 0 included, survives a kill; needs --stages >= 4), or the
@@ -54,16 +60,11 @@ class DemoOptions:
     prompt: str = "ROMEO."
     """The prompt of the sample printed at the end (sampled with seed 0: the same model gives the same text)."""
 
-    def kill_plan(self) -> list[tuple[int, int]]:
-        plan = []
-        for item in self.kill:
-            stage, sep, step = item.partition("@")
-            if not sep or not stage.isdigit() or not step.isdigit():
-                raise ConfigError(f"--kill takes STAGE@STEP, e.g. 2@40; got {item!r}")
-            if not 0 <= int(stage) <= self.stages:
-                raise ConfigError(f"--kill {item}: stage must be 0..{self.stages}")
-            plan.append((int(stage), int(step)))
-        return plan
+    def kill_plan(self) -> list[Kill]:
+        """Every --kill and --kill-group, in the order they are due (the order given among equal steps)."""
+        plan = [_parse_kill("--kill", item, self.stages, whole_group=False) for item in self.kill]
+        plan += [_parse_kill("--kill-group", item, self.stages, whole_group=True) for item in self.kill_group]
+        return sorted(plan, key=lambda k: k.step)
 
     def __post_init__(self) -> None:
         self.kill_plan()
@@ -75,6 +76,28 @@ class DemoOptions:
             raise ConfigError(f"unknown --preset {self.preset_name!r}")
         if self.recovery == "checkfree+" and self.stages < 4:
             raise ConfigError(f"--recovery checkfree+ needs --stages >= 4, got {self.stages}")
+        GroupConfig(replicas=self.replicas)  # --replicas must be 1..16
+        if self.kill_group and self.spares < 1:
+            raise ConfigError(f"--kill-group needs a spare to rebuild the stage: --spares must be >= 1, "
+                              f"got {self.spares}")
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One --kill (one member: the stage's holder with one peer per stage) or --kill-group (every member)."""
+
+    stage: int
+    step: int
+    whole_group: bool
+
+
+def _parse_kill(flag: str, item: str, stages: int, *, whole_group: bool) -> Kill:
+    stage, sep, step = item.partition("@")
+    if not sep or not stage.isdigit() or not step.isdigit():
+        raise ConfigError(f"{flag} takes STAGE@STEP, e.g. 2@40; got {item!r}")
+    if not 0 <= int(stage) <= stages:
+        raise ConfigError(f"{flag} {item}: stage must be 0..{stages}")
+    return Kill(int(stage), int(step), whole_group)
 
 
 @dataclass
@@ -194,6 +217,45 @@ def read_events(path: str | None) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass
+class Starter:
+    """Starts the demo's nodes: stage holders, extra group members pinned to a stage, spares."""
+
+    swarm: Swarm
+    common: list[str]
+    replicas: int
+    spares_started: int = 0
+
+    def node(self, name: str, stage: int) -> Proc:
+        return self.swarm.spawn(name, ["join", *self.common, "--stage", str(stage)], events=True)
+
+    def spare(self) -> Proc:
+        """A spare waits as STANDBY (with groups: `--spare`, or it would join a live group) to rebuild a stage."""
+        self.spares_started += 1
+        extra = ["--spare"] if self.replicas > 1 else []
+        return self.swarm.spawn(f"spare{self.spares_started - 1}", ["join", *self.common, *extra], events=True)
+
+    def member(self, stage: int) -> Proc:
+        """One more member of `stage`'s live group: `--stage N` with N held joins N's group by exact copy."""
+        taken = sum(1 for p in self.swarm.procs if p.name.startswith(f"stage{stage}m"))
+        return self.node(f"stage{stage}m{taken + 1}", stage)
+
+    def stages(self, num_stages: int) -> None:
+        """One holder per stage 0..L; with groups, the founders of 1..L first, then their extra members and
+        stage 0 last, so the members join at the first step boundaries (stage 0 admits them, holding the ring
+        while each copies a founder's state). Spares start after this, so they wait as STANDBY."""
+        if self.replicas == 1:
+            procs = [self.node(f"stage{idx}", idx) for idx in range(num_stages + 1)]
+        else:
+            founders = [self.node(f"stage{idx}", idx) for idx in range(1, num_stages + 1)]
+            for proc in founders:
+                wait_for_event(proc, "online", 180)
+            members = [self.member(idx) for idx in range(1, num_stages + 1) for _ in range(self.replicas - 1)]
+            procs = [self.node("stage0", 0), *members]
+        for proc in procs:
+            wait_for_event(proc, "online", 180)
+
+
 def run_demo(options: DemoOptions) -> int:
     workdir = options.workdir or tempfile.mkdtemp(prefix="cfnode-demo-")
     os.makedirs(workdir, exist_ok=True)
@@ -219,19 +281,12 @@ def run_demo(options: DemoOptions) -> int:
                        "--checkpoint-every", str(options.checkpoint_every)]
         common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
         common += ["--export-dir", export_dir]  # ... and exports at --max-steps, before it leaves
-        stage_procs = [swarm.spawn(f"stage{idx}", ["join", *common, "--stage", str(idx)], events=True)
-                       for idx in range(options.stages + 1)]
-        for proc in stage_procs:  # spares start once every stage is held, so they wait as STANDBY
-            wait_for_event(proc, "online", 180)
-        spare_count = [0]
-
-        def spawn_spare() -> Proc:
-            spare_count[0] += 1
-            return swarm.spawn(f"spare{spare_count[0] - 1}", ["join", *common], events=True)
-
+        common += ["--replicas", str(options.replicas)]  # run-wide: every node sizes the groups alike
+        starter = Starter(swarm, common, options.replicas)
+        starter.stages(options.stages)
         for _ in range(options.spares):
-            spawn_spare()
-        code = _follow(options, swarm, spawn_spare)
+            starter.spare()
+        code = _follow(options, swarm, starter)
         if code == 0:
             exported = _wait_for_export(swarm)
     except KeyboardInterrupt:
