@@ -79,3 +79,20 @@ def stage_to_move_to(view: SwarmView, num_stages: int, stage_idx: int, peer_id: 
     if largest != stage_idx or sizes[largest] < 2 or not group or group[-1] != peer_id:
         return None
     return empty[0]
+
+
+def without_confirmed_lost(view: SwarmView) -> SwarmView:
+    """The view without the ONLINE records of groups that stage 0's owner reports confirmed lost (`StageRecord.
+    lost`: every member failed a ping): their stage reads as empty before the records expire. Stage 0's own
+    records are never dropped, and a report about a generation older than a stage's records drops nothing."""
+    owner0 = view.online_owner(0)
+    if owner0 is None or not owner0.record.lost:
+        return view
+    lost: dict[int, int] = {}
+    for stage, generation in owner0.record.lost:
+        if stage != 0:
+            lost[stage] = max(lost.get(stage, 0), generation)
+    stages = {i: tuple(p for p in ps if not (i in lost and p.record.state is StageState.ONLINE
+                                             and p.record.generation <= lost[i]))
+              for i, ps in view.stages.items()}
+    return SwarmView(stages=stages, standby=view.standby, now=view.now)

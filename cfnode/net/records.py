@@ -54,6 +54,10 @@ class StageRecord:
     generations: tuple[int, ...] = ()
     """The highest generation the writer knows for each stage 0..L: the swarm's memory of generations, which
     outlives any one holder's record (a claimant takes the maximum, plus one: generations never repeat)."""
+    lost: tuple[tuple[int, int], ...] = ()
+    """Stage 0 only: (stage, generation) of groups whose every member failed a ping after a failed hop. Readers
+    treat those records as gone at once (the fast path: a spare claims without waiting for the ttl); a false
+    alarm is safe, the rebuilt stage has a higher generation and the old members step down."""
     joined_from: str = ""
     """A member that joined a live stage group: the peer id of the member whose exact state it copied (it keeps
     the group's generation). Empty for the member that built or rebuilt the stage (the group's founder)."""
@@ -71,6 +75,7 @@ class StageRecord:
             "replica_step": int(self.replica_step),
             "generations": [int(g) for g in self.generations],
             "joined_from": str(self.joined_from),
+            "lost": [[int(i), int(g)] for i, g in self.lost],
             "version": int(self.version),
         }
 
@@ -94,6 +99,7 @@ class StageRecord:
                 replica_step=int(value.get("replica_step", -1)),
                 generations=_generations(value.get("generations", ())),
                 joined_from=_peer_id(value.get("joined_from", "")),
+                lost=_lost(value.get("lost", ())),
                 version=int(value.get("version", 0)),
             )
         except (KeyError, ValueError, TypeError, OverflowError):
@@ -101,6 +107,17 @@ class StageRecord:
 
 
 MAX_GENERATIONS_LISTED = 1024
+
+
+def _lost(value: object) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_GENERATIONS_LISTED:
+        raise ValueError("lost must be a short list")
+    out = []
+    for item in value:
+        if not isinstance(item, (list, tuple)) or len(item) != 2:
+            raise ValueError("lost entries are [stage, generation]")
+        out.append((int(item[0]), int(item[1])))
+    return tuple(out)
 
 
 def _peer_id(value: object) -> str:

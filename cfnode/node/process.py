@@ -120,6 +120,7 @@ class Node(HopHandling):
                            grad_norm=w.grad_norm if w else 1.0, grad_norm_raw=w.grad_norm_raw if w else 1.0,
                            donor=w.donor if w else True, replica_step=w.replica_step if w else -1,
                            throughput=w.throughput if w else 0.0, joined_from=self.joined_from,
+                           lost=self.driver.lost_groups() if self.driver is not None and self.stage == 0 else (),
                            generations=tuple(known.get(i, 0) for i in range(self.config.model.num_stages + 1)))
 
     def record_key(self) -> int | None:

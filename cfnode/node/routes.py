@@ -16,6 +16,7 @@ from cfnode.config import HeartbeatConfig
 from cfnode.errors import InvalidPayload, PeerUnavailableError
 from cfnode.metrics import NodeMetrics
 from cfnode.net.dht import SwarmStore
+from cfnode.net.groups import without_confirmed_lost
 from cfnode.net.records import (
     PeerRecord,
     SwarmView,
@@ -63,7 +64,7 @@ class RouteTable:
             logger.warning("ignored a record of %s claiming generation %d (known: %d): out of bounds",
                            p.peer_id[:12], p.record.generation, self.generations.get(_stage_of(fresh, p), 0))
         self.last_read = bounded
-        self.view = merge_views(self.view, bounded)
+        self.view = without_confirmed_lost(merge_views(self.view, bounded))
         stage, mine = self._own()
         if mine is not None:
             self.view = with_own_record(self.view, stage, mine)

@@ -62,6 +62,8 @@ class StepCommit:
         self.adopt = adopt
         self.rounds: dict[int, int] = {}
         """Stages whose members' gradients disagreed after the all-reduce: the retry averages twice."""
+        self.suspects: list[str] = []
+        """Members a commit call could not reach: the driver pings them (train/driver.py)."""
         self.commit_norms: dict[int, tuple[int, float, float]] = {}
         """Per transformer stage: (steps committed, post-clip norm, raw norm) as it reported them when preparing
         its last committed step. A rebuild weights its donors by these, not by what the donors claim."""
@@ -89,16 +91,21 @@ class StepCommit:
             nonfinite.append(0)
         norms: dict[int, tuple[float, float]] = {}
         digests: dict[int, set[str]] = {}
-        for (idx, _), result in zip(calls, results, strict=True):
+        failure: BaseException | None = None
+        for (idx, peer), result in zip(calls, results, strict=True):
             if isinstance(result, RejectedError) and result.reason == "nonfinite_grad":
                 if idx not in nonfinite:
                     nonfinite.append(idx)
             elif isinstance(result, BaseException):
                 self.adopt(getattr(result, "holds", None))
-                raise result
+                if isinstance(result, PeerUnavailableError):
+                    self.suspects.append(peer)
+                failure = failure or result
             else:
                 norms.setdefault(idx, (float(result["grad_norm"]), float(result["grad_norm_raw"])))
                 digests.setdefault(idx, set()).add(str(result.get("grad_digest", "")))
+        if failure is not None:
+            raise failure
         diverged = [idx for idx, d in digests.items() if len(d) > 1 and idx not in nonfinite]
         if diverged:
             for idx in diverged:
@@ -167,6 +174,8 @@ class StepCommit:
                 error: Exception = e
             except PeerUnavailableError as e:
                 error = e
+                if peer not in self.suspects:
+                    self.suspects.append(peer)
             host.metrics.commit_retries.inc()
             await host.refresh_view()
             if all(p.peer_id != peer for p in host.view.group(idx)) or rejections >= 3:

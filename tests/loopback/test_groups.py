@@ -120,6 +120,16 @@ def test_a_whole_group_killed_is_rebuilt_by_checkfree_from_the_neighbouring_grou
     finished = wait_until(lambda: h.events(spare, "recovery_finished"), 120, "the spare to rebuild stage 2")[0]
     assert finished["stage"] == 2 and finished["how"] == "grad-avg" and finished["sources"] == {"prev": 1, "next": 3}
     wait_until(lambda: len(steps()) >= killed_at + 5, 120, "5 steps after the rebuild")
+    # the fast path: stage 0 pinged both members after failed hops and reported the group lost; the spare
+    # claimed on that report (its claim follows the report)
+    reported = [e for e in h.events(head["proc"], "group_lost") if e["stage"] == 2]
+    assert reported and reported[0]["generation"] == 1 and len(reported[0]["members"]) == 2, reported
+    claimed = [e for e in h.events(spare, "claimed") if e["stage"] == 2][0]
+    assert claimed["ts"] >= reported[0]["ts"]
+    after = next(e for e in steps() if e["step"] == killed_at + 1)
+    last_before = next(e for e in steps() if e["step"] == killed_at)
+    print(f"GROUPLOSS report-{reported[0]['ts'] - last_before['ts']:.2f}s claim-{claimed['ts'] - last_before['ts']:.2f}s"
+          f" first-step-{after['ts'] - last_before['ts']:.2f}s after the last step before the kill")
     record = torch.load(os.path.join(audit, f"recovery-stage2-gen{finished['generation']}.pt"))
     prev, nxt = record["neighbours"]["prev"], record["neighbours"]["next"]
     expected = checkfree(prev["state"], nxt["state"], prev["grad_norm"], nxt["grad_norm"])

@@ -169,3 +169,21 @@ def test_members_that_average_their_gradients_apply_the_summed_gradient() -> Non
     assert all(torch.equal(v, m1.module.state_dict()[k]) for k, v in m0.module.state_dict().items())
     for k, v in alone.module.state_dict().items():
         torch.testing.assert_close(m0.module.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_stage_0_reporting_a_group_lost_empties_its_stage_before_the_records_expire() -> None:
+    from cfnode.net.groups import without_confirmed_lost
+    from cfnode.net.records import first_empty_stage
+
+    def head(lost: tuple[tuple[int, int], ...]) -> PeerRecord:
+        return PeerRecord(peer_id="S0", record=StageRecord(state=ONLINE, step=5, generation=1, lost=lost),
+                          expiration_time=NOW + 5)
+
+    stages = {1: (rec("A"),), 2: (rec("B"), rec("C", joined="B")), 3: (rec("D"),)}
+    assert first_empty_stage(without_confirmed_lost(view({0: (head(()),), **stages})), 3) is None
+    reported = without_confirmed_lost(view({0: (head(((2, 1),)),), **stages}))
+    assert reported.group(2) == () and first_empty_stage(reported, 3) == 2 and len(reported.group(1)) == 1
+    rebuilt = {**stages, 2: (*stages[2], rec("N", gen=2))}  # a report about an older generation drops nothing newer
+    assert [p.peer_id for p in without_confirmed_lost(view({0: (head(((2, 1),)),), **rebuilt})).group(2)] == ["N"]
+    bad = StageRecord.from_wire({"state": "ONLINE", "lost": [[1]], "version": 2})
+    assert bad is None

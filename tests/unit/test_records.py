@@ -71,11 +71,13 @@ def test_key_builders() -> None:
 
 def test_stage_record_round_trip() -> None:
     rec = StageRecord(state=RECOVERING, step=17, generation=3, grad_norm=0.25, grad_norm_raw=4.5,
-                      throughput=123.5, donor=False, replica_step=16, generations=(2, 5, 3), joined_from="QmPeer")
+                      throughput=123.5, donor=False, replica_step=16, generations=(2, 5, 3), joined_from="QmPeer",
+                      lost=((2, 4),))
     wire = rec.to_wire()
     assert wire == {"state": "RECOVERING", "step": 17, "generation": 3, "grad_norm": 0.25,
                     "grad_norm_raw": 4.5, "throughput": 123.5, "donor": False, "replica_step": 16,
-                    "generations": [2, 5, 3], "joined_from": "QmPeer", "version": PROTOCOL_VERSION}
+                    "generations": [2, 5, 3], "joined_from": "QmPeer", "lost": [[2, 4]],
+                    "version": PROTOCOL_VERSION}
     assert StageRecord.from_wire(wire) == rec
 
 
