@@ -425,7 +425,15 @@ def generate(log_level: str, log_format: str, **kw: Any) -> None:
 @click.option("--val-every", type=int, default=_T.val_every)
 @click.option("--heartbeat-period", type=float, default=_H.period_s)
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s)
-@click.option("--kill", multiple=True, help="STAGE@STEP: SIGKILL that stage's process at that step (repeatable).")
+@click.option("--replicas", type=int, default=1,
+              help="Members (1..16) of the group of each transformer stage 1..L, passed to every node as "
+                   "`join --replicas`; stage 0 stays one node (stage-0 groups are not built yet).")
+@click.option("--kill", multiple=True,
+              help="STAGE@STEP: SIGKILL that stage's process at that step (repeatable). With --replicas > 1: one "
+                   "member of the stage's group; the group carries on, nothing is rebuilt.")
+@click.option("--kill-group", multiple=True,
+              help="STAGE@STEP: SIGKILL every member of that stage's group at that step, so a spare rebuilds it "
+                   "with CheckFree (repeatable; needs --spares >= 1; with --replicas 1 the same as --kill).")
 @click.option("--recovery-rule", default="grad-avg", type=click.Choice(["grad-avg", "uniform-avg", "copy", "random"]))
 @click.option("--recovery", default="checkfree", type=click.Choice(list(RECOVERY_MODES)),
               help="checkfree+ (needs --stages >= 4) also survives the loss of stage 0 and the edge stages; "
@@ -435,7 +443,8 @@ def generate(log_level: str, log_format: str, **kw: Any) -> None:
 @click.option("--prompt", default="ROMEO.", help="Prompt of the sample printed at the end.")
 @_with(logging_options)
 def demo(**kw: Any) -> None:
-    """Start a bootstrap, L+1 stage nodes and a spare on 127.0.0.1 and train on the embedded corpus."""
+    """Start a bootstrap, L+1 stage nodes (with --replicas K: K members for each of stages 1..L) and a spare on
+    127.0.0.1 and train on the embedded corpus."""
     from cfnode.demo import DemoOptions, run_demo
 
     setup_logging(kw.pop("log_level"), kw.pop("log_format"))

@@ -224,7 +224,7 @@ class GroupConfig:
     """Wait as STANDBY instead of joining a live group (a spare rebuilds a stage whose group is empty)."""
     join_timeout_s: float = 30.0
     """How long stage 0 holds the ring at a step boundary for a newcomer to copy a member's state."""
-    averaging_timeout_s: float = 15.0
+    averaging_timeout_s: float = 5.0
     """A group's all-reduce of one step must finish within this (else the attempt aborts and is retried)."""
     matchmaking_s: float = 0.5
     """hivemind's min_matchmaking_time: how long a member waits for the rest of its group to show up."""

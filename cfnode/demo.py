@@ -1,6 +1,7 @@
-"""`cfnode demo`: the main job in one command. Starts a bootstrap, L+1 stage nodes and spares as real OS
-processes on 127.0.0.1, follows stage 0's event log with a progress bar, and stops everything it started
-(SIGTERM, then SIGKILL of each process group) on exit, error or Ctrl-C.
+"""`cfnode demo`: the main job in one command. Starts a bootstrap, L+1 stage nodes (with `--replicas K`, K
+members for each transformer stage) and spares as real OS processes on 127.0.0.1, follows stage 0's event log
+with a progress bar, and stops everything it started (SIGTERM, then SIGKILL of each process group) on exit,
+error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -8,24 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import click
 from tqdm import tqdm
 
 from cfnode.config import PRESETS, GroupConfig
+from cfnode.demo_report import summarize, write_loss_plot
 from cfnode.errors import EXIT_UNRECOVERABLE, ConfigError
+from cfnode.localswarm import JOIN_LINE, Proc, Swarm, read_events, signal_group, wait_for_event, wait_for_line
 
 logger = logging.getLogger(__name__)
-JOIN_LINE = re.compile(r"To join this swarm: cfnode join --peers (\S+)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,123 +99,6 @@ def _parse_kill(flag: str, item: str, stages: int, *, whole_group: bool) -> Kill
 
 
 @dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log_path: str
-    events_path: str | None = None
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-
-@dataclass
-class Swarm:
-    """Processes started by the demo (or by tests through the same helpers)."""
-
-    workdir: str
-    procs: list[Proc] = field(default_factory=list)
-    kills: list[dict[str, Any]] = field(default_factory=list)
-
-    def spawn(self, name: str, args: list[str], *, events: bool = False) -> Proc:
-        log_path = os.path.join(self.workdir, f"{name}.log")
-        events_path = os.path.join(self.workdir, f"{name}.events.jsonl") if events else None
-        cmd = [sys.executable, "-m", "cfnode", *args]
-        if events_path:
-            cmd += ["--events-file", events_path]
-        with open(log_path, "wb") as log:
-            popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     preexec_fn=_die_with_parent)
-        proc = Proc(name, popen, log_path, events_path)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every main process we started (a graceful leave: OFFLINE record, DHT and p2pd shut down by
-        their owner), then SIGKILL each whole process group for anything left; reap all."""
-        for proc in self.procs:
-            if proc.alive():
-                try:
-                    proc.popen.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs:
-            try:
-                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs:
-            _signal_group(proc.popen.pid, signal.SIGKILL)  # also reaps DHT children and p2pd of the group
-            try:
-                proc.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                logger.error("process %s (pid %d) did not exit", proc.name, proc.popen.pid)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM (a graceful leave) if the demo itself is killed, even by
-    SIGKILL, so no node outlives it. Linux only; elsewhere the demo's own cleanup is all there is."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        pass
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def wait_for_line(proc: Proc, pattern: re.Pattern[str], timeout_s: float) -> re.Match[str]:
-    """Poll a process's log until a line matches (or the process dies / time runs out)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with open(proc.log_path, encoding="utf-8", errors="replace") as f:
-            match = pattern.search(f.read())
-        if match:
-            return match
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log_path}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{proc.name} did not print {pattern.pattern!r} within {timeout_s}s; see {proc.log_path}")
-
-
-def wait_for_event(proc: Proc, event: str, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for e in read_events(proc.events_path):
-            if e["event"] == event:
-                return e
-        if not proc.alive():
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}; see {proc.log_path}")
-        time.sleep(0.1)
-    raise TimeoutError(f"{proc.name} did not report {event!r} within {timeout_s}s; see {proc.log_path}")
-
-
-def read_events(path: str | None) -> list[dict[str, Any]]:
-    if not path or not os.path.exists(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line being written
-    return out
-
-
-@dataclass
 class Starter:
     """Starts the demo's nodes: stage holders, extra group members pinned to a stage, spares."""
 
@@ -240,19 +121,28 @@ class Starter:
         taken = sum(1 for p in self.swarm.procs if p.name.startswith(f"stage{stage}m"))
         return self.node(f"stage{stage}m{taken + 1}", stage)
 
-    def stages(self, num_stages: int) -> None:
-        """One holder per stage 0..L; with groups, the founders of 1..L first, then their extra members and
-        stage 0 last, so the members join at the first step boundaries (stage 0 admits them, holding the ring
-        while each copies a founder's state). Spares start after this, so they wait as STANDBY."""
+    def start(self, num_stages: int, spares: int) -> None:
+        """One holder per stage 0..L, then the spares, so they wait as STANDBY. With groups, the founders of
+        1..L first, then their extra members and stage 0, so the members join at the first step boundaries
+        (stage 0 admits them, holding the ring while each copies a founder's state); the spares start once
+        stage 0 is claimed (no empty stage left for them), booting while the members join rather than later
+        under the training's load."""
         if self.replicas == 1:
             procs = [self.node(f"stage{idx}", idx) for idx in range(num_stages + 1)]
-        else:
-            founders = [self.node(f"stage{idx}", idx) for idx in range(1, num_stages + 1)]
-            for proc in founders:
+            for proc in procs:
                 wait_for_event(proc, "online", 180)
-            members = [self.member(idx) for idx in range(1, num_stages + 1) for _ in range(self.replicas - 1)]
-            procs = [self.node("stage0", 0), *members]
-        for proc in procs:
+            for _ in range(spares):
+                self.spare()
+            return
+        founders = [self.node(f"stage{idx}", idx) for idx in range(1, num_stages + 1)]
+        for proc in founders:
+            wait_for_event(proc, "online", 180)
+        members = [self.member(idx) for idx in range(1, num_stages + 1) for _ in range(self.replicas - 1)]
+        head = self.node("stage0", 0)
+        wait_for_event(head, "claimed", 180)
+        for _ in range(spares):
+            self.spare()
+        for proc in [head, *members]:
             wait_for_event(proc, "online", 180)
 
 
@@ -283,9 +173,7 @@ def run_demo(options: DemoOptions) -> int:
         common += ["--export-dir", export_dir]  # ... and exports at --max-steps, before it leaves
         common += ["--replicas", str(options.replicas)]  # run-wide: every node sizes the groups alike
         starter = Starter(swarm, common, options.replicas)
-        starter.stages(options.stages)
-        for _ in range(options.spares):
-            starter.spare()
+        starter.start(options.stages, options.spares)
         code = _follow(options, swarm, starter)
         if code == 0:
             exported = _wait_for_export(swarm)
@@ -295,7 +183,9 @@ def run_demo(options: DemoOptions) -> int:
     finally:
         swarm.stop()
         signal.signal(signal.SIGTERM, previous)
-    summary = _summary(options, swarm, started)
+    summary = summarize({p.name: read_events(p.events_path) for p in swarm.procs}, swarm.kills,
+                        tokens_per_step=options.microbatches * options.microbatch_size
+                        * PRESETS[options.preset_name].seq_len, replicas=options.replicas, started=started)
     summary.update(_results(options, summary, workdir, export_dir if exported else None))
     if options.json_summary:
         with open(options.json_summary, "w", encoding="utf-8") as f:
@@ -355,44 +245,6 @@ def _results(options: DemoOptions, summary: dict[str, Any], workdir: str, export
     return out
 
 
-def write_loss_plot(path: str, summary: dict[str, Any]) -> str:
-    """Train and validation loss vs step; kills (red dashed) and finished rebuilds (green dotted) marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps: dict[int, dict[str, Any]] = {e["step"]: e for e in summary["steps"]}  # a retried step: the last
-    xs = sorted(steps)
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    ax.plot(xs, [steps[x]["loss"] for x in xs], "-", color="tab:blue", linewidth=1.2, label="train loss")
-    val = [(x, steps[x]["val_loss"]) for x in xs if steps[x].get("val_loss") is not None]
-    if val:
-        ax.plot([x for x, _ in val], [v for _, v in val], "o-", color="tab:orange", markersize=4,
-                label="validation loss")
-    for i, kill in enumerate(summary.get("kills", [])):
-        ax.axvline(kill["killed_at_step"], color="tab:red", linestyle="--", linewidth=1,
-                   label="kill -9 of a stage" if i == 0 else None)
-        ax.annotate(f"kill {kill['stage']}", (kill["killed_at_step"], 1), xycoords=("data", "axes fraction"),
-                    xytext=(3, -12), textcoords="offset points", color="tab:red", fontsize=8)
-    rebuilds = [e for e in summary["events"] if e["event"] == "recovery_finished"]
-    for i, e in enumerate(rebuilds):
-        ax.axvline(e.get("step", 0), color="tab:green", linestyle=":", linewidth=1.5,
-                   label="stage rebuilt" if i == 0 else None)
-        ax.annotate(f"rebuilt {e['stage']} ({e.get('how') or e.get('rule')})", (e.get("step", 0), 1),
-                    xycoords=("data", "axes fraction"), xytext=(3, -24), textcoords="offset points",
-                    color="tab:green", fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (cross-entropy)")
-    ax.set_title(f"cfnode demo: {summary['steps_completed']} steps")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -401,9 +253,10 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def holders(procs: list[Proc]) -> dict[int, Proc]:
-    """Which live process serves each stage, from the processes' own events (latest ONLINE wins)."""
-    latest: dict[int, tuple[float, Proc]] = {}
+def groups(procs: list[Proc]) -> dict[int, list[Proc]]:
+    """Which live processes serve each stage, longest-serving first, from the processes' own events: a process
+    serves the stage of its latest ONLINE unless it was fenced since."""
+    found: dict[int, list[tuple[float, Proc]]] = {}
     for proc in procs:
         if not proc.alive():
             continue
@@ -411,54 +264,130 @@ def holders(procs: list[Proc]) -> dict[int, Proc]:
         online = [e for e in events if e["event"] == "online"]
         if not online or any(e["event"] == "fenced" and e["ts"] >= online[-1]["ts"] for e in events):
             continue
-        stage = online[-1]["stage"]
-        if stage not in latest or online[-1]["ts"] > latest[stage][0]:
-            latest[stage] = (online[-1]["ts"], proc)
-    return {stage: proc for stage, (_, proc) in latest.items()}
+        found.setdefault(online[-1]["stage"], []).append((online[-1]["ts"], proc))
+    return {stage: [p for _, p in sorted(members, key=lambda m: m[0])] for stage, members in found.items()}
 
 
-def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc]) -> int:
+def _latest_mark(proc: Proc) -> dict[str, Any] | None:
+    """A live process's latest claimed / online / standby event (None: dead, or none yet)."""
+    if not proc.alive():
+        return None
+    marks = [e for e in read_events(proc.events_path) if e["event"] in ("claimed", "online", "standby")]
+    return marks[-1] if marks else None
+
+
+def _joining(procs: list[Proc], stage: int) -> list[Proc]:
+    """Live processes whose latest claim is of `stage` and that are not ONLINE on it yet (copying a member)."""
+    return [p for p in procs if (m := _latest_mark(p)) and m["event"] == "claimed" and m.get("stage") == stage]
+
+
+def _standby(procs: list[Proc]) -> bool:
+    return any((m := _latest_mark(p)) and m["event"] == "standby" for p in procs)
+
+
+def victims(kill: Kill, held: dict[int, list[Proc]], nodes: list[Proc], replicas: int) -> list[Proc]:
+    """Whom `kill` SIGKILLs now ([] while it is not due yet on membership): the stage's holder with one peer per
+    stage (--kill-group too); with groups, --kill the longest-serving member once the group has another one (so
+    it is a member loss, never the whole stage), --kill-group every member (and a newcomer copying one) once a
+    spare waits as STANDBY to rebuild it (else a member of another group would move to rebuild it)."""
+    members = held.get(kill.stage, [])
+    if not members:
+        return []
+    if replicas == 1 or kill.stage == 0:  # one holder: --kill-group is --kill
+        return [members[-1]]
+    if kill.whole_group:
+        if not _standby(nodes):
+            return []
+        return [*members, *(p for p in _joining(nodes, kill.stage) if p not in members)]
+    return [members[0]] if len(members) >= 2 else []
+
+
+def _stage_map(held: dict[int, list[Proc]], num_stages: int, replicas: int) -> str:
+    if replicas == 1:
+        return " ".join(f"{i}{'+' if i in held else 'x'}" for i in range(num_stages + 1))
+    return " ".join(f"{i}:{len(held.get(i, []))}" for i in range(num_stages + 1))
+
+
+@dataclass
+class _Progress:
+    last_step: int = 0
+    last_step_ts: float = 0.0
+    val: float | None = None
+
+
+def _show_steps(bar: tqdm, progress: _Progress, steps: list[dict[str, Any]], held: dict[int, list[Proc]],
+                nodes: list[Proc], options: DemoOptions) -> None:
+    for e in steps:
+        if e.get("val_loss") is not None:
+            progress.val = e["val_loss"]
+    if steps:
+        progress.last_step_ts = max(progress.last_step_ts, steps[-1]["ts"])
+    if steps and steps[-1]["step"] > progress.last_step:
+        e = steps[-1]
+        bar.update(e["step"] - progress.last_step)
+        progress.last_step = e["step"]
+        spares = sum(1 for p in nodes if p.alive()) - sum(len(m) for m in held.values())
+        bar.set_postfix_str(f"loss {e['loss']:.3f} val {_fmt(progress.val)} {e['tokens_per_s']:.0f} tok/s "
+                            f"stages {_stage_map(held, options.stages, options.replicas)} spares {spares}")
+
+
+def _do_kill(swarm: Swarm, kill: Kill, targets: list[Proc], members_before: int, last_step: int, *,
+             member_loss: bool) -> None:
+    flag = "--kill-group" if kill.whole_group else "--kill"
+    for victim in targets:
+        logger.warning("%s %d@%d: SIGKILL of %s (pid %d), which holds stage %d", flag, kill.stage, kill.step,
+                       victim.name, victim.popen.pid, kill.stage)
+        signal_group(victim.popen.pid, signal.SIGKILL)
+    swarm.kills.append({"stage": kill.stage, "at_step": kill.step, "killed_at_step": last_step, "ts": time.time(),
+                        "node": targets[0].name, "nodes": [p.name for p in targets],
+                        "whole_group": kill.whole_group, "members_before": members_before,
+                        "member_loss": member_loss, "respawned": False})
+
+
+def _replace(kill: dict[str, Any], nodes: list[Proc], starter: Starter) -> None:
+    """Bring the swarm back to its size once the loss is dealt with (starting earlier would compete with the
+    rebuild for CPU): after a rebuild one more spare, so later kills find one too, and with groups the members
+    the stage lost; after a member loss (the group committed a step without it) one more member."""
+    after = [e for p in nodes for e in read_events(p.events_path) if e["ts"] >= kill["ts"]]
+    if kill["member_loss"]:
+        if any(e["event"] == "step" for e in after):
+            kill["respawned"] = True
+            starter.member(kill["stage"])
+        return
+    if any(e["event"] == "recovery_finished" for e in after):
+        kill["respawned"] = True
+        starter.spare()
+        if starter.replicas > 1 and kill["stage"] != 0:
+            for _ in range(kill["members_before"] - 1):
+                starter.member(kill["stage"])
+
+
+def _follow(options: DemoOptions, swarm: Swarm, starter: Starter) -> int:
     bar = tqdm(total=options.steps, desc="training", unit="step", dynamic_ncols=True)
-    last_step, last_step_ts, val = 0, 0.0, None
-    pending = sorted(options.kill_plan(), key=lambda k: k[1])
+    progress = _Progress()
+    pending = options.kill_plan()
     try:
         while True:
             nodes = [p for p in swarm.procs if p.events_path]
-            held = holders(nodes)
-            head = held.get(0)
+            held = groups(nodes)
+            head = held[0][-1] if held.get(0) else None
             events = read_events(head.events_path) if head else []
-            steps = [e for e in events if e["event"] == "step"]
-            for e in steps:
-                if e.get("val_loss") is not None:
-                    val = e["val_loss"]
-            if steps:
-                last_step_ts = max(last_step_ts, steps[-1]["ts"])
-            if steps and steps[-1]["step"] > last_step:
-                e = steps[-1]
-                bar.update(e["step"] - last_step)
-                last_step = e["step"]
-                stage_map = " ".join(f"{i}{'+' if i in held else 'x'}" for i in range(options.stages + 1))
-                spares = sum(1 for p in nodes if p.alive()) - len(held)
-                bar.set_postfix_str(f"loss {e['loss']:.3f} val {_fmt(val)} {e['tokens_per_s']:.0f} tok/s "
-                                    f"stages {stage_map} spares {spares}")
-            while pending and last_step >= pending[0][1] and pending[0][0] in held:
-                stage, at_step = pending.pop(0)
-                victim = held[stage]
-                logger.warning("--kill %d@%d: SIGKILL of %s (pid %d), which holds stage %d", stage, at_step,
-                               victim.name, victim.popen.pid, stage)
-                _signal_group(victim.popen.pid, signal.SIGKILL)
-                swarm.kills.append({"stage": stage, "at_step": at_step, "killed_at_step": last_step,
-                                    "ts": time.time(), "node": victim.name, "respawned": False})
-            for kill in swarm.kills:  # a volunteer comes back once the rebuild is done, so later kills find a
-                if kill["respawned"]:  # spare too (starting it earlier would compete with the rebuild for CPU)
-                    continue
-                if any(e["event"] == "recovery_finished" and e["ts"] >= kill["ts"]
-                       for p in nodes for e in read_events(p.events_path)):
-                    kill["respawned"] = True
-                    spawn_spare()
+            _show_steps(bar, progress, [e for e in events if e["event"] == "step"], held, nodes, options)
+            while pending and progress.last_step >= pending[0].step:
+                targets = victims(pending[0], held, nodes, options.replicas)
+                if not targets:
+                    break
+                kill = pending.pop(0)
+                _do_kill(swarm, kill, targets, len(held.get(kill.stage, [])), progress.last_step,
+                         member_loss=options.replicas > 1 and kill.stage != 0 and not kill.whole_group)
+                held = groups(nodes)
+            for kill in swarm.kills:
+                if not kill["respawned"]:
+                    _replace(kill, nodes, starter)
             if any(e["event"] == "training_finished" for e in events):
+                _warn_not_done(pending, options.replicas, progress.last_step)
                 return 0
-            if head is None and last_step > 0 and _unrecoverable_reported(nodes, last_step_ts):
+            if head is None and progress.last_step > 0 and _unrecoverable_reported(nodes, progress.last_step_ts):
                 logger.error("stage 0 (embedding/head/data) is gone and cannot be rebuilt (it can with "
                              "--recovery checkfree+); the swarm cannot continue. Logs: %s", swarm.workdir)
                 return EXIT_UNRECOVERABLE
@@ -467,66 +396,21 @@ def _follow(options: DemoOptions, swarm: Swarm, spawn_spare: Callable[[], Proc])
         bar.close()
 
 
+def _warn_not_done(pending: list[Kill], replicas: int, last_step: int) -> None:
+    for kill in pending:
+        flag = "--kill-group" if kill.whole_group else "--kill"
+        if kill.step > last_step:
+            why = f"training ended at step {last_step}"
+        elif replicas > 1 and kill.stage != 0:
+            why = ("no spare waited as STANDBY to rebuild the stage" if kill.whole_group
+                   else "the stage's group never had a second member again")
+        else:
+            why = "nobody held the stage"
+        logger.warning("%s %d@%d was not done: %s", flag, kill.stage, kill.step, why)
+
+
 def _unrecoverable_reported(nodes: list[Proc], since: float) -> bool:
     """A live node reported, after the last committed step, that the swarm lost state it cannot rebuild (under
     checkfree+ a lost stage 0 is rebuilt instead, and nobody reports this)."""
     return any(e["event"] == "unrecoverable" and e["ts"] >= since
                for p in nodes if p.alive() for e in read_events(p.events_path))
-
-
-def _recoveries(swarm: Swarm, all_events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per --kill: detection, rebuild and kill-to-serving times, from the nodes' own events."""
-    out = []
-    steps = sorted((e for e in all_events if e["event"] == "step"), key=lambda e: e["ts"])
-    for kill in swarm.kills:
-        t0 = kill["ts"]
-        detected = [e["ts"] for e in all_events if e["ts"] >= t0 and e["event"] in (
-            "neighbour_unreachable", "neighbour_lost", "step_aborted", "waiting_for_stage")]
-        finished = sorted((e for e in all_events if e["event"] == "recovery_finished" and e["ts"] >= t0
-                           and e.get("stage") == kill["stage"]), key=lambda e: e["ts"])
-        row: dict[str, Any] = {"stage": kill["stage"], "killed_at_step": kill["killed_at_step"],
-                               "detect_s": round(min(detected) - t0, 3) if detected else None,
-                               "rule": None, "rebuild_s": None, "serving_s": None, "steps_aborted": None}
-        if finished:
-            f = finished[0]
-            row.update(rule=f.get("rule"), how=f.get("how"), rebuild_s=f.get("duration_s"),
-                       fetch_s=f.get("fetch_s"), generation=f.get("generation"))
-            served = [e for e in steps if e["ts"] >= f["ts"]]
-            if served:
-                row["serving_s"] = round(served[0]["ts"] - t0, 3)
-                row["steps_aborted"] = sum(1 for e in all_events if e["event"] == "step_aborted"
-                                           and t0 <= e["ts"] <= served[0]["ts"])
-                before = [e["loss"] for e in steps if e["ts"] < t0][-5:]
-                after = [e["loss"] for e in served[:5]]
-                row["loss_before"] = round(sum(before) / len(before), 4) if before else None
-                row["loss_after"] = round(sum(after) / len(after), 4) if after else None
-        out.append(row)
-    return out
-
-
-def _summary(options: DemoOptions, swarm: Swarm, started: float) -> dict[str, Any]:
-    all_events = []
-    for proc in swarm.procs:
-        for e in read_events(proc.events_path):
-            all_events.append({**e, "node": proc.name})
-    steps = sorted((e for e in all_events if e["event"] == "step"), key=lambda e: e["ts"])
-    vals = [e["val_loss"] for e in steps if e.get("val_loss") is not None]
-    timed = steps[1:] if len(steps) > 1 else steps
-    tokens_per_s = None
-    if len(timed) >= 2:
-        per_step = (timed[-1]["time"] - timed[0]["time"]) / (len(timed) - 1)
-        tokens = options.microbatches * options.microbatch_size * PRESETS[options.preset_name].seq_len
-        tokens_per_s = tokens / per_step if per_step > 0 else None
-    return {
-        "steps_completed": steps[-1]["step"] if steps else 0,
-        "loss_first": steps[0]["loss"] if steps else None,
-        "loss_last": steps[-1]["loss"] if steps else None,
-        "val_loss_first": vals[0] if vals else None,
-        "val_loss_last": vals[-1] if vals else None,
-        "tokens_per_s": tokens_per_s,
-        "wall_s": round(time.time() - started, 1),
-        "recoveries": _recoveries(swarm, all_events),
-        "steps": [{k: e.get(k) for k in ("step", "loss", "val_loss")} for e in steps],
-        "kills": [dict(k) for k in swarm.kills],  # each --kill as done: stage, at_step, killed_at_step, ts, node
-        "events": sorted((e for e in all_events if e["event"] != "step"), key=lambda e: e["ts"]),
-    }

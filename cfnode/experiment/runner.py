@@ -309,7 +309,7 @@ def replayed_levels(schedules: Sequence[FailureSchedule]) -> list[FailureLevel]:
 
 
 def _collect_events(workdir: str) -> list[dict[str, Any]]:
-    from cfnode.demo import read_events
+    from cfnode.localswarm import read_events
 
     out = []
     for path in sorted(glob.glob(os.path.join(workdir, "*.events.jsonl"))):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -81,9 +81,9 @@ class StepCommit:
         peers = dict(self.paths.participants)
         calls = [(idx, peer) for idx, members in peers.items() for peer in members]
         own = asyncio.ensure_future(host.compute(worker.prepare, key, self.cfg.train.num_microbatches))
-        results = await asyncio.gather(*(host.client.commit(peer, self._prepare_meta(key, idx, peer),
-                                                            timeout_s=self._prepare_timeout(idx))
-                                         for idx, peer in calls), return_exceptions=True)
+        results = await _until_one_unreachable([host.client.commit(peer, self._prepare_meta(key, idx, peer),
+                                                                   timeout_s=self._prepare_timeout(idx))
+                                                for idx, peer in calls])
         nonfinite: list[int] = []
         try:
             await own
@@ -93,6 +93,8 @@ class StepCommit:
         digests: dict[int, set[str]] = {}
         failure: BaseException | None = None
         for (idx, peer), result in zip(calls, results, strict=True):
+            if result is None:  # not awaited: another member was unreachable
+                continue
             if isinstance(result, RejectedError) and result.reason == "nonfinite_grad":
                 if idx not in nonfinite:
                     nonfinite.append(idx)
@@ -204,3 +206,19 @@ class StepCommit:
             return
         self.host.events.emit("checkpoint_complete", step=step)
 
+
+
+async def _until_one_unreachable(calls: list[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """Every call's result or exception, like `gather(return_exceptions=True)`, but as soon as one member is
+    unreachable the calls still running are cancelled (None): the members of its group would otherwise wait out
+    their all-reduce's timeout for it, and the attempt aborts anyway."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if any(not t.cancelled() and isinstance(t.exception(), PeerUnavailableError) for t in done):
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            break
+    return [None if t.cancelled() else (t.exception() or t.result()) for t in tasks]

@@ -11,12 +11,14 @@ import sys
 import psutil
 import pytest
 
-from cfnode.demo import read_events
+from cfnode.localswarm import read_events
 from tests.support.swarm import wait_until
 
 pytestmark = pytest.mark.loopback
 TINY = ["--preset", "tiny", "--stages", "2", "--heartbeat-period", "0.5", "--heartbeat-ttl", "3",
         "--microbatch-size", "4", "--val-every", "5"]
+TINY_FLAGS = TINY[4:]  # TINY without --preset tiny --stages 2: the group tests name their own
+REBUILDS = ("recovery_started", "recovery_finished")
 
 
 def _procs_of(workdir: str) -> list[psutil.Process]:
@@ -70,3 +72,63 @@ def test_demo_exits_5_when_stage0_dies(tmp_path) -> None:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
             demo.wait()
+
+
+def _run_demo(tmp_path, *args: str, timeout_s: float) -> dict:
+    """Run `cfnode demo` to the end (stderr to a file: the demo never blocks on a full pipe); its summary, after
+    checking that it exited 0 and left no process behind."""
+    workdir, summary_path = str(tmp_path / "demo"), str(tmp_path / "summary.json")
+    with open(tmp_path / "demo.stderr", "wb") as stderr:
+        code = subprocess.run([sys.executable, "-m", "cfnode", "demo", *TINY_FLAGS, *args, "--workdir", workdir,
+                               "--json-summary", summary_path], stdout=subprocess.DEVNULL, stderr=stderr,
+                              stdin=subprocess.DEVNULL, timeout=timeout_s).returncode
+    assert code == 0, (tmp_path / "demo.stderr").read_text(errors="replace")[-3000:]
+    assert not _procs_of(workdir), "the demo must stop every process it started"
+    return json.load(open(summary_path, encoding="utf-8"))
+
+
+@pytest.mark.parametrize("args", [("--kill-group", "1@x"), ("--kill-group", "3@5"), ("--replicas", "0"),
+                                  ("--kill-group", "1@5", "--spares", "0")])
+def test_demo_group_flags_are_checked_before_anything_starts(args: tuple[str, ...]) -> None:
+    out = subprocess.run([sys.executable, "-m", "cfnode", "demo", "--preset", "tiny", "--stages", "2", *args],
+                         capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and args[0] in errors[0], out.stderr  # one line naming the flag
+    assert "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.slow  # ~50-150 s on 2 cores: 7 processes
+@pytest.mark.timeout(400)
+def test_demo_kill_of_one_group_member_is_a_member_loss_without_a_rebuild(tmp_path) -> None:
+    summary = _run_demo(tmp_path, "--preset", "tiny", "--stages", "2", "--replicas", "2", "--steps", "20",
+                           "--kill", "1@6", timeout_s=360)
+    assert summary["steps_completed"] == 20
+    assert summary["replicas"] == 2
+    [rec] = summary["recoveries"]
+    assert (rec["stage"], rec["loss"], rec["rebuilt"], rec["how"], rec["kind"]) == (
+        1, "member", False, "routed-around", "member-loss"), rec
+    assert rec["members_before"] == 2 and rec["members_killed"] == 1 and rec["killed_at_step"] >= 6, rec
+    assert rec["serving_s"] is not None and rec["serving_s"] >= 0, rec
+    assert rec["rule"] is None and rec["rebuild_s"] is None, rec
+    assert not [e for e in summary["events"] if e["event"] in REBUILDS], "a member loss is not a rebuild"
+    # the extra members joined their groups by exact copy, reported as such
+    joins = summary["joins"]
+    assert {j["stage"] for j in joins} >= {1, 2}, joins
+    assert all((j["how"], j["kind"]) == ("joined", "exact-copy") for j in joins), joins
+
+
+@pytest.mark.slow  # ~2-3 min on 2 cores: 9 processes
+@pytest.mark.timeout(600)
+def test_demo_kill_group_rebuilds_the_stage_with_checkfree(tmp_path) -> None:
+    # 3 stages: stage 2 has transformer neighbours on both sides, so CheckFree averages them (grad-avg); a
+    # rebuilt stage 1 would be a copy of stage 2 (stage 0 is no donor)
+    summary = _run_demo(tmp_path, "--preset", "tiny", "--stages", "3", "--replicas", "2", "--steps", "40",
+                           "--kill-group", "2@5", timeout_s=540)
+    assert summary["steps_completed"] == 40
+    [rec] = summary["recoveries"]
+    assert (rec["stage"], rec["loss"], rec["rebuilt"], rec["how"], rec["rule"]) == (
+        2, "stage", True, "grad-avg", "grad-avg"), rec
+    assert rec["members_before"] == 2 and sorted(rec["nodes"]) == ["stage2", "stage2m1"], rec
+    assert rec["rebuilt_by"] == "spare0" and rec["generation"] == 2 and rec["serving_s"] is not None, rec
+    assert all(j["how"] == "joined" for j in rec["joins"]), rec

@@ -124,7 +124,7 @@ def test_a_whole_group_killed_is_rebuilt_by_checkfree_from_the_neighbouring_grou
     # claimed on that report (its claim follows the report)
     reported = [e for e in h.events(head["proc"], "group_lost") if e["stage"] == 2]
     assert reported and reported[0]["generation"] == 1 and len(reported[0]["members"]) == 2, reported
-    claimed = [e for e in h.events(spare, "claimed") if e["stage"] == 2][0]
+    claimed = next(e for e in h.events(spare, "claimed") if e["stage"] == 2)
     assert claimed["ts"] >= reported[0]["ts"]
     after = next(e for e in steps() if e["step"] == killed_at + 1)
     last_before = next(e for e in steps() if e["step"] == killed_at)

@@ -25,7 +25,7 @@ import urllib.request
 import psutil
 import pytest
 
-from cfnode.demo import Proc, _die_with_parent
+from cfnode.localswarm import Proc, _die_with_parent
 from tests.support.swarm import Harness, kill_group, run_cli, tail, wait_until
 
 pytestmark = [pytest.mark.loopback, pytest.mark.fault]

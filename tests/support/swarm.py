@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from cfnode.demo import JOIN_LINE, Proc, Swarm, read_events, wait_for_line
+from cfnode.localswarm import JOIN_LINE, Proc, Swarm, read_events, wait_for_line
 
 T = TypeVar("T")
 

@@ -187,3 +187,31 @@ def test_stage_0_reporting_a_group_lost_empties_its_stage_before_the_records_exp
     assert [p.peer_id for p in without_confirmed_lost(view({0: (head(((2, 1),)),), **rebuilt})).group(2)] == ["N"]
     bad = StageRecord.from_wire({"state": "ONLINE", "lost": [[1]], "version": 2})
     assert bad is None
+
+
+def test_a_prepare_round_stops_waiting_once_a_member_is_unreachable() -> None:
+    import asyncio
+
+    from cfnode.errors import PeerUnavailableError
+    from cfnode.train.commit import _until_one_unreachable
+
+    async def ok() -> dict:
+        return {"grad_norm": 1.0}
+
+    async def dead() -> dict:
+        raise PeerUnavailableError("gone")
+
+    async def stuck() -> dict:  # a sibling waiting for the dead member in its all-reduce
+        await asyncio.Event().wait()
+        return {}
+
+    async def main() -> list:
+        return await _until_one_unreachable([ok(), stuck(), dead()])
+
+    first, second, third = asyncio.run(main())
+    assert first == {"grad_norm": 1.0} and second is None and isinstance(third, PeerUnavailableError)
+
+    async def all_fine() -> list:
+        return await _until_one_unreachable([ok(), ok()])
+
+    assert asyncio.run(all_fine()) == [{"grad_norm": 1.0}] * 2
