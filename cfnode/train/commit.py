@@ -214,11 +214,13 @@ async def _until_one_unreachable(calls: list[Coroutine[Any, Any, Any]]) -> list[
     their all-reduce's timeout for it, and the attempt aborts anyway."""
     tasks = [asyncio.ensure_future(c) for c in calls]
     pending = set(tasks)
-    while pending:
-        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-        if any(not t.cancelled() and isinstance(t.exception(), PeerUnavailableError) for t in done):
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            break
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(not t.cancelled() and isinstance(t.exception(), PeerUnavailableError) for t in done):
+                break
+    finally:  # also when the driver itself is cancelled: no call outlives the round, every error is retrieved
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return [None if t.cancelled() else (t.exception() or t.result()) for t in tasks]
