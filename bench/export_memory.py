@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import psutil
 
 from cfnode.config import preset
-from cfnode.demo import JOIN_LINE, Swarm, read_events, wait_for_line
 from cfnode.export import ExportOptions, export_peer_id, export_swarm, stage_bytes
+from cfnode.localswarm import JOIN_LINE, Swarm, read_events, wait_for_line
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from typing import Any
 
-from cfnode.demo import read_events
+from cfnode.localswarm import read_events
 
 SCENARIOS: dict[str, tuple[str, list[int]]] = {
     "reference": ("checkfree", []),

@@ -45,8 +45,8 @@ import torch
 from revision import git_revision  # bench/revision.py (bench/ is on sys.path when a script runs)
 
 from cfnode.config import NetworkConfig, preset
-from cfnode.demo import JOIN_LINE, Swarm, read_events, wait_for_line
 from cfnode.errors import RejectedError
+from cfnode.localswarm import JOIN_LINE, Swarm, read_events, wait_for_line
 from cfnode.model.stages import build_stage, stage_param_count
 from cfnode.recovery.checkfree import Neighbour, check_compatible, rebuild, weighted_average
 from cfnode.train.worker import StageWorker

@@ -45,7 +45,7 @@ from revision import git_revision  # bench/revision.py (bench/ is on sys.path wh
 from torch import nn
 
 from cfnode.config import ModelConfig, TrainConfig, preset
-from cfnode.demo import JOIN_LINE, Proc, Swarm, read_events, wait_for_line
+from cfnode.localswarm import JOIN_LINE, Proc, Swarm, read_events, wait_for_line
 from cfnode.model.data import TokenData, batch_for_step, load_corpus
 from cfnode.model.stages import HeadStage, build_stage
 from cfnode.model.tokenizer import load_tokenizer
