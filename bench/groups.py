@@ -100,6 +100,7 @@ from typing import Any
 import hivemind
 import psutil
 import torch
+from machine import system_busy_s, wait_until_quiet  # bench/machine.py
 from prometheus_client.parser import text_string_to_metric_families
 from revision import git_revision  # bench/revision.py (bench/ is on sys.path when a script runs)
 
@@ -118,17 +119,6 @@ Metrics = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores of the machine have spent busy since boot (/proc/stat, hypervisor steal included)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def cfnode_join_processes() -> list[str]:
@@ -774,17 +764,6 @@ def print_table(cfg: ModelConfig, calib: dict[str, Any], runs: list[dict[str, An
         print("  break-even all-reduce time: " + (f"{be * 1000:.1f} ms (K={K} is faster when averaging takes less)"
                                                   if be is not None else f"none (K={K} is not faster even with a free "
                                                   "all-reduce)"))
-
-
-def wait_until_quiet(max_wait_s: float, threshold_cores: float = 0.3, window_s: float = 20.0) -> float:
-    """Wait (at most `max_wait_s`) until the machine was nearly idle for `window_s`; returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < max_wait_s:
-        before = system_busy_s()
-        time.sleep(window_s)
-        if (system_busy_s() - before) / window_s < threshold_cores:
-            break
-    return time.monotonic() - started
 
 
 def wait_for_ci_lock(path: str = "/tmp/cfnode_ci.lock") -> None:

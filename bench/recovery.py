@@ -42,6 +42,7 @@ import traceback
 from typing import Any
 
 import torch
+from machine import system_busy_s  # bench/machine.py
 from revision import git_revision  # bench/revision.py (bench/ is on sys.path when a script runs)
 
 from cfnode.config import NetworkConfig, preset
@@ -64,17 +65,6 @@ DETECTION_EVENTS = ("neighbour_unreachable", "neighbour_lost", "step_aborted", "
 
 def load1() -> float:
     return round(os.getloadavg()[0], 2)
-
-
-def system_busy_s() -> float:
-    """CPU seconds all cores have spent busy since boot (/proc/stat, hypervisor steal included; 0 elsewhere)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 class Load:

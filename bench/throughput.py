@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from machine import system_busy_s, wait_until_quiet  # bench/machine.py
 from revision import git_revision  # bench/revision.py (bench/ is on sys.path when a script runs)
 from torch import nn
 
@@ -83,17 +84,6 @@ def set_rates(result: Result, end_times: list[float], warmup: int, tokens: int) 
     result.extra["median_tokens_per_s"] = round(tokens / median, 1)
 
 
-def system_busy_s() -> float:
-    """CPU seconds all cores of the machine have spent busy since boot (/proc/stat; 0 where unavailable)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as f:
-            fields = [int(x) for x in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return 0.0
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields  # steal: taken by the hypervisor
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 def load_summary(ours_cores: float, busy_before: float, busy_after: float, window_s: float) -> dict[str, float]:
     """Cores busy over the timed window: ours, and everything else on the machine (noise from other jobs)."""
     machine = (busy_after - busy_before) / window_s
@@ -106,17 +96,6 @@ def add_cpu_efficiency(result: Result) -> None:
     cores = result.extra.get("cores_busy")
     if result.tokens_per_s and cores:
         result.extra["tokens_per_cpu_s"] = round(result.tokens_per_s / cores, 1)
-
-
-def wait_until_quiet(max_wait_s: float, threshold_cores: float = 0.3, window_s: float = 20.0) -> float:
-    """Wait (at most `max_wait_s`) until the machine was nearly idle for `window_s`; returns the seconds waited."""
-    started = time.monotonic()
-    while time.monotonic() - started < max_wait_s:
-        before = system_busy_s()
-        time.sleep(window_s)
-        if (system_busy_s() - before) / window_s < threshold_cores:
-            break
-    return time.monotonic() - started
 
 
 
