@@ -186,11 +186,19 @@ class StageWorker:
         or ValueError (not the active attempt, or backward passes missing). Nothing is applied yet."""
         if self.prepared is not None and self.prepared[0] == key:
             return self.prepared[1], self.prepared[2]
+        self._check_complete(key, num_microbatches)
+        return self._clip(key, [p for p in self.module.parameters() if p.grad is not None])
+
+    def _check_complete(self, key: AttemptKey, num_microbatches: int) -> None:
+        """The attempt is the active one and all its backward passes through this stage are in (ValueError)."""
         if not self.accepts(key):
             raise ValueError(f"commit of {tuple(key)} but the active attempt is {self.active}")
         if self.backward_done != num_microbatches:
             raise ValueError(f"commit of {tuple(key)} after {self.backward_done}/{num_microbatches} backward passes")
-        params = [p for p in self.module.parameters() if p.grad is not None]
+
+    def _clip(self, key: AttemptKey, params: list[nn.Parameter]) -> tuple[float, float]:
+        """Clip `params`' gradients and record the attempt as prepared with (post-clip, raw) norms; a non-finite
+        norm drops the gradient and raises NonFiniteGradient."""
         raw = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
         if not math.isfinite(raw):
             self.module.zero_grad(set_to_none=True)
@@ -206,10 +214,7 @@ class StageWorker:
         """This member's summed gradient of the attempt, divided by the microbatches it processed, as one float64
         vector in parameter order (zeros where it had none): what the group averages, weighted by those
         microbatches. Raises ValueError like `prepare`."""
-        if not self.accepts(key):
-            raise ValueError(f"commit of {tuple(key)} but the active attempt is {self.active}")
-        if self.backward_done != num_microbatches:
-            raise ValueError(f"commit of {tuple(key)} after {self.backward_done}/{num_microbatches} backward passes")
+        self._check_complete(key, num_microbatches)
         parts = [p.grad.reshape(-1).double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
                  for p in self.module.parameters()]
         vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
@@ -229,13 +234,7 @@ class StageWorker:
             p.grad = total[offset:offset + n].to(p.dtype).reshape(p.shape)
             offset += n
         params = list(self.module.parameters())
-        raw = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
-        if not math.isfinite(raw):
-            self.module.zero_grad(set_to_none=True)
-            self.backward_done = 0
-            raise NonFiniteGradient(f"non-finite gradient norm at step {key.step}")
-        post = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
-        self.prepared = (key, post, raw)
+        post, raw = self._clip(key, params)
         self.prepared_digest = gradient_digest(params)
         return post, raw, self.prepared_digest
 
