@@ -75,9 +75,10 @@ class Admissions:
             peer_id, stage, fut = self._pending.pop(0)
             if fut.done():  # the newcomer gave up (its RPC timed out)
                 continue
-            await self.host.refresh_view()
-            why = self._refusal(peer_id, stage, self.host.view.group(stage)[0].record.generation
-                                if self.host.view.group(stage) else -1)
+            view = await self.host.refresh_view()
+            group = view.group(stage)
+            generation = group[0].record.generation if group else -1  # the group may have been rebuilt meanwhile
+            why = self._refusal(peer_id, stage, generation)
             members = self.host.routes.members(stage)
             if why is None and not members:
                 why = f"stage {stage} has no live member to copy"
@@ -85,7 +86,6 @@ class Admissions:
                 fut.set_exception(InvalidPayload("admission", why))
                 continue
             source = members[0][0]
-            generation = self.host.view.group(stage)[0].record.generation
             fut.set_result({"step": step, "source": source, "generation": generation})
             await self._hold_until_joined(peer_id, stage, step, source)
 
