@@ -39,7 +39,13 @@ from cfnode.node.hops import HopHandling
 from cfnode.node.routes import RouteTable
 from cfnode.node.watch import Watch
 from cfnode.recovery import copies
-from cfnode.train.averaging import AveragingError, GroupAverager, HivemindAverager, averaging_prefix
+from cfnode.train.averaging import (
+    AveragerFactory,
+    AveragingError,
+    GroupAverager,
+    HivemindAverager,
+    averaging_prefix,
+)
 from cfnode.train.schedule import AttemptKey
 from cfnode.train.worker import StageWorker
 
@@ -49,10 +55,12 @@ T = TypeVar("T")
 
 class Node(HopHandling):
     """`swarm` is the DHT (net/dht.py `SwarmDHT`), `network` the RPC transport (net/network.py `P2PNetwork`);
-    the protocol harness passes in-memory ones, a virtual `clock`, a seeded `rng` and an inline `executor`."""
+    the protocol harness passes in-memory ones, a virtual `clock`, a seeded `rng`, an inline `executor` and an
+    in-memory all-reduce (`averagers`; default: hivemind's, over the swarm's DHT)."""
 
     def __init__(self, config: NodeConfig, swarm: SwarmStore, network: Network, *, clock: Clock = SYSTEM_CLOCK,
                  rng: random.Random | None = None, executor: Executor | None = None,
+                 averagers: AveragerFactory | None = None,
                  on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.config = config
         self.run_id = config.run_id
@@ -93,6 +101,8 @@ class Node(HopHandling):
         self.stopped = asyncio.Event()
         self.stage_lost = asyncio.Event()
         self._averager: tuple[int, GroupAverager] | None = None
+        dht = getattr(swarm, "dht", None)
+        self._averagers = averagers or (HivemindAverager.over(dht) if dht is not None else None)
 
     # -- helpers -----------------------------------------------------------------------------------------
 
@@ -292,13 +302,12 @@ class Node(HopHandling):
         if self._averager is not None and self._averager[0] == self.stage:
             return self._averager[1]
         self.close_averager()
-        dht = getattr(self.swarm, "dht", None)
         worker = self.worker
-        if dht is None or worker is None or self.stage is None:
-            raise AveragingError("this node cannot average: no hivemind DHT or no stage")
-        averager = HivemindAverager(dht, prefix=averaging_prefix(self.run_id, self.stage),
-                                    size=worker.num_parameters, timeout_s=self.config.group.averaging_timeout_s,
-                                    matchmaking_s=self.config.group.matchmaking_s, own_peer=self.peer_id)
+        if self._averagers is None or worker is None or self.stage is None:
+            raise AveragingError("this node cannot average: no all-reduce (hivemind DHT) or no stage")
+        averager = self._averagers(prefix=averaging_prefix(self.run_id, self.stage), size=worker.num_parameters,
+                                   timeout_s=self.config.group.averaging_timeout_s,
+                                   matchmaking_s=self.config.group.matchmaking_s, own_peer=self.peer_id)
         self._averager = (self.stage, averager)
         return averager
 

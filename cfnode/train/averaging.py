@@ -41,6 +41,14 @@ class GroupAverager(Protocol):
     def close(self) -> None: ...
 
 
+class AveragerFactory(Protocol):
+    """Makes a stage's all-reduce: `HivemindAverager.over(dht)` on a real node, an in-memory one in the protocol
+    harness (cfnode/testing/)."""
+
+    def __call__(self, *, prefix: str, size: int, timeout_s: float, matchmaking_s: float,
+                 own_peer: str) -> GroupAverager: ...
+
+
 def averaging_prefix(run_id: str, stage_idx: int) -> str:
     """hivemind's averaging key prefix of a stage's group in a run (no dots allowed)."""
     return "cfnode_" + re.sub(r"[^A-Za-z0-9_-]", "_", run_id) + f"_stage{stage_idx}"
@@ -79,6 +87,16 @@ class HivemindAverager:
         self.timeout_s, self.matchmaking_s, self.own_peer = timeout_s, matchmaking_s, own_peer
         self._by_size: dict[int, Any] = {}
         self._lock = asyncio.Lock()
+
+    @classmethod
+    def over(cls, dht: Any) -> AveragerFactory:
+        """The factory of a node whose swarm runs over `dht` (a hivemind.DHT)."""
+
+        def make(*, prefix: str, size: int, timeout_s: float, matchmaking_s: float, own_peer: str) -> GroupAverager:
+            return cls(dht, prefix=prefix, size=size, timeout_s=timeout_s, matchmaking_s=matchmaking_s,
+                       own_peer=own_peer)
+
+        return make
 
     async def _averager(self, group_size: int) -> Any:
         async with self._lock:
