@@ -142,7 +142,9 @@ class Starter:
         wait_for_event(head, "claimed", 180)
         for _ in range(spares):
             self.spare()
-        for proc in [head, *members]:
+        wait_for_event(head, "online", 180)
+        members += [self.member(0) for _ in range(self.replicas - 1)]  # hot copies of the driver
+        for proc in members:
             wait_for_event(proc, "online", 180)
 
 
@@ -293,7 +295,7 @@ def victims(kill: Kill, held: dict[int, list[Proc]], nodes: list[Proc], replicas
     members = held.get(kill.stage, [])
     if not members:
         return []
-    if replicas == 1 or kill.stage == 0:  # one holder: --kill-group is --kill
+    if replicas == 1:  # one holder: --kill-group is --kill
         return [members[-1]]
     if kill.whole_group:
         if not _standby(nodes):
@@ -357,7 +359,7 @@ def _replace(kill: dict[str, Any], nodes: list[Proc], starter: Starter) -> None:
     if any(e["event"] == "recovery_finished" for e in after):
         kill["respawned"] = True
         starter.spare()
-        if starter.replicas > 1 and kill["stage"] != 0:
+        if starter.replicas > 1:
             for _ in range(kill["members_before"] - 1):
                 starter.member(kill["stage"])
 
@@ -370,8 +372,8 @@ def _follow(options: DemoOptions, swarm: Swarm, starter: Starter) -> int:
         while True:
             nodes = [p for p in swarm.procs if p.events_path]
             held = groups(nodes)
-            head = held[0][-1] if held.get(0) else None
-            events = read_events(head.events_path) if head else []
+            head = held[0][0] if held.get(0) else None
+            events = _stage0_events(held.get(0, []))
             _show_steps(bar, progress, [e for e in events if e["event"] == "step"], held, nodes, options)
             while pending and progress.last_step >= pending[0].step:
                 targets = victims(pending[0], held, nodes, options.replicas)
@@ -379,7 +381,7 @@ def _follow(options: DemoOptions, swarm: Swarm, starter: Starter) -> int:
                     break
                 kill = pending.pop(0)
                 _do_kill(swarm, kill, targets, len(held.get(kill.stage, [])), progress.last_step,
-                         member_loss=options.replicas > 1 and kill.stage != 0 and not kill.whole_group)
+                         member_loss=options.replicas > 1 and not kill.whole_group)
                 held = groups(nodes)
             for kill in swarm.kills:
                 if not kill["respawned"]:
@@ -401,12 +403,18 @@ def _warn_not_done(pending: list[Kill], replicas: int, last_step: int) -> None:
         flag = "--kill-group" if kill.whole_group else "--kill"
         if kill.step > last_step:
             why = f"training ended at step {last_step}"
-        elif replicas > 1 and kill.stage != 0:
+        elif replicas > 1:
             why = ("no spare waited as STANDBY to rebuild the stage" if kill.whole_group
                    else "the stage's group never had a second member again")
         else:
             why = "nobody held the stage"
         logger.warning("%s %d@%d was not done: %s", flag, kill.stage, kill.step, why)
+
+
+def _stage0_events(members: list[Proc]) -> list[dict[str, Any]]:
+    """What stage 0's driver reported, whichever member of its group drives (a follower takes over when the lead
+    dies, and goes on from the step it holds): every member's events, in time order."""
+    return sorted((e for p in members for e in read_events(p.events_path)), key=lambda e: e["ts"])
 
 
 def _unrecoverable_reported(nodes: list[Proc], since: float) -> bool:

@@ -42,11 +42,19 @@ def _kill_row(kill: dict[str, Any], window: list[dict[str, Any]]) -> dict[str, A
     return {"stage": kill["stage"], "killed_at_step": kill["killed_at_step"], "nodes": nodes,
             "loss": "member" if member_loss else "stage", "members_before": kill.get("members_before", 1),
             "members_killed": len(nodes), "rebuilt": False, "rebuilt_by": None,
-            "rule": None, "how": "routed-around" if member_loss else None,
+            "rule": None, "how": _member_loss_how(kill, window) if member_loss else None,
             "kind": "member-loss" if member_loss else None,
             "detect_s": round(min(detected) - t0, 3) if detected else None, "rebuild_s": None,
             "serving_s": None, "steps_aborted": None,
             "joins": [join_row(e) for e in window if e["event"] == "joined_group" and e.get("stage") == kill["stage"]]}
+
+
+def _member_loss_how(kill: dict[str, Any], window: list[dict[str, Any]]) -> str:
+    """A member of a group was lost: the others carried on ("routed-around"); for stage 0's lead, a follower
+    took over driving ("takeover")."""
+    if kill["stage"] == 0 and any(e["event"] == "stage0_takeover" for e in window):
+        return "takeover"
+    return "routed-around"
 
 
 def _serving(steps: list[dict[str, Any]], all_events: list[dict[str, Any]], t0: float,

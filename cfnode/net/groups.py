@@ -19,12 +19,14 @@ def group_throughput(members: tuple[PeerRecord, ...]) -> float:
 
 
 def group_to_join(view: SwarmView, num_stages: int, replicas: int, wanted: int | None = None) -> int | None:
-    """The live transformer-stage group a newcomer joins when no stage is empty (Petals' rule: the one with the
-    least measured throughput; then the smaller group, then the lower index), or None when every group has
-    `replicas` members (or `wanted`'s group is full or empty). Stage 0 is held by one peer: the driver."""
+    """The live group a newcomer joins when no stage is empty, or None when every group has `replicas` members
+    (or `wanted`'s group is full or empty). Among the transformer stages Petals' rule: the group with the least
+    measured throughput, then the smaller group, then the lower index. Stage 0's group only when every
+    transformer group is full (or `wanted` is 0): its lead runs the whole of stage 0's work, so another member
+    of it adds no throughput, only a hot copy of the driver."""
     if replicas <= 1:
         return None
-    candidates = range(1, num_stages + 1) if wanted is None else ([wanted] if wanted > 0 else [])
+    candidates = range(1, num_stages + 1) if wanted is None else [wanted]
     best: tuple[float, int, int] | None = None
     for idx in candidates:
         members = view.group(idx)
@@ -33,6 +35,8 @@ def group_to_join(view: SwarmView, num_stages: int, replicas: int, wanted: int |
         key = (group_throughput(members), len(members), idx)
         if best is None or key < best:
             best = key
+    if best is None and wanted is None and 1 <= len(view.group(0)) < replicas:
+        return 0
     return None if best is None else best[2]
 
 

@@ -233,24 +233,25 @@ class SwarmView:
         return self.stages.get(stage_idx, ())
 
     def online_owner(self, stage_idx: int) -> PeerRecord | None:
-        """The ONLINE owner of a stage (its group's lead): highest generation wins, then the smallest peer id."""
-        online = [p for p in self.members(stage_idx) if p.record.state is StageState.ONLINE]
-        if not online:
-            return None
-        return min(online, key=lambda p: (-p.record.generation, p.peer_id))
+        """The ONLINE owner of a stage: its group's lead (`group`), with one peer per stage the holder at the
+        highest generation (two that raced: the smaller peer id)."""
+        group = self.group(stage_idx)
+        return group[0] if group else None
 
     def group(self, stage_idx: int) -> tuple[PeerRecord, ...]:
-        """The stage's group, by peer id: its ONLINE members at the highest ONLINE generation that joined by
+        """The stage's group, lead first: its ONLINE members at the highest ONLINE generation that joined by
         exact copy, and of those that founded it (built or rebuilt the stage) only the one whose id sorts first,
-        the others step down (net/groups.py). With one peer per stage it is the owner alone."""
+        the others step down (net/groups.py). The founder leads (for stage 0: drives); without one, the joiner
+        whose id sorts first (it becomes the founder: node/process.py). With one peer per stage it is the owner
+        alone."""
         online = [p for p in self.members(stage_idx) if p.record.state is StageState.ONLINE]
         if not online:
             return ()
         top = max(p.record.generation for p in online)
         at_top = [p for p in online if p.record.generation == top]
         founders = sorted((p for p in at_top if not p.record.joined_from), key=lambda p: p.peer_id)
-        members = [p for p in at_top if p.record.joined_from] + founders[:1]
-        return tuple(sorted(members, key=lambda p: p.peer_id))
+        joiners = sorted((p for p in at_top if p.record.joined_from), key=lambda p: p.peer_id)
+        return tuple(founders[:1] + joiners)
 
     def max_generation(self, stage_idx: int) -> int:
         return max((p.record.generation for p in self.members(stage_idx)), default=0)

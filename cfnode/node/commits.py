@@ -29,8 +29,12 @@ class CommitHost(copies.CopyHost, Protocol):
     """What the commit handler needs from the node besides what copies need."""
 
     peer_id: str
+    driving: bool
+    """Stage 0's lead: it commits its own stage (train/commit.py); a follower of stage 0's group is committed
+    like any member."""
 
     def after_commit(self, norm: float, raw: float) -> None: ...
+    def note_commit_norms(self, norms: dict[int, tuple[int, float, float]]) -> None: ...
     def fence(self) -> None: ...
     def group_averager(self) -> GroupAverager: ...
     def spawn(self, coro: Awaitable[Any], name: str) -> asyncio.Task[Any]: ...
@@ -51,8 +55,8 @@ class CommitHandler:
         with the same result, so stage 0 retries until every stage confirmed."""
         host = self.host
         worker = host.worker
-        if worker is None or host.stage in (None, 0):
-            raise InvalidPayload("not_ready", "no stage to commit")
+        if worker is None or host.stage is None or host.driving:
+            raise InvalidPayload("not_ready", "no stage to commit" if not host.driving else "this is the driver")
         key = AttemptKey(meta["step"], meta["attempt"])
         num_mb = host.config.train.num_microbatches
         if meta["num_mb"] != num_mb:
@@ -65,7 +69,7 @@ class CommitHandler:
                     norm, raw = await host.compute(worker.prepare, key, samples)
                     digest = ""
                 else:
-                    norm, raw, digest = await self._prepare_in_group(worker, key, group, samples, rounds)
+                    norm, raw, digest = await self.prepare_in_group(key, group, samples, rounds)
             except NonFiniteGradient as e:
                 raise InvalidPayload("nonfinite_grad", str(e)) from e
             except ValueError as e:
@@ -82,6 +86,8 @@ class CommitHandler:
         self._replies[key] = fut
         while len(self._replies) > REPLIES_KEPT:
             self._replies.pop(next(iter(self._replies)))
+        if host.stage == 0:
+            host.note_commit_norms(_commit_norms(meta.get("norms")))
         try:
             reply = await self._apply(worker, key, skip=bool(meta.get("skip", False)))
         except BaseException as e:
@@ -108,10 +114,13 @@ class CommitHandler:
             raise InvalidPayload("decode", f"commit samples must be 0..{num_mb} and rounds 1 or 2")
         return group, samples, rounds
 
-    async def _prepare_in_group(self, worker: StageWorker, key: AttemptKey, group: list[str], samples: int,
-                                rounds: int) -> tuple[float, float, str]:
+    async def prepare_in_group(self, key: AttemptKey, group: list[str], samples: int,
+                               rounds: int) -> tuple[float, float, str]:
         """Average the members' gradients (train/averaging.py), then clip and measure the group's gradient; a
-        retried prepare of the same attempt is answered from the first."""
+        retried prepare of the same attempt is answered from the first. Stage 0's lead calls it for its own
+        group (train/commit.py)."""
+        worker = self.host.worker
+        assert worker is not None
         pending = self._preparing.get(key)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -153,6 +162,8 @@ class CommitHandler:
             raise InvalidPayload("stale_step", str(e), holds=worker_holds(worker)) from e
         host.after_commit(worker.grad_norm, worker.grad_norm_raw)
         reply = {"grad_norm": norm, "grad_norm_raw": raw, "step": worker.step, "skipped": skip}
+        if host.stage == 0:  # a follower of stage 0's group: its lead pushes the copies and saves checkpoints
+            return reply
         if host.config.recovery.mode == "redundant" and not skip:  # the shadow on our predecessor follows
             state = await host.compute(worker.snapshot)
             await copies.push_copies(host, state, copies.replica_meta(
@@ -193,3 +204,16 @@ class CommitHandler:
             logger.info("could not confirm with stage 0 that this stage is behind: %s", e)
         finally:
             self._behind_check_running = False
+
+
+def _commit_norms(raw: Any) -> dict[int, tuple[int, float, float]]:
+    """The transformer stages' committed norms a stage-0 lead sends its followers with each apply ({"stage":
+    [steps, norm, raw]}), so that a follower that takes over weighs a rebuild's donors as the lead would have;
+    anything malformed is left out."""
+    out: dict[int, tuple[int, float, float]] = {}
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            if (isinstance(key, str) and key.isdigit() and isinstance(value, list) and len(value) == 3
+                    and type(value[0]) is int and all(isinstance(v, (int, float)) for v in value[1:])):
+                out[int(key)] = (value[0], float(value[1]), float(value[2]))
+    return out

@@ -25,7 +25,7 @@ import torch
 from cfnode.clock import SYSTEM_CLOCK, Clock
 from cfnode.config import PROTOCOL_VERSION, NodeConfig
 from cfnode.deadline import within
-from cfnode.errors import CfnodeError, InvalidPayload, PeerUnavailableError, RecoveryError, UnrecoverableError
+from cfnode.errors import CfnodeError, InvalidPayload, RecoveryError, UnrecoverableError
 from cfnode.logs import EventLog, set_log_context
 from cfnode.metrics import NodeMetrics
 from cfnode.net.client import StageClient
@@ -36,6 +36,7 @@ from cfnode.node import claim, join, rebuild
 from cfnode.node.announcer import Announcer
 from cfnode.node.commits import CommitHandler
 from cfnode.node.hops import HopHandling
+from cfnode.node.lead import Stage0Lead
 from cfnode.node.routes import RouteTable
 from cfnode.node.watch import Watch
 from cfnode.recovery import copies
@@ -91,11 +92,14 @@ class Node(HopHandling):
                                  own=self._own_peer_record)
         self.client: StageClient | None = None
         self.driver: Any = None
+        self.driving = False
+        """Stage 0: this node's driver runs (the lead of stage 0's group; a follower waits to take over)."""
         self.metrics_port: int | None = None
         self.announcer = Announcer(swarm, clock, config.heartbeat, self.metrics, seat=self,
                                    store_meta=lambda: claim.store_meta(self))
         self.watch = Watch(self)
         self.commits = CommitHandler(self)
+        self.lead = Stage0Lead(self)
         self._tasks: dict[asyncio.Task[Any], None] = {}  # ordered: teardown cancels in a replayable order
         self._seen_hops: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self.stopped = asyncio.Event()
@@ -200,6 +204,7 @@ class Node(HopHandling):
         await self.watch.on_view(self.view)
         if self.driver is not None and self.stage == 0:
             self.driver.on_view(self.view)
+            self.lead.on_view()
 
     def set_state(self, state: StageState, *, stage: int | None) -> None:
         self.state, self.stage = state, stage
@@ -235,6 +240,14 @@ class Node(HopHandling):
     def check_step(self, worker: StageWorker, key: AttemptKey) -> None:
         self.commits.check_step(worker, key)
 
+    async def prepare_in_group(self, key: AttemptKey, group: list[str], samples: int,
+                               rounds: int) -> tuple[float, float, str]:
+        return await self.commits.prepare_in_group(key, group, samples, rounds)
+
+    def note_commit_norms(self, norms: dict[int, tuple[int, float, float]]) -> None:
+        if self.driver is not None:
+            self.driver.note_commit_norms(norms)
+
     def after_commit(self, norm: float, raw: float) -> None:
         w = self.worker
         assert w is not None
@@ -246,36 +259,10 @@ class Node(HopHandling):
         self.heartbeat_soon()
 
     async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None:
-        if self.stage != 0 or self.driver is None:
-            raise InvalidPayload("wrong_stage", "only stage 0 takes abort reports")
-        holds = meta.get("holds")
-        if isinstance(holds, list) and len(holds) == 2 and all(type(h) is int for h in holds):
-            self.driver.adopt((holds[0], holds[1]))
-        suspect = meta.get("suspect_stage")
-        suspect_peer = meta.get("suspect_peer") or None
-        if not isinstance(suspect_peer, str) or len(suspect_peer) > 128:
-            suspect_peer = None
-        if isinstance(suspect, int) and 0 < suspect <= self.config.model.num_stages:
-            if suspect_peer is None:
-                try:
-                    suspect_peer = self.route(suspect)
-                except PeerUnavailableError:
-                    suspect_peer = None
-        else:
-            suspect_peer = None
-        self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "reported",
-                                 f"stage {meta['from_stage']}: {meta['reason']}", suspect=suspect_peer)
+        await self.lead.accept_abort(meta)
 
     async def confirm_suspect(self, peer: str) -> bool:
-        """A peer could not reach `peer`: ping it ourselves; ban it if silent, so the driver routes around it (a
-        stage group's other members) or waits for the ring instead of retrying into a dead peer until its record
-        expires. True if it is dead."""
-        if await self.is_reachable(peer):
-            return False
-        self.ban(peer, "confirmed_dead")
-        stage = next((i for i, ps in self.view.stages.items() if any(p.peer_id == peer for p in ps)), -1)
-        self.events.emit("neighbour_unreachable", stage=stage, peer=peer[:12], confirmed_by="ping")
-        return True
+        return await self.lead.confirm_suspect(peer)
 
     async def weights_snapshot(self, replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """This stage's weights, or (`replica`) the stage-0 replica it holds, with the metadata a rebuild checks."""
@@ -374,9 +361,10 @@ class Node(HopHandling):
                         worker = await join.join_group(self, stage)
                     else:
                         worker = await rebuild.acquire_stage(self, stage)
-                        if stage == 0:
-                            self.driver = Driver(self)
-                            await self.driver.prepare()
+                    if stage == 0:  # the lead drives; a follower of stage 0's group is ready to take over
+                        self.driver = Driver(self)
+                        await self.driver.prepare()
+                    if not got.join:
                         await claim.confirm_claim(self, stage,  # the unique claimant
                                                   fresh_build=worker.step == self.config.train.start_step)
                 except Exception as e:  # noqa: BLE001 - RecoveryError, a rival claim, a DHT failure: retry
@@ -394,6 +382,7 @@ class Node(HopHandling):
                 self._seen_hops.clear()  # hop ids are only unique per stage
                 self.watch.reset()
                 self.stage_lost.clear()
+                self.lead.reset()
                 self.set_state(StageState.ONLINE, stage=stage)
                 try:
                     await self.announce()
@@ -450,10 +439,11 @@ class Node(HopHandling):
         fenced = asyncio.ensure_future(self.stage_lost.wait())
         waiters: list[asyncio.Future[Any]] = [fenced]  # a list: cancelled in a replayable order
         if self.driver is not None and self.stage == 0:
-            waiters.append(asyncio.ensure_future(self.driver.run()))
+            waiters.append(asyncio.ensure_future(self.lead.drive_once_leading()))
         try:
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            self.driving = False
             for w in waiters:
                 w.cancel()
         for w in waiters:

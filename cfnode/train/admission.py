@@ -46,8 +46,8 @@ class Admissions:
         cfg, view = self.host.config, self.host.view
         if cfg.group.replicas <= 1:
             return "this run holds one peer per stage (--replicas 1)"
-        if not 1 <= stage <= cfg.model.num_stages:
-            return f"stage {stage} has no group to join (stage 0 is held by the driver alone)"
+        if not 0 <= stage <= cfg.model.num_stages:
+            return f"stage {stage} is not a stage of this run (0..{cfg.model.num_stages})"
         group = view.group(stage)
         if not group:
             return f"stage {stage} has no live member to copy"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cfnode.errors import AttemptAborted, PeerUnavailableError, RejectedError
 from cfnode.recovery import copies, store
 from cfnode.recovery.replicas import replica_targets
+from cfnode.train.averaging import AveragingError
 from cfnode.train.worker import NonFiniteGradient
 
 if TYPE_CHECKING:
@@ -48,8 +49,12 @@ class Prepared:
 
 
 class CommitHost(copies.CopyHost, Protocol):
+    peer_id: str
+
     @property
     def view(self) -> SwarmView: ...
+    async def prepare_in_group(self, key: AttemptKey, group: list[str], samples: int,
+                               rounds: int) -> tuple[float, float, str]: ...
     async def refresh_view(self) -> SwarmView: ...
     def after_commit(self, norm: float, raw: float) -> None: ...
 
@@ -79,19 +84,28 @@ class StepCommit:
         host, worker = self.host, self.host.worker
         assert worker is not None and host.client is not None
         peers = dict(self.paths.participants)
-        calls = [(idx, peer) for idx, members in peers.items() for peer in members]
-        own = asyncio.ensure_future(host.compute(worker.prepare, key, self.cfg.train.num_microbatches))
+        calls = [(idx, peer) for idx, members in peers.items() for peer in members if peer != host.peer_id]
+        num_mb = self.cfg.train.num_microbatches
+        group0 = self.paths.group(0)
+        if len(group0) > 1:  # stage 0's group: the lead took every microbatch, its followers average with it
+            own = asyncio.ensure_future(host.prepare_in_group(key, group0, num_mb, self.rounds.get(0, 1)))
+        else:
+            own = asyncio.ensure_future(host.compute(worker.prepare, key, num_mb))
         results = await _until_one_unreachable([host.client.commit(peer, self._prepare_meta(key, idx, peer),
                                                                    timeout_s=self._prepare_timeout(idx))
                                                 for idx, peer in calls])
         nonfinite: list[int] = []
-        try:
-            await own
-        except NonFiniteGradient:
-            nonfinite.append(0)
         norms: dict[int, tuple[float, float]] = {}
         digests: dict[int, set[str]] = {}
         failure: BaseException | None = None
+        try:
+            mine = await own
+            if len(mine) == 3:
+                digests[0] = {mine[2]}
+        except NonFiniteGradient:
+            nonfinite.append(0)
+        except AveragingError as e:
+            failure = e
         for (idx, peer), result in zip(calls, results, strict=True):
             if result is None:  # not awaited: another member was unreachable
                 continue
@@ -150,8 +164,12 @@ class StepCommit:
             state = await host.compute(worker.snapshot)
             pushes = copies.push_copies(host, state, copies.replica_meta(
                 host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.leads)
-        calls = [(idx, peer) for idx, members in prepared.peers.items() for peer in members]
-        applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta) for idx, peer in calls))
+        calls = [(idx, peer) for idx, members in prepared.peers.items() for peer in members if peer != host.peer_id]
+        meta0 = meta  # stage 0's followers keep the norms too, to take over as the lead
+        if prepared.peers.get(0, ())[1:]:
+            meta0 = {**meta, "norms": {str(i): [key.step + 1, *n] for i, n in prepared.norms.items()}}
+        applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta0 if idx == 0 else meta)
+                                   for idx, peer in calls))
         if pushes is not None:
             results, _ = await asyncio.gather(applies, pushes)
         else:

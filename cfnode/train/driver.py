@@ -49,6 +49,7 @@ class DriverHost(copies.CopyHost, Protocol):
     """What the driver needs from stage 0's node besides what copies need: the view, hops and the clock."""
 
     clock: Clock
+    peer_id: str
     join_addr: str | None
     routes: RouteTable
 
@@ -60,6 +61,8 @@ class DriverHost(copies.CopyHost, Protocol):
     def after_commit(self, norm: float, raw: float) -> None: ...
     async def confirm_suspect(self, peer: str) -> bool: ...
     def heartbeat_soon(self) -> None: ...
+    async def prepare_in_group(self, key: AttemptKey, group: list[str], samples: int,
+                               rounds: int) -> tuple[float, float, str]: ...
 
 
 class Driver:
@@ -378,7 +381,7 @@ class Driver:
         members = {i: host.routes.members(i) for i in range(1, self.cfg.model.num_stages + 1)}
         if not all(members.values()):
             raise AttemptAborted("a stage has no live member")
-        self.paths.start(members)
+        self.paths.start({0: self.stage0_group(), **members})
         self.attempt, self._failure, self._losses = key, None, {}
         self._targets = batch[:, :, 1:]
         self._pending = {mb: loop.create_future() for mb in range(train.num_microbatches)}
@@ -448,6 +451,16 @@ class Driver:
                 raise AttemptAborted(self._failure[1] if self._failure else
                                      f"forward to stage {meta['to_stage']} failed")
         await asyncio.gather(*self._pending.values())
+
+    def stage0_group(self) -> list[tuple[str, float]]:
+        """Stage 0's group for an attempt: us (the lead: every microbatch's embedding and head run here), then
+        its followers, which average with us and apply the same step, each ready to take over."""
+        own = self.host.peer_id
+        return [(own, 0.0)] + [m for m in self.host.routes.members(0) if m[0] != own]
+
+    def note_commit_norms(self, norms: dict[int, tuple[int, float, float]]) -> None:
+        """A follower of stage 0's group: the norms its lead kept for the last committed step."""
+        self.commit.commit_norms.update(norms)
 
     def _meta(self, key: AttemptKey, mb: int, kind: str) -> dict[str, Any]:
         """A hop's metadata; `route` is the order of transformer stages it visits (swapped on odd training

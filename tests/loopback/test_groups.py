@@ -25,18 +25,23 @@ def harness(make_harness) -> Harness:
     return make_harness("groups", stages=STAGES, extra=("--replicas", "2"))
 
 
-def _form_groups(h: Harness, *, max_steps: int) -> tuple[dict[int, list], dict]:
-    """Two members for every transformer stage, stage 0 last: the newcomers join before the first step."""
+def _form_groups(h: Harness, *args: str) -> tuple[dict[int, list], dict]:
+    """Two members for every stage: the transformer stages' founders, then their newcomers and two stage-0 nodes
+    (with `args`) at once: one claims stage 0 and leads, the other joins its group; the newcomers join at the
+    first step boundaries. groups[i] is (founder, newcomer); groups[0] (lead, follower)."""
     h.start_bootstrap()
     founders = [h.start_node(f"s{i}a", "--stage", str(i)) for i in range(1, STAGES + 1)]
     for p in founders:
         h.ready_info(p)
     joiners = [h.start_node(f"s{i}b", "--stage", str(i)) for i in range(1, STAGES + 1)]
-    head = h.start_node("s0", "--stage", "0", "--max-steps", str(max_steps))
-    groups = {i: [founders[i - 1], joiners[i - 1]] for i in range(1, STAGES + 1)}
-    for p in joiners:
+    heads = [h.start_node(name, "--stage", "0", *args) for name in ("s0", "s0b")]
+    for p in [*joiners, *heads]:
         h.ready_info(p)
-    return groups, {"proc": head, "info": h.ready_info(head)}
+    lead, follower = sorted(heads, key=lambda p: bool(h.events(p, "joined_group")))
+    assert h.events(follower, "joined_group") and not h.events(lead, "joined_group")
+    groups = {i: [founders[i - 1], joiners[i - 1]] for i in range(1, STAGES + 1)}
+    groups[0] = [lead, follower]
+    return groups, {"proc": lead, "info": h.ready_info(lead)}
 
 
 def _same_step_weights(h: Harness, a: dict, b: dict) -> tuple[dict, dict, int]:
@@ -51,21 +56,30 @@ def _same_step_weights(h: Harness, a: dict, b: dict) -> tuple[dict, dict, int]:
 def test_groups_train_bit_identical_members_and_match_one_peer_per_stage(harness: Harness) -> None:
     h = harness
     steps = 20
-    groups, head = _form_groups(h, max_steps=steps)
-    wait_until(lambda: h.events(head["proc"], "training_finished"), 240, f"{steps} steps")
-    for i, (founder, joiner) in groups.items():
-        joined = h.events(joiner, "joined_group")
+    groups, head = _form_groups(h, "--debug-hold-at-step", str(steps))
+    steps_done = lambda: h.events(head["proc"], "step")  # noqa: E731
+    wait_until(lambda: len(steps_done()) >= 10, 240, "10 steps")
+    checked_at = []
+    for i, (first, second) in sorted(groups.items()):
+        wa, wb, at = _same_step_weights(h, h.ready_info(first), h.ready_info(second))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"stage {i} differs at {at}"
+        checked_at.append(at)
+    assert min(checked_at) >= 10
+    wait_until(lambda: h.events(head["proc"], "held"), 240, f"{steps} steps")
+    for i, (first, second) in sorted(groups.items()):
+        joined = h.events(second, "joined_group")
         # admitted at the first step boundary after stage 0 came up (step 0, or a step later when the newcomer's
         # retry came after the first step started): most steps ran with both members
         assert joined and joined[0]["stage"] == i and joined[0]["step"] <= steps // 4, joined
-        assert not h.events(joiner, "recovery_started"), "an exact join is not a rebuild"
-        wa, wb, at = _same_step_weights(h, h.ready_info(founder), h.ready_info(joiner))
+        assert not h.events(second, "recovery_started"), "an exact join is not a rebuild"
+        wa, wb, at = _same_step_weights(h, h.ready_info(first), h.ready_info(second))
         assert at == steps
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"stage {i} members differ"
-    losses = [e["loss"] for e in h.events(head["proc"], "step")]
+    assert not h.events(groups[0][1], "stage0_takeover"), "the follower drove while its lead lived"
+    losses = [e["loss"] for e in steps_done()]
     assert len(losses) == steps
-    # stage 0 came up last: its first hop may reach a stage that has not read its record yet (retried)
-    assert [a for a in h.events(head["proc"], "step_aborted") if a["step"] > 0] == []
+    # the newcomers' first hops may reach a stage that has not read their records yet (retried)
+    assert len(h.events(head["proc"], "step_aborted")) <= 2
     cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
     reference = reference_losses(cfg, steps)
     worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
@@ -73,9 +87,32 @@ def test_groups_train_bit_identical_members_and_match_one_peer_per_stage(harness
 
 
 @pytest.mark.slow
+def test_the_lead_of_stage_0_killed_a_follower_drives_on_under_plain_checkfree(harness: Harness) -> None:
+    h = harness
+    groups, _ = _form_groups(h, "--max-steps", "400")
+    lead, follower = groups[0]
+    wait_until(lambda: len(h.events(lead, "step")) >= 5, 180, "5 committed steps")
+    kill_group(lead)
+    lead.popen.wait(timeout=10)
+    killed_at = h.events(lead, "step")[-1]["step"]
+    took = wait_until(lambda: h.events(follower, "stage0_takeover"), 60, "the follower to take over")[0]
+    assert killed_at <= took["step"] <= killed_at + 1  # the step it holds: the last one its lead committed
+    wait_until(lambda: len(h.events(follower, "step")) >= 5, 120, "5 steps driven by the follower")
+    committed = [e["step"] for e in h.events(lead, "step") + h.events(follower, "step")]
+    assert committed == list(range(1, len(committed) + 1)), committed  # no step lost or repeated
+    everyone = [p for ms in groups.values() for p in ms if p is not lead]
+    for p in everyone:
+        assert not h.events(p, "unrecoverable") and not h.events(p, "recovery_started"), p.name
+        assert p.popen.poll() is None, f"{p.name} exited"
+    for i in range(1, STAGES + 1):
+        wa, wb, _ = _same_step_weights(h, *(h.ready_info(m) for m in groups[i]))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"stage {i}'s members diverged"
+
+
+@pytest.mark.slow
 def test_a_member_killed_mid_step_is_routed_around_and_a_newcomer_joins_exactly(harness: Harness) -> None:
     h = harness
-    groups, head = _form_groups(h, max_steps=400)
+    groups, head = _form_groups(h, "--max-steps", "400")
     steps = lambda: h.events(head["proc"], "step")  # noqa: E731
     wait_until(lambda: len(steps()) >= 5, 180, "5 committed steps")
     victim, survivor = groups[2]
@@ -106,7 +143,7 @@ def test_a_whole_group_killed_is_rebuilt_by_checkfree_from_the_neighbouring_grou
     from tests.fault.test_rebuild_exact import checkfree
 
     h = harness
-    groups, head = _form_groups(h, max_steps=400)
+    groups, head = _form_groups(h, "--max-steps", "400")
     steps = lambda: h.events(head["proc"], "step")  # noqa: E731
     audit = str(tmp_path / "audit")
     spare = h.start_node("spare", "--spare", "--audit-recovery", audit)

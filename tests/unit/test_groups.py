@@ -36,6 +36,9 @@ def test_a_group_is_its_founder_and_the_members_that_joined_it_at_the_top_genera
     assert [p.peer_id for p in v.group(1)] == ["A", "B"]  # Z: a second founder; C: older; D: not ONLINE
     assert v.online_owner(1).peer_id == "A"
     assert view({1: (rec("B", joined="A"), rec("C", joined="A"))}).group(1)[0].peer_id == "B"  # the founder died
+    led = view({0: (rec("0a", joined="M"), rec("M"), rec("0b", joined="M"))})
+    assert [p.peer_id for p in led.group(0)] == ["M", "0a", "0b"]  # the founder leads, whatever its id
+    assert led.online_owner(0).peer_id == "M"
 
 
 def test_step_down_one_peer_per_stage_is_todays_rule() -> None:
@@ -53,16 +56,18 @@ def test_step_down_in_groups_higher_generation_or_an_outranking_founder() -> Non
     assert "rebuilt" in step_down_reason(rebuilt, 1, "A", 1, joined_from="", replicas=2)
 
 
-def test_a_newcomer_joins_the_group_with_the_least_throughput_never_a_full_one_or_stage_0() -> None:
+def test_a_newcomer_joins_the_group_with_the_least_throughput_stage_0_only_when_the_others_are_full() -> None:
     v = view({0: (rec("S0"),), 1: (rec("A", tput=9.0),), 2: (rec("B", tput=4.0), rec("C", joined="B", tput=4.0)),
               3: (rec("D", tput=5.0),)})
     assert group_to_join(v, 3, 2) == 3
     assert group_to_join(v, 3, 3) == 3  # 5 < 8 < 9
     assert group_to_join(v, 3, 1) is None
     assert group_to_join(v, 3, 2, wanted=2) is None and group_to_join(v, 3, 2, wanted=1) == 1
-    assert group_to_join(v, 3, 2, wanted=0) is None
-    full = view({1: (rec("A"), rec("B", joined="A")), 2: (rec("C"), rec("D", joined="C"))})
-    assert group_to_join(full, 2, 2) is None
+    assert group_to_join(v, 3, 2, wanted=0) == 0  # pinned: a hot copy of the driver
+    full = view({0: (rec("S0"),), 1: (rec("A"), rec("B", joined="A")), 2: (rec("C"), rec("D", joined="C"))})
+    assert group_to_join(full, 2, 2) == 0  # every transformer group is full
+    full0 = view({**full.stages, 0: (rec("S0"), rec("S1", joined="S0"))})
+    assert group_to_join(full0, 2, 2) is None and group_to_join(full0, 2, 2, wanted=0) is None
 
 
 def test_the_last_member_of_the_largest_group_moves_to_an_empty_stage_when_no_spare_waits() -> None:

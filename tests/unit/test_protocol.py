@@ -110,6 +110,7 @@ class Host:
     run_id = "r"
     generation = 1
     client = None
+    driving = False
 
     def __init__(self, worker: StageWorker) -> None:
         self.worker, self.stage = worker, 1
