@@ -55,6 +55,7 @@ class CommitHost(copies.CopyHost, Protocol):
     def view(self) -> SwarmView: ...
     async def prepare_in_group(self, key: AttemptKey, group: list[str], samples: int,
                                rounds: int) -> tuple[float, float, str]: ...
+    async def confirm_suspect(self, peer: str) -> bool: ...
     async def refresh_view(self) -> SwarmView: ...
     def after_commit(self, norm: float, raw: float) -> None: ...
 
@@ -196,6 +197,11 @@ class StepCommit:
                 error = e
                 if peer not in self.suspects:
                     self.suspects.append(peer)
+                if await host.confirm_suspect(peer):  # a ping failed too: dead, not waited for until it expires
+                    logger.warning("stage %d's member %s did not confirm step %d and fails a ping: lost", idx,
+                                   peer[:12], key.step)
+                    host.events.emit("commit_failed", stage=idx, step=key.step, error=str(e)[:200])
+                    return None
             host.metrics.commit_retries.inc()
             await host.refresh_view()
             if all(p.peer_id != peer for p in host.view.group(idx)) or rejections >= 3:
