@@ -47,7 +47,8 @@ class DemoOptions:
     """STAGE@STEP: SIGKILL every member of STAGE's group at once, so a spare rebuilds it with CheckFree
     (repeatable). With `replicas` 1 the same as `kill`."""
     replicas: int = 1
-    """Members started for every transformer stage 1..L (`join --replicas`, run-wide); stage 0 stays one node."""
+    """Members started for every stage (`join --replicas`, run-wide); stage 0's lead drives, its other members
+    are hot copies that take over when it dies."""
     recovery_rule: str = "grad-avg"
     recovery: str = "checkfree"
     """checkfree or checkfree+ (every stage, stage 0 included, survives a kill; needs --stages >= 4), or the
