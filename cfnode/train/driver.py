@@ -24,13 +24,14 @@ import torch
 
 from cfnode.deadline import within
 from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnavailableError, RejectedError
-from cfnode.net.records import StageState, SwarmView
+from cfnode.net.records import SwarmView
 from cfnode.node.routes import FIRST_GENERATION
 from cfnode.recovery import copies, store
 from cfnode.train.admission import Admissions
 from cfnode.train.commit import GroupDiverged, Prepared, StepCommit
 from cfnode.train.paths import AttemptPaths
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
+from cfnode.train.suspects import Suspects
 
 if TYPE_CHECKING:
     from cfnode.clock import Clock
@@ -87,14 +88,8 @@ class Driver:
         self.history: list[dict[str, Any]] = []
         self.paths = AttemptPaths()
         self.admissions = Admissions(host)  # type: ignore[arg-type]
-        self._dead: set[str] = set()
-        """Members a ping confirmed dead after a failed hop."""
-        self._lost: dict[int, tuple[int, float]] = {}
-        """Stage -> (generation, when) of a group whose every member is in `_dead`: published in stage 0's record
-        for one ttl at most (by then the records of a group truly lost have expired; a false alarm ends)."""
-        self._suspects: list[str] = []
-        """Members a failed hop pointed at: pinged (and banned if dead) before the attempt is retried."""
         self.commit = StepCommit(host, self.paths, self.adopt)
+        self.suspects = Suspects(host, self.paths, self.commit)
 
     async def prepare(self) -> None:
         """Load the corpus and tokenize it (cached on disk) on the compute thread."""
@@ -180,8 +175,8 @@ class Driver:
                 fut.set_result(None)
 
     def fail_attempt(self, key: AttemptKey, reason: str, detail: str, *, suspect: str | None = None) -> None:
-        if suspect is not None and key == self.attempt and suspect not in self._suspects:
-            self._suspects.append(suspect)
+        if suspect is not None and key == self.attempt:
+            self.suspects.add(suspect)
         if key != self.attempt or self._failure is not None:
             return
         self._failure = (reason, detail)
@@ -255,7 +250,7 @@ class Driver:
             try:
                 result = await self.run_attempt(step)
             except AttemptAborted as e:
-                rerouted = await self._confirm_suspects()
+                rerouted = await self.suspects.confirm()
                 await self.host.refresh_view()
                 if not rerouted:  # a member of a group died: its siblings take the retry at once
                     await asyncio.sleep(train.retry_backoff_s)
@@ -267,8 +262,8 @@ class Driver:
                 await asyncio.sleep(train.retry_backoff_s)
                 await self.host.refresh_view()
                 continue
-            if self._suspects or self.commit.suspects:  # a member lost while applying: ping it now
-                await self._confirm_suspects()
+            if self.suspects.pending():  # a member lost while applying: ping it now
+                await self.suspects.confirm()
             if result is None:  # the swarm skipped the step (a non-finite gradient): no loss to report
                 continue
             loss, batch_sha = result
@@ -318,49 +313,6 @@ class Driver:
             return False
         self._owners_at_rollback, self._rollback_from = owners, None
         return True
-
-    async def _confirm_suspects(self) -> bool:
-        """Ping the members failed hops pointed at; True if one was dead and its stage still has a live member
-        (the retry goes around it without waiting)."""
-        rerouted = False
-        suspects, self._suspects = self._suspects, []
-        suspects += [p for p in self.commit.suspects if p not in suspects]
-        self.commit.suspects.clear()
-        for peer in suspects:
-            if await self.host.confirm_suspect(peer):
-                self._dead.add(peer)
-                stage = next((i for i, ms in self.paths.participants.items() if peer in ms), None)
-                if stage is None:
-                    continue
-                rerouted |= any(p != peer for p, _ in self.host.routes.members(stage))
-                self._note_if_lost(stage)
-        return rerouted
-
-    def _note_if_lost(self, stage: int) -> None:
-        """The fast path for a whole group lost: once every member of a stage's group failed a ping, say so in
-        stage 0's record, so that a spare claims the stage now rather than when the records expire."""
-        group = self.host.view.group(stage)
-        if group and all(p.peer_id in self._dead for p in group):
-            generation = group[0].record.generation
-            if self._lost.get(stage, (-1, 0.0))[0] < generation:
-                self._lost[stage] = (generation, self.host.clock.monotonic())
-                logger.warning("every member of stage %d's group failed a ping: reporting it lost", stage)
-                self.host.events.emit("group_lost", stage=stage, generation=generation,
-                                      members=[p.peer_id[:12] for p in group])
-                self.host.heartbeat_soon()
-
-    def lost_groups(self) -> tuple[tuple[int, int], ...]:
-        """(stage, generation) of the groups confirmed lost whose stage has not been rebuilt since."""
-        view = self.host.routes.last_read  # as read, not filtered by this very report
-        now = self.host.clock.monotonic()
-        for stage, (generation, since) in list(self._lost.items()):
-            rebuilt = any(p.record.generation > generation and p.record.state is StageState.ONLINE
-                          for p in view.members(stage))
-            expired = not any(p.record.generation <= generation for p in view.members(stage))
-            if rebuilt or expired or now - since > self.cfg.heartbeat.ttl_s:  # done its job, or a false alarm
-                del self._lost[stage]
-                self._dead.difference_update(p.peer_id for p in view.members(stage))
-        return tuple(sorted((stage, generation) for stage, (generation, _) in self._lost.items()))
 
     async def run_attempt(self, step: int) -> tuple[float, str] | None:
         """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data
@@ -531,3 +483,6 @@ class Driver:
         return val
 
     _val_targets: torch.Tensor | None = None
+
+    def lost_groups(self) -> tuple[tuple[int, int], ...]:
+        return self.suspects.lost_groups()
