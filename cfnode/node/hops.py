@@ -66,16 +66,32 @@ class HopHandling:
         sender = self.expected_sender(method, meta)
         if sender != 0 and path[route.index(sender)] != peer_id:
             raise InvalidPayload("unauthorized", f"the path gives stage {sender} to another member")
+        driver = meta.get("driver")
+        if driver is not None and (not isinstance(driver, str) or len(driver) > 128):
+            raise InvalidPayload("route", "driver must name stage 0's peer")
+        if sender == 0 and driver is not None and driver != peer_id:
+            raise InvalidPayload("unauthorized", "the hop names another peer as stage 0's driver")
 
     def hop_peer(self, meta: dict[str, Any], target: int) -> str:
-        """The member of stage `target` a hop goes to: the one its path names (stage 0: its holder)."""
+        """The member of stage `target` a hop goes to: the one its path names; for stage 0 the driver the hop
+        names, while it is a member of stage 0's group (after a takeover our view may still list the dead lead
+        first), else stage 0's lead."""
+        if target == 0:
+            return self.stage0_peer(meta)
         path = meta.get("path")
-        if target == 0 or path is None:
+        if path is None:
             return self.route(target)
         peer = path[meta["route"].index(target)]
         if self.routes.is_banned(peer):
             raise PeerUnavailableError(f"stage {target}'s member {peer[:12]} is banned")
         return peer
+
+    def stage0_peer(self, meta: dict[str, Any]) -> str:
+        driver = meta.get("driver")
+        if (isinstance(driver, str) and not self.routes.is_banned(driver)
+                and any(p.peer_id == driver for p in self.view.group(0))):
+            return driver
+        return self.route(0)
 
     def expected_sender(self, method: str, meta: dict[str, Any]) -> int:
         """The stage a hop must come from: the forward predecessor on its route, or for gradients the forward
@@ -216,7 +232,7 @@ class HopHandling:
                                      suspect=suspect_peer)
             return
         try:
-            peer0 = self.route(0)
+            peer0 = self.stage0_peer(meta)
             await self.client.abort(peer0, {"run": self.run_id, "step": meta["step"], "attempt": meta["attempt"],
                                             "reason": reason[:300], "from_stage": self.stage,
                                             "generation": self.generation,

@@ -420,6 +420,7 @@ class Driver:
         route = route_for(mb, self.cfg.model.num_stages, swaps=self.cfg.swaps and kind == "train")
         return {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "mb": mb,
                 "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation,
+                "driver": self.host.peer_id,
                 "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
 
     @property
