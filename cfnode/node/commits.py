@@ -47,6 +47,8 @@ class CommitHandler:
         """Replies to applied commits by attempt (the last few), so a retried commit is answered again."""
         self._behind_check_running = False
         self._preparing: dict[AttemptKey, asyncio.Future[tuple[float, float, str]]] = {}
+        self.last_attempt = -1
+        """The newest attempt id any commit message named (a follower of stage 0's group takes over past it)."""
 
     async def accept(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]:
         """`prepare`: all backward passes of the attempt are in; clip and report the norms (nothing applied; a
@@ -58,6 +60,7 @@ class CommitHandler:
         if worker is None or host.stage is None or host.driving:
             raise InvalidPayload("not_ready", "no stage to commit" if not host.driving else "this is the driver")
         key = AttemptKey(meta["step"], meta["attempt"])
+        self.last_attempt = max(self.last_attempt, key.attempt)
         num_mb = host.config.train.num_microbatches
         if meta["num_mb"] != num_mb:
             raise InvalidPayload("decode", f"commit of {meta['num_mb']} microbatches, this run has {num_mb}")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cfnode.errors import InvalidPayload, PeerUnavailableError
 from cfnode.net.records import StageState
 from cfnode.train.schedule import AttemptKey
-from cfnode.train.worker import StageWorker, worker_holds
+from cfnode.train.worker import StageWorker
 
 if TYPE_CHECKING:
     from cfnode.config import NodeConfig
@@ -41,6 +41,7 @@ class LeadHost(Protocol):
     @property
     def view(self) -> SwarmView: ...
     def heartbeat_soon(self) -> None: ...
+    def last_attempt_seen(self) -> int: ...
     def ban(self, peer_id: str, reason: str) -> None: ...
     async def is_reachable(self, peer_id: str) -> bool: ...
 
@@ -68,7 +69,7 @@ class Stage0Lead:
     async def drive_once_leading(self) -> None:
         """Drive stage 0 once we lead its group. A follower takes over at the step it holds, as the group's
         founder from then on (a later member's smaller id does not outrank it), its attempts outranking the last
-        one it saw; at --max-steps the run is over and it only serves (the lead exported the model)."""
+        one it saw by far (`Driver.take_over`); at --max-steps the run is over and it only serves (the lead exported the model)."""
         host = self.host
         if not self.leads():
             await self.leading.wait()
@@ -78,7 +79,7 @@ class Stage0Lead:
             logger.warning("stage 0's lead is gone; this member of its group takes over at step %d", worker.step)
             host.events.emit("stage0_takeover", step=worker.step, generation=host.generation)
             host.joined_from = ""
-            host.driver.adopt(worker_holds(worker))
+            host.driver.take_over(host.last_attempt_seen())
             host.heartbeat_soon()
             max_steps = host.config.train.max_steps
             if max_steps is not None and worker.step >= max_steps:

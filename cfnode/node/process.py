@@ -244,6 +244,9 @@ class Node(HopHandling):
                                rounds: int) -> tuple[float, float, str]:
         return await self.commits.prepare_in_group(key, group, samples, rounds)
 
+    def last_attempt_seen(self) -> int:
+        return self.commits.last_attempt
+
     def note_commit_norms(self, norms: dict[int, tuple[int, float, float]]) -> None:
         if self.driver is not None:
             self.driver.note_commit_norms(norms)

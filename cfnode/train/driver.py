@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 ATTEMPT_COUNTER_BITS = 32
+TAKEOVER_SKIP = 2**20
+"""Attempts a new lead of stage 0's group skips past the last one it saw (its lead cannot have started more)."""
 
 
 def batch_fingerprint(batch: torch.Tensor) -> str:
@@ -131,6 +133,13 @@ class Driver:
             logger.info("a stage holds attempt %d, newer than ours (%d); the next attempt outranks it", holds[1],
                         self._last_attempt_id)
             self._last_attempt_id = holds[1]
+
+    def take_over(self, last_seen: int) -> None:
+        """A follower of stage 0's group takes over from its lead; `last_seen` is the newest attempt its lead's
+        commits named. The dead lead may have started more attempts since, so ours skip TAKEOVER_SKIP ahead and
+        the stages take the first of them (rather than refuse it as stale and tell us which one they hold)."""
+        floor = max(self._last_attempt_id, last_seen, self.host.generation << ATTEMPT_COUNTER_BITS)
+        self._last_attempt_id = floor + TAKEOVER_SKIP
 
     # -- incoming ----------------------------------------------------------------------------------------
 

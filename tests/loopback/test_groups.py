@@ -98,6 +98,8 @@ def test_the_lead_of_stage_0_killed_a_follower_drives_on_under_plain_checkfree(h
     took = wait_until(lambda: h.events(follower, "stage0_takeover"), 60, "the follower to take over")[0]
     assert killed_at <= took["step"] <= killed_at + 1  # the step it holds: the last one its lead committed
     wait_until(lambda: len(h.events(follower, "step")) >= 5, 120, "5 steps driven by the follower")
+    # its attempts skip past anything the dead lead started: no stage refuses them as stale
+    assert not [a for a in h.events(follower, "step_aborted") if "stale_step" in a["detail"]]
     committed = [e["step"] for e in h.events(lead, "step") + h.events(follower, "step")]
     assert committed == list(range(1, len(committed) + 1)), committed  # no step lost or repeated
     everyone = [p for ms in groups.values() for p in ms if p is not lead]
