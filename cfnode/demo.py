@@ -126,8 +126,9 @@ class Starter:
         """One holder per stage 0..L, then the spares, so they wait as STANDBY. With groups, the founders of
         1..L first, then their extra members and stage 0, so the members join at the first step boundaries
         (stage 0 admits them, holding the ring while each copies a founder's state); stage 0's other members
-        and the spares start once stage 0 is claimed (no empty stage left for them), booting while the members
-        join rather than later under the training's load."""
+        boot with it (the one that claims first leads, the others join it at its first step boundaries); the
+        spares start once stage 0 is claimed (no empty stage left for them), booting while the members join
+        rather than later under the training's load."""
         if self.replicas == 1:
             procs = [self.node(f"stage{idx}", idx) for idx in range(num_stages + 1)]
             for proc in procs:
@@ -140,8 +141,8 @@ class Starter:
             wait_for_event(proc, "online", 180)
         members = [self.member(idx) for idx in range(1, num_stages + 1) for _ in range(self.replicas - 1)]
         head = self.node("stage0", 0)
-        wait_for_event(head, "claimed", 180)
         members += [self.member(0) for _ in range(self.replicas - 1)]  # hot copies of the driver: they join it
+        wait_for_event(head, "claimed", 180)
         for _ in range(spares):
             self.spare()
         for proc in [head, *members]:

@@ -118,6 +118,20 @@ def test_demo_kill_of_one_group_member_is_a_member_loss_without_a_rebuild(tmp_pa
     assert all((j["how"], j["kind"]) == ("joined", "exact-copy") for j in joins), joins
 
 
+@pytest.mark.slow  # ~1.5-3 min on 2 cores: 7 processes
+@pytest.mark.timeout(400)
+def test_demo_kill_of_stage_0s_lead_hands_the_driving_to_its_follower(tmp_path) -> None:
+    summary = _run_demo(tmp_path, "--preset", "tiny", "--stages", "2", "--replicas", "2", "--steps", "40",
+                           "--kill", "0@6", timeout_s=360)
+    assert summary["steps_completed"] == 40  # plain checkfree: no exit 5, the follower drove on and exported
+    [rec] = summary["recoveries"]
+    assert (rec["stage"], rec["loss"], rec["rebuilt"], rec["how"]) == (0, "member", False, "takeover"), rec
+    assert rec["members_before"] == 2 and rec["serving_s"] is not None, rec
+    assert not [e for e in summary["events"] if e["event"] in REBUILDS or e["event"] == "unrecoverable"]
+    assert len([e for e in summary["events"] if e["event"] == "stage0_takeover"]) == 1
+    assert summary["export_dir"], "the new lead exported the model at --max-steps"
+
+
 @pytest.mark.slow  # ~2-3 min on 2 cores: 9 processes
 @pytest.mark.timeout(600)
 def test_demo_kill_group_rebuilds_the_stage_with_checkfree(tmp_path) -> None:
