@@ -426,8 +426,8 @@ def generate(log_level: str, log_format: str, **kw: Any) -> None:
 @click.option("--heartbeat-period", type=float, default=_H.period_s)
 @click.option("--heartbeat-ttl", type=float, default=_H.ttl_s)
 @click.option("--replicas", type=int, default=1,
-              help="Members (1..16) of the group of each transformer stage 1..L, passed to every node as "
-                   "`join --replicas`; stage 0 stays one node (stage-0 groups are not built yet).")
+              help="Members (1..16) of every stage's group, passed to every node as `join --replicas` (stage 0 "
+                   "included: its lead drives, the others take over if it dies).")
 @click.option("--kill", multiple=True,
               help="STAGE@STEP: SIGKILL that stage's process at that step (repeatable). With --replicas > 1: one "
                    "member of the stage's group; the group carries on, nothing is rebuilt.")
@@ -487,6 +487,10 @@ def demo(**kw: Any) -> None:
               help="Target validation loss (default: the 'none' run's final one + 2%).")
 @click.option("--replay", default=None, type=click.Path(exists=True, dir_okay=False),
               help="schedules.json of an earlier experiment (or one schedule's JSON) to replay.")
+@click.option("--replicas", type=int, default=1,
+              help="Members (1..16) of every stage's group (`join --replicas` on every node). Each member fails "
+                   "on its own; a stage is lost only when all of its members fail in one step (p^K); killed "
+                   "members are replaced by exact copies.")
 @_with(logging_options)
 def experiment(**kw: Any) -> None:
     """Run recovery strategies on fresh local swarms under one seeded failure schedule; write a report."""

@@ -2,8 +2,10 @@
 
 Pure metric functions first (time to a target loss, overhead, post-recovery penalty, summary rows), then the
 file writers. A run record holds the committed steps of one swarm run (`{step, time_s, loss, val_loss}`,
-time since training started; `val_loss` None on steps without validation) and its failure and recovery
-events (`{kind: "failure" | "recovery", step, time_s, stage, ...}`; recoveries carry `duration_s`).
+time since training started; `val_loss` None on steps without validation) and its events (`{kind, step,
+time_s, stage, ...}`): failures (the kills; `loss` "member": one member of a stage group, which carried on
+without it; "stage", or no `loss` in older records: the whole stage), recoveries (rebuilds, with
+`duration_s`), joins (a newcomer became an exact copy of a live member: never a rebuild), rollbacks.
 """
 
 from __future__ import annotations
@@ -112,32 +114,74 @@ def overhead_pct(rate: float | None, baseline_rate: float | None) -> float | Non
 
 
 def failures(run: RunRecord) -> list[dict[str, Any]]:
+    """Every kill: member kills and stage losses, in time order."""
     return [e for e in run.events if e.get("kind") == "failure"]
 
 
+def is_member_loss(failure: dict[str, Any]) -> bool:
+    """One member of a stage group killed (the group carried on); else the stage was lost."""
+    return failure.get("loss") == "member"
+
+
+def member_kills(run: RunRecord) -> list[dict[str, Any]]:
+    return [f for f in failures(run) if is_member_loss(f)]
+
+
+def stage_losses(run: RunRecord) -> list[dict[str, Any]]:
+    return [f for f in failures(run) if not is_member_loss(f)]
+
+
 def recoveries(run: RunRecord) -> list[dict[str, Any]]:
+    """The rebuilds (`recovery_finished`: CheckFree or the strategy's own); an exact join is never one."""
     return [e for e in run.events if e.get("kind") == "recovery"]
 
 
+def joins(run: RunRecord) -> list[dict[str, Any]]:
+    """The exact copies: newcomers that joined a live group by copying a member (`joined_group`)."""
+    return [e for e in run.events if e.get("kind") == "join"]
+
+
 def match_recoveries(run: RunRecord) -> list[int | None]:
-    """Per failure, the index in `recoveries(run)` of its rebuild: the first recovery of the same stage at or
-    after the kill that no earlier failure claimed (None: never rebuilt)."""
+    """Per failure, the index in `recoveries(run)` of its rebuild: for a stage loss, the first recovery of the
+    same stage at or after the kill that no earlier failure claimed (None: never rebuilt); a member loss is
+    never rebuilt (None)."""
     recs = recoveries(run)
     used: set[int] = set()
     out: list[int | None] = []
     for f in failures(run):
-        match = next((j for j, r in enumerate(recs) if j not in used and r.get("stage") == f.get("stage")
-                      and r["time_s"] >= f["time_s"]), None)
+        match = None if is_member_loss(f) else next(
+            (j for j, r in enumerate(recs) if j not in used and r.get("stage") == f.get("stage")
+             and r["time_s"] >= f["time_s"]), None)
         if match is not None:
             used.add(match)
         out.append(match)
     return out
 
 
+def refills(run: RunRecord) -> list[list[int]]:
+    """Per failure, the indices in `joins(run)` of the exact copies that refilled its stage's group: joins of
+    the same stage from the kill until the next kill of that stage. The others (`other_copies`) are the groups
+    forming at start-up, or a member that re-joined without a kill of its stage (dropped under load)."""
+    fails, js = failures(run), joins(run)
+    out: list[list[int]] = []
+    for i, f in enumerate(fails):
+        until = next((g["time_s"] for g in fails[i + 1:] if g.get("stage") == f.get("stage")), math.inf)
+        out.append([j for j, e in enumerate(js) if e.get("stage") == f.get("stage")
+                    and f["time_s"] <= e["time_s"] < until])
+    return out
+
+
+def other_copies(run: RunRecord) -> int:
+    """Exact copies that followed no kill of their stage: the groups forming, or a re-join."""
+    refilled = {j for idx in refills(run) for j in idx}
+    return sum(1 for j in range(len(joins(run))) if j not in refilled)
+
+
 def downtimes(run: RunRecord) -> list[float | None]:
     """Per failure: seconds from the kill to the first step committed after its rebuild (detection, a spare
-    taking over, the rebuild, the retried step). A step already in flight that commits right after the kill
-    does not end the downtime. None if no step followed."""
+    taking over, the rebuild, the retried step), or for a member loss after the kill itself (the group carried
+    on without the member: the aborted attempt and its retry). A step already in flight that commits right
+    after a stage loss's kill does not end the downtime. None if no step followed."""
     recs = recoveries(run)
     out: list[float | None] = []
     for f, match in zip(failures(run), match_recoveries(run), strict=True):
@@ -193,6 +237,9 @@ def summarize(runs: Sequence[RunRecord], target: float | None) -> list[dict[str,
     for run in runs:
         pts = val_points(run)
         rebuilds = [e.get("duration_s") for e in recoveries(run)]
+        waits = downtimes(run)
+        fails = failures(run)
+        refilled = sum(len(idx) for idx in refills(run))
         penalties = recovery_penalties(run, baseline) if run.strategy != BASELINE_STRATEGY else []
         own, ref = ttt[id(run)], reference.get(run.level)
         if run is baseline:
@@ -208,11 +255,18 @@ def summarize(runs: Sequence[RunRecord], target: float | None) -> list[dict[str,
             "final_val_loss": pts[-1][2] if pts else None,
             "time_to_target_s": own,
             "ttt_vs_checkfree": own / ref if own is not None and ref and run.level is not None else None,
-            "failures": len(failures(run)),
-            "recoveries": len(recoveries(run)),
+            "failures": len(fails),
+            "member_kills": len(member_kills(run)),
+            "stage_losses": len(stage_losses(run)),
+            "nodes_killed": sum(len(f.get("nodes") or [None]) for f in fails),
+            "exact_copies": len(joins(run)),
+            "refill_copies": refilled,
+            "other_copies": len(joins(run)) - refilled,
+            "rebuilds": len(rebuilds),
             "rebuild_mean_s": _mean(rebuilds),
             "rebuild_max_s": _max(rebuilds),
-            "downtime_mean_s": _mean(downtimes(run)),
+            "downtime_mean_s": _mean([w for f, w in zip(fails, waits, strict=True) if not is_member_loss(f)]),
+            "member_downtime_mean_s": _mean([w for f, w in zip(fails, waits, strict=True) if is_member_loss(f)]),
             "penalty_mean": _mean(penalties),
             "penalty_max": _max(penalties),
         })
@@ -220,19 +274,25 @@ def summarize(runs: Sequence[RunRecord], target: float | None) -> list[dict[str,
 
 
 def failure_rows(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """One row per injected failure: where, when, and what its rebuild cost."""
+    """One row per injected failure: where, when, member or stage, what its rebuild cost (a stage loss) and the
+    exact copies that refilled the group."""
     baseline = next((r for r in runs if r.strategy == BASELINE_STRATEGY), None)
     out = []
     for run in runs:
-        recs = recoveries(run)
+        recs, js = recoveries(run), joins(run)
         penalties = recovery_penalties(run, baseline)
         waits = downtimes(run)
-        for f, match, wait in zip(failures(run), match_recoveries(run), waits, strict=True):
+        for f, match, wait, copies in zip(failures(run), match_recoveries(run), waits, refills(run), strict=True):
+            member = is_member_loss(f)
+            how = recs[match].get("how") if match is not None else None
             out.append({"strategy": run.strategy, "level": run.level, "stage": f.get("stage"),
+                        "loss": "member" if member else "stage", "nodes_killed": len(f.get("nodes") or [None]),
                         "planned_step": f.get("planned_step"), "step": f.get("step"), "time_s": f["time_s"],
                         "rebuild_s": recs[match].get("duration_s") if match is not None else None,
                         "fetch_s": recs[match].get("fetch_s") if match is not None else None,
-                        "how": recs[match].get("how") if match is not None else None,
+                        "how": "routed-around" if member else how,
+                        "exact_copies": len(copies),
+                        "copy_s": _max([js[j].get("duration_s") for j in copies]),
                         "downtime_s": wait,
                         "penalty": penalties[match] if match is not None else None})
     return out
@@ -303,8 +363,10 @@ def _f(x: float | None, fmt: str, missing: str = "–") -> str:
 
 
 SUMMARY_HEADER = ("strategy", "rate", "steps", "wall-clock (s)", "steps/s", "overhead vs none",
-                  "final val loss", "time to target (s)", "vs checkfree", "failures", "rebuild s (mean / max)",
-                  "downtime s (mean)", "val loss penalty after recovery (mean / max)", "status")
+                  "final val loss", "time to target (s)", "vs checkfree", "member kills", "stage losses",
+                  "exact copies (refill + other)", "rebuilds", "rebuild s (mean / max)",
+                  "downtime s (stage loss / member)", "val loss penalty after recovery (mean / max)", "status")
+LEFT_ALIGNED = ("strategy", "rate", "status")
 
 
 def summary_line(row: dict[str, Any], target: float | None) -> str:
@@ -317,9 +379,12 @@ def summary_line(row: dict[str, Any], target: float | None) -> str:
     ratio = "–" if row["ttt_vs_checkfree"] is None else f"{row['ttt_vs_checkfree']:.2f}x"
     rebuild = "–" if row["rebuild_mean_s"] is None else f"{row['rebuild_mean_s']:.2f} / {row['rebuild_max_s']:.2f}"
     penalty = "–" if row["penalty_mean"] is None else f"{row['penalty_mean']:+.4f} / {row['penalty_max']:+.4f}"
+    downtime = f"{_f(row['downtime_mean_s'], '.1f')} / {_f(row['member_downtime_mean_s'], '.1f')}"
     cells = [row["strategy"], row["level"] or "–", str(row["steps"]), _f(row["wall_s"], ".1f"),
              _f(row["steps_per_s"], ".3f"), overhead, _f(row["final_val_loss"], ".4f"), ttt, ratio,
-             str(row["failures"]), rebuild, _f(row["downtime_mean_s"], ".1f"), penalty, row["status"]]
+             str(row["member_kills"]), str(row["stage_losses"]),
+             f"{row['refill_copies']} + {row['other_copies']}", str(row["rebuilds"]), rebuild, downtime, penalty,
+             row["status"]]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -331,25 +396,29 @@ def write_markdown(path: str, rows: Sequence[dict[str, Any]], fails: Sequence[di
               if not isinstance(v, (dict, list))]
     lines += ["", "## Summary", "",
               "| " + " | ".join(SUMMARY_HEADER) + " |",
-              "|" + "|".join("---" if i in (0, 1, 13) else "---:" for i in range(len(SUMMARY_HEADER))) + "|"]
+              "|" + "|".join("---" if h in LEFT_ALIGNED else "---:" for h in SUMMARY_HEADER) + "|"]
     lines += [summary_line(row, target) for row in rows]
     lines += ["", "Wall-clock: training start to the last committed step. Overhead: extra seconds per step "
               "relative to the failure-free run. Time to target: first time the validation loss reaches the "
-              "target, interpolated between validation points. Downtime: kill to the first step committed after "
-              "its rebuild. "
+              "target, interpolated between validation points. Member kills: one member of a stage group killed "
+              "(the group carries on); stage losses: the whole stage (its group, or its one node). Exact copies: "
+              "newcomers that joined a live group by copying a member, after a kill of the stage (refill) or "
+              "otherwise (the groups forming, a member re-joining); never counted as rebuilds. Downtime: kill to the first step committed after "
+              "its rebuild (a member kill: after the kill). "
               "Penalty: first validation loss after a rebuild minus the failure-free run's at the same step. "
               "Definitions: docs/experiments.md.", ""]
     lines += ["## Failures", ""]
     if fails:
-        lines += ["| strategy | rate | stage | planned step | killed at step | time (s) | rebuilt by | rebuild (s) "
-                  "| fetch (s) | downtime (s) | penalty |",
-                  "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+        lines += ["| strategy | rate | stage | loss | planned step | killed at step | time (s) | repaired by "
+                  "| rebuild (s) | fetch (s) | exact copies (max s) | downtime (s) | penalty |",
+                  "|---|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
         for f in fails:
+            copies = f"{f['exact_copies']} ({_f(f['copy_s'], '.2f')})" if f["exact_copies"] else "0"
             lines.append("| " + " | ".join([
-                f["strategy"], f["level"] or "–", str(f["stage"]), str(f["planned_step"] if f["planned_step"]
-                                                                       is not None else "–"),
+                f["strategy"], f["level"] or "–", str(f["stage"]), f["loss"],
+                str(f["planned_step"] if f["planned_step"] is not None else "–"),
                 str(f["step"]), _f(f["time_s"], ".1f"), f["how"] or "–", _f(f["rebuild_s"], ".2f"),
-                _f(f["fetch_s"], ".2f"), _f(f["downtime_s"], ".1f"), _f(f["penalty"], "+.4f")]) + " |")
+                _f(f["fetch_s"], ".2f"), copies, _f(f["downtime_s"], ".1f"), _f(f["penalty"], "+.4f")]) + " |")
     else:
         lines.append("No failures were injected.")
     with open(path, "w", encoding="utf-8") as f:
@@ -369,7 +438,7 @@ def _colours(strategies: Sequence[str]) -> dict[str, Any]:
 
 def write_plot(path: str, runs: Sequence[RunRecord], target: float | None) -> None:
     """Validation loss vs wall-clock, one panel per failure level (the failure-free run on each); failures are
-    dotted vertical lines and x markers on the curve, in the run's colour."""
+    dotted vertical lines and markers on the curve in the run's colour: x a stage lost, + a member killed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,10 +459,12 @@ def write_plot(path: str, runs: Sequence[RunRecord], target: float | None) -> No
             ax.plot([t for t, _ in pts], [v for _, v in pts], style, color=colour, label=run.strategy, marker=".",
                     markersize=3)
             for f in failures(run):
-                ax.axvline(f["time_s"], color=colour, linestyle=":", alpha=0.5, linewidth=1)
+                member = is_member_loss(f)
+                ax.axvline(f["time_s"], color=colour, linestyle=":", alpha=0.25 if member else 0.5, linewidth=1)
                 y = interpolate(pts, f["time_s"])
                 if y is not None:
-                    ax.plot([f["time_s"]], [y], "x", color=colour, markersize=8, markeredgewidth=2)
+                    ax.plot([f["time_s"]], [y], "+" if member else "x", color=colour, markersize=8,
+                            markeredgewidth=1.5 if member else 2)
         if target is not None:
             ax.axhline(target, color="grey", linewidth=0.8, alpha=0.6, label=f"target {target:.3f}")
         ax.set_title(f"failure rate {level}" if level else "no failures")
@@ -401,7 +472,7 @@ def write_plot(path: str, runs: Sequence[RunRecord], target: float | None) -> No
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("validation loss")
-    fig.suptitle("validation loss vs wall-clock (x: injected failure)")
+    fig.suptitle("validation loss vs wall-clock (x: stage lost, +: one member of a group killed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

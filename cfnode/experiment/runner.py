@@ -1,19 +1,19 @@
 """`cfnode experiment`: run recovery strategies on fresh local swarms under one seeded failure schedule and
 write the comparison report (docs/experiments.md).
 
-Each run is a `cfnode demo` swarm (bootstrap, stages 0..L, spares; real processes on 127.0.0.1) started
-through `demo.run_demo`, with the schedule's failures as `--kill STAGE@STEP`. The failure-free run (`none`)
-goes first: its mean step time is the T of the failure model. Then, per failure level, every other strategy.
+Each run is a `cfnode demo` swarm (bootstrap, stages 0..L, with `replicas` K > 1 a group of K members for
+each transformer stage, spares; real processes on 127.0.0.1) started through `demo.run_demo`, with the
+schedule's failures as `--kill STAGE@STEP` (one member) and `--kill-group STAGE@STEP` (a whole group);
+swarmrun.py runs one swarm and reads its record back. The failure-free run (`none`) goes first: its mean step
+time is the T of the failure model. Then, per failure level, every other strategy.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -21,8 +21,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cfnode.config import PRESETS
-from cfnode.errors import CfnodeError, ConfigError
+from cfnode.config import PRESETS, GroupConfig
+from cfnode.errors import ConfigError
 from cfnode.experiment.report import RunRecord, write_report
 from cfnode.experiment.schedule import (
     DEFAULT_MAX_PER_STEP,
@@ -31,19 +31,24 @@ from cfnode.experiment.schedule import (
     FailureSchedule,
     at_risk_stages,
     expected_failures,
+    expected_group_failures,
     generate_schedule,
+    group_size,
     injects,
     level_label,
     step_probability,
 )
+from cfnode.experiment.swarmrun import EXIT_RUN_FAILED, mean_step_s, run_swarm
 
 logger = logging.getLogger(__name__)
 
 IMPLEMENTED = ("none", "checkfree", "checkfree+", "uniform-avg", "copy", "random", "checkpoint", "redundant")
 REFERENCE_STEP_S = 90.0
 """Default c * T: one step of the local swarm stands for ~90 s, a step of the paper's 500M model (§3.4)."""
-EXIT_RUN_FAILED = 1
 EXIT_INTERRUPTED = 130
+GROUP_STRATEGIES = ("none", "checkfree", "uniform-avg", "copy", "random")
+"""Strategies that run with stage groups (K > 1). CheckFree+ replicas and the checkpoint and redundant
+baselines copy to each group's lead only (docs/groups.md, "Not yet"), so they run with K = 1 only."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,9 @@ class ExperimentOptions:
     """A schedules.json (or one schedule's JSON) from an earlier experiment: replay its failures."""
     checkpoint_every: int = 50
     """`checkpoint` strategy: every stage saves weights + Adam state every N steps (the paper's 10/50/100)."""
+    replicas: int = 1
+    """K: members of the group of every stage (`join --replicas K` on every node). Each member fails on its own;
+    a stage is lost only when all K are (docs/experiments.md)."""
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -168,6 +176,11 @@ class ExperimentOptions:
             raise ConfigError("--val-every must be >= 1: the report compares validation curves")
         if self.replay and not os.path.isfile(self.replay):
             raise ConfigError(f"--replay {self.replay}: no such file")
+        GroupConfig(replicas=self.replicas)  # --replicas must be 1..16
+        other = [s for s in self.strategies if s not in GROUP_STRATEGIES]
+        if self.replicas > 1 and other:
+            raise ConfigError(f"--replicas {self.replicas} runs only {', '.join(GROUP_STRATEGIES)}; "
+                              f"{', '.join(other)} with stage groups is not built (docs/groups.md)")
 
     def needs_measured_step_time(self) -> bool:
         """T matters for p only with an explicit compression factor and no explicit T or probabilities."""
@@ -198,64 +211,6 @@ def failure_levels(options: ExperimentOptions, step_s: float | None) -> list[Fai
     return [FailureLevel(r, step_probability(r, t, options.compression)) for r in options.rates]
 
 
-def kill_args(schedule: FailureSchedule) -> tuple[str, ...]:
-    """The schedule as `cfnode demo --kill STAGE@STEP` values."""
-    return tuple(f"{stage}@{step}" for step, stage in schedule.events)
-
-
-def mean_step_s(run: RunRecord) -> float | None:
-    """Mean `step_s` of a run's committed steps, the first (warm-up) step excluded when there are others."""
-    times = [s["step_s"] for s in run.steps if s.get("step_s") is not None]
-    if len(times) > 1:
-        times = times[1:]
-    return sum(times) / len(times) if times else None
-
-
-def run_record(*, strategy: str, level: FailureLevel | None, events: Sequence[dict[str, Any]],
-               kills: Sequence[dict[str, Any]], planned_steps: int, exit_code: int,
-               meta: dict[str, Any] | None = None) -> RunRecord:
-    """A report record from the events of every node of one swarm run and the kills the demo made.
-
-    Time 0 is the first `training_started` (stage 0's driver starts); steps are stage 0's `step` events in time
-    order (a rebuilt stage 0 continues the numbering); failures are the kills, recoveries the
-    `recovery_finished` events."""
-    started = [e["ts"] for e in events if e.get("event") == "training_started"]
-    step_events = sorted((e for e in events if e.get("event") == "step"), key=lambda e: e.get("time", e["ts"]))
-    if started:
-        t0 = min(started)
-    elif step_events:
-        t0 = step_events[0].get("time", step_events[0]["ts"]) - (step_events[0].get("step_s") or 0.0)
-    else:
-        t0 = min((e["ts"] for e in events), default=0.0)
-    steps = [{"step": e["step"], "time_s": round(e.get("time", e["ts"]) - t0, 4), "loss": e.get("loss"),
-              "val_loss": e.get("val_loss"), "step_s": e.get("step_s")} for e in step_events]
-    out: list[dict[str, Any]] = []
-    for k in kills:
-        out.append({"kind": "failure", "stage": k["stage"], "planned_step": k.get("at_step"),
-                    "step": k.get("killed_at_step"), "time_s": round(k["ts"] - t0, 4), "node": k.get("node")})
-    for e in events:
-        if e.get("event") == "recovery_finished":
-            out.append({"kind": "recovery", "stage": e.get("stage"), "step": e.get("step"),
-                        "time_s": round(e["ts"] - t0, 4), "duration_s": e.get("duration_s"),
-                        "fetch_s": e.get("fetch_s"), "how": e.get("how"), "rule": e.get("rule"),
-                        "degraded": e.get("degraded"), "node": e.get("node")})
-        elif e.get("event") == "recovery_failed":
-            out.append({"kind": "recovery_failed", "stage": e.get("stage"), "time_s": round(e["ts"] - t0, 4),
-                        "error": e.get("error"), "node": e.get("node")})
-        elif e.get("event") == "rollback":  # the checkpoint baseline: the whole swarm went back
-            out.append({"kind": "rollback", "step": e.get("to_step"), "from_step": e.get("from_step"),
-                        "steps_lost": e.get("steps_lost"), "duration_s": e.get("restore_s"),
-                        "time_s": round(e["ts"] - t0, 4), "node": e.get("node")})
-    out.sort(key=lambda e: e["time_s"])
-    aborted = sum(1 for e in events if e.get("event") == "step_aborted")
-    saves = [e["save_s"] for e in events if e.get("event") == "checkpoint_saved"]
-    if saves:
-        meta = {**(meta or {}), "checkpoint_saves": len(saves), "checkpoint_save_s_total": round(sum(saves), 4)}
-    return RunRecord(strategy=strategy, level=level.label if level else None, rate=level.rate if level else None,
-                     p=level.p if level else None, steps=steps, events=out, planned_steps=planned_steps,
-                     exit_code=exit_code, meta={"steps_aborted": aborted, **(meta or {})})
-
-
 def load_schedules(path: str) -> list[FailureSchedule]:
     """A schedules.json written by an experiment ({"schedules": [...]}) or one schedule's JSON."""
     with open(path, encoding="utf-8") as f:
@@ -282,6 +237,9 @@ def plan_schedules(options: ExperimentOptions, levels: Sequence[FailureLevel], s
             if sched.num_stages != options.stages or sched.steps != options.steps:
                 raise ConfigError(f"replayed schedule is for L={sched.num_stages}, {sched.steps} steps; this "
                                   f"experiment has L={options.stages}, {options.steps} steps")
+            if sched.replicas != options.replicas:
+                raise ConfigError(f"replayed schedule is for --replicas {sched.replicas}; this experiment has "
+                                  f"--replicas {options.replicas}")
         for sched in replayed:
             out.setdefault((sched.label, sched.at_risk), sched)
         for sched in replayed:
@@ -289,15 +247,16 @@ def plan_schedules(options: ExperimentOptions, levels: Sequence[FailureLevel], s
                 if (sched.label, at_risk) not in out:
                     out[(sched.label, at_risk)] = generate_schedule(
                         seed=sched.seed, p=sched.p, steps=sched.steps, num_stages=sched.num_stages,
-                        at_risk=at_risk, min_gap=sched.min_gap, max_per_step=sched.max_per_step, rate=sched.rate,
-                        step_s=sched.step_s, compression=sched.compression)
+                        at_risk=at_risk, min_gap=sched.min_gap, max_per_step=sched.max_per_step,
+                        replicas=sched.replicas, rate=sched.rate, step_s=sched.step_s,
+                        compression=sched.compression)
         return out
     for level in levels:
         for at_risk in needed:
             out[(level.label, at_risk)] = generate_schedule(
                 seed=options.seed, p=level.p, steps=options.steps, num_stages=options.stages, at_risk=at_risk,
-                min_gap=options.min_gap, max_per_step=options.max_per_step, rate=level.rate, step_s=step_s,
-                compression=compression)
+                min_gap=options.min_gap, max_per_step=options.max_per_step, replicas=options.replicas,
+                rate=level.rate, step_s=step_s, compression=compression)
     return out
 
 
@@ -305,54 +264,26 @@ def replayed_levels(schedules: Sequence[FailureSchedule]) -> list[FailureLevel]:
     return list(dict.fromkeys(FailureLevel(s.rate, s.p) for s in schedules))
 
 
+def describe_events(schedule: FailureSchedule) -> str:
+    """`2@8, 3@24` (stage@step) with one node per stage; with groups each entry says which: `m1@5` is a member
+    of stage 1 killed at step 5, `g2@12` stage 2's whole group."""
+    if schedule.replicas == 1:
+        return ", ".join(f"{e.stage}@{e.step}" for e in schedule.events) or "none"
+    return ", ".join(f"{e.kind[0]}{e.stage}@{e.step}" for e in schedule.events) or "none"
+
+
+def expected_per_run(schedule: FailureSchedule) -> float | dict[str, float]:
+    """The expected number of failures the schedule's parameters give (one node per stage), or of member kills
+    and stage losses (groups); see schedule.expected_failures and expected_group_failures."""
+    s = schedule
+    if s.replicas == 1:
+        return round(expected_failures(s.p, s.steps, len(s.at_risk), s.max_per_step, s.min_gap), 2)
+    members, losses = expected_group_failures(s.p, s.steps, [group_size(st, s.replicas) for st in s.at_risk],
+                                              s.max_per_step, s.min_gap)
+    return {"member kills": round(members, 2), "stage losses": round(losses, 4)}
+
+
 # -- orchestration --------------------------------------------------------------------------------------------
-
-
-def _collect_events(workdir: str) -> list[dict[str, Any]]:
-    from cfnode.localswarm import read_events
-
-    out = []
-    for path in sorted(glob.glob(os.path.join(workdir, "*.events.jsonl"))):
-        node = os.path.basename(path).removesuffix(".events.jsonl")
-        out.extend({**e, "node": node} for e in read_events(path))
-    return out
-
-
-def _run_swarm(options: ExperimentOptions, plan: StrategyPlan, level: FailureLevel | None,
-               schedule: FailureSchedule | None, steps: int, name: str) -> RunRecord:
-    """One fresh swarm (a `cfnode demo` run) for one strategy; returns its record (exit code 130 on Ctrl-C)."""
-    from cfnode.demo import DemoOptions, run_demo
-
-    workdir = os.path.join(options.out, "runs", name)
-    if os.path.exists(workdir):
-        logger.info("removing the previous run's directory %s", workdir)
-        shutil.rmtree(workdir)
-    os.makedirs(workdir)
-    kills = kill_args(schedule) if schedule is not None and plan.injects else ()
-    summary_path = os.path.join(workdir, "summary.json")
-    demo = DemoOptions(stages=options.stages, steps=steps, preset_name=options.preset_name, workdir=workdir,
-                       json_summary=summary_path, spares=max(options.spares, options.max_per_step),
-                       microbatches=options.microbatches, microbatch_size=options.microbatch_size, lr=options.lr,
-                       val_every=options.val_every, heartbeat_period=options.heartbeat_period,
-                       heartbeat_ttl=options.heartbeat_ttl, kill=kills, recovery_rule=plan.recovery_rule,
-                       recovery=plan.recovery, checkpoint_every=options.checkpoint_every)
-    logger.info("run %s: %d steps%s; logs in %s", name, steps,
-                f", kills {' '.join(kills)}" if kills else ", no failures injected", workdir)
-    error = None
-    try:
-        code = run_demo(demo)
-    except (RuntimeError, TimeoutError, OSError, CfnodeError) as e:  # the swarm did not start
-        logger.error("run %s failed: %s", name, e)
-        code, error = EXIT_RUN_FAILED, str(e)
-    kills_done: list[dict[str, Any]] = []
-    if os.path.exists(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            kills_done = json.load(f).get("kills", [])
-    meta: dict[str, Any] = {"workdir": workdir, "kills_planned": list(kills)}
-    if error:
-        meta["error"] = error
-    return run_record(strategy=plan.name, level=level, events=_collect_events(workdir), kills=kills_done,
-                      planned_steps=steps, exit_code=code, meta=meta)
 
 
 def _write_schedules(path: str, options: ExperimentOptions,
@@ -387,7 +318,7 @@ def run_experiment(options: ExperimentOptions) -> int:
     try:
         if any(not p.injects for p in plans):
             bar.set_postfix_str("none")
-            run = _run_swarm(options, strategy_plan("none"), None, None, options.steps, "none")
+            run = run_swarm(options, strategy_plan("none"), None, None, options.steps, "none")
             runs.append(run)
             bar.update(1)
             measured = mean_step_s(run)
@@ -395,7 +326,7 @@ def run_experiment(options: ExperimentOptions) -> int:
                 return EXIT_INTERRUPTED
         elif options.needs_measured_step_time():
             bar.set_postfix_str("warm-up")
-            warmup = _run_swarm(options, strategy_plan("none"), None, None, options.warmup_steps, "warmup")
+            warmup = run_swarm(options, strategy_plan("none"), None, None, options.warmup_steps, "warmup")
             measured = mean_step_s(warmup)
             bar.update(1)
             if warmup.exit_code == EXIT_INTERRUPTED:
@@ -411,11 +342,11 @@ def run_experiment(options: ExperimentOptions) -> int:
         for level in levels:
             for plan in failing:
                 sched = schedules[(level.label, at_risk_stages(plan.name, options.stages))]
-                logger.info("%s at %s: p=%.5f per stage and step, stages %s at risk, failures at %s", plan.name,
-                            level.label, level.p, list(sched.at_risk),
-                            ", ".join(f"{stage}@{step}" for step, stage in sched.events) or "none")
+                logger.info("%s at %s: p=%.5f per node and step, %d member(s) per stage, stages %s at risk, "
+                            "failures at %s", plan.name, level.label, level.p, sched.replicas, list(sched.at_risk),
+                            describe_events(sched))
                 bar.set_postfix_str(f"{plan.name} {level.label}")
-                run = _run_swarm(options, plan, level, sched, options.steps, f"{plan.name}-{level.slug}")
+                run = run_swarm(options, plan, level, sched, options.steps, f"{plan.name}-{level.slug}")
                 run.meta["schedule"] = sched.to_dict()
                 runs.append(run)
                 bar.update(1)
@@ -441,8 +372,7 @@ def _meta(options: ExperimentOptions, schedules: dict[tuple[str, tuple[int, ...]
           measured: float | None, warmup: RunRecord | None, started: float) -> dict[str, Any]:
     c = effective_compression(options, step_s)
     levels = dict.fromkeys((s.label, s.p) for s in schedules.values())
-    expected = {f"{label}, stages {list(at_risk)}": round(expected_failures(
-        s.p, s.steps, len(at_risk), s.max_per_step, s.min_gap), 2) for (label, at_risk), s in schedules.items()}
+    expected = {f"{label}, stages {list(at_risk)}": expected_per_run(s) for (label, at_risk), s in schedules.items()}
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "elapsed_s": round(time.time() - started, 1),
@@ -457,6 +387,7 @@ def _meta(options: ExperimentOptions, schedules: dict[tuple[str, tuple[int, ...]
         "time compression c": None if c is None else round(c, 2),
         "compression source": _compression_source(options),
         "per-step failure probability p": ", ".join(f"{label}: {p:.5f}" for label, p in levels) or None,
+        "members per stage 1..L (K)": options.replicas,
         "min gap (steps) / max failures per step": f"{options.min_gap} / {options.max_per_step}",
         "expected failures per run": expected,
         "replayed from": options.replay,

@@ -1,5 +1,6 @@
 """`run_experiment` end to end on the tiny preset: a failure-free run and a CheckFree run with one injected
-failure (a replayed schedule), the report files, and no process left behind."""
+failure (a replayed schedule), every strategy through one failure, stage groups (`--replicas 2`: a member
+kill and a whole-group kill), the report files, and no process left behind."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import psutil
 import pytest
 
 from cfnode.experiment.runner import ExperimentOptions, run_experiment
-from cfnode.experiment.schedule import FailureSchedule, at_risk_stages, step_probability
+from cfnode.experiment.schedule import (
+    GROUP,
+    MEMBER,
+    Failure,
+    FailureSchedule,
+    at_risk_stages,
+    step_probability,
+)
 
 pytestmark = [pytest.mark.loopback, pytest.mark.fault, pytest.mark.slow]
 
@@ -104,5 +112,53 @@ def test_every_strategy_survives_one_injected_failure(tmp_path, strategy: str) -
             assert rollback["step"] % 3 == 0 and rollback["step"] <= rollback["from_step"], rollback
             assert rollback["from_step"] >= fails[0]["step"] and rollback["time_s"] > fails[0]["time_s"]
             assert run["meta"]["checkpoint_saves"] >= 5 * 4  # 5 stages saved steps 3, 6, 9, 12
+    finally:
+        assert not _procs_of(str(out)), "the experiment must stop every process it started"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # one swarm of 9-11 processes (K = 2, L = 2): 230-440 s on a loaded 2-core machine
+def test_replicas_2_member_kill_and_whole_group_kill(tmp_path) -> None:
+    # `cfnode experiment --replicas 2`: every stage is a group of two. One member of stage 1 is killed at step
+    # 10 (the group carries on, no rebuild, a fresh node joins it by exact copy); stage 2's whole group is
+    # killed at step 60 (the stage is lost: a spare rebuilds it with CheckFree, here a copy of stage 1). The
+    # demo kills once every member is ONLINE, while training has already begun (a step of the tiny preset
+    # takes ~0.3 s, a node's boot up to ~45 s on a loaded 2-core machine: stage 0's follower once joined at
+    # step 39): 150 steps leave room for both kills, the rebuild and the refill, and the record keeps the
+    # planned and the actual step
+    out = tmp_path / "exp"
+    schedule = FailureSchedule(seed=0, p=0.01, steps=150, num_stages=2, at_risk=(1, 2), replicas=2,
+                               events=(Failure(10, 1, MEMBER), Failure(60, 2, GROUP)))
+    replay = tmp_path / "schedule.json"
+    replay.write_text(schedule.to_json())
+    options = ExperimentOptions(strategies=("checkfree",), steps=150, stages=2, preset_name="tiny",
+                                microbatch_size=4, val_every=5, heartbeat_period=0.5, heartbeat_ttl=3.0,
+                                out=str(out), replay=str(replay), spares=1, replicas=2)
+    try:
+        code = run_experiment(options)
+        data = json.loads((out / "results.json").read_text())
+        [run] = data["runs"]
+        assert code == 0, (run["status"], run["meta"])
+        assert run["steps"][-1]["step"] == 150 and run["meta"]["replicas"] == 2
+        assert run["meta"]["kills_planned"] == ["1@10"] and run["meta"]["kill_groups_planned"] == ["2@60"]
+        fails = [e for e in run["events"] if e["kind"] == "failure"]
+        assert [(f["stage"], f["loss"], f["planned_step"], len(f["nodes"])) for f in fails] == [
+            (1, "member", 10, 1), (2, "stage", 60, 2)], fails
+        assert fails[0]["step"] >= 10 and fails[1]["step"] >= 60
+        recs = [e for e in run["events"] if e["kind"] == "recovery"]
+        assert [(r["stage"], r["how"]) for r in recs] == [(2, "copy(prev)")], recs  # the member loss: none
+        assert recs[0]["time_s"] > fails[1]["time_s"]
+        joins = [e for e in run["events"] if e["kind"] == "join"]
+        assert {j["stage"] for j in joins if j["time_s"] < fails[0]["time_s"]} == {0, 1, 2}  # the groups formed
+        # the member killed was replaced: a fresh node joined stage 1's group by exact copy
+        assert [j for j in joins if j["stage"] == 1 and j["time_s"] > fails[0]["time_s"]], joins
+        [row] = data["summary"]
+        assert (row["member_kills"], row["stage_losses"], row["rebuilds"]) == (1, 1, 1), row
+        assert row["exact_copies"] == len(joins) and row["other_copies"] >= 3, row
+        [member, stage] = data["failures"]
+        assert (member["how"], member["rebuild_s"], member["exact_copies"]) == ("routed-around", None, 1), member
+        assert (stage["how"], stage["loss"]) == ("copy(prev)", "stage") and stage["rebuild_s"] > 0, stage
+        md = (out / "results.md").read_text()
+        assert "| checkfree | p=0.01 | 1 | member |" in md and "| checkfree | p=0.01 | 2 | stage |" in md
     finally:
         assert not _procs_of(str(out)), "the experiment must stop every process it started"

@@ -1,27 +1,30 @@
 """The experiment runner's pure decisions: strategies to node flags, options, failure levels, schedules per
-strategy, kill arguments, and run records from the nodes' events."""
+strategy, kill arguments (member kills and stage losses), run records from the nodes' events, and the
+`experiment` command's one-line errors."""
 
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 
+from cfnode.cli import main
 from cfnode.errors import ConfigError
 from cfnode.experiment.runner import (
     ExperimentOptions,
     FailureLevel,
+    describe_events,
     effective_compression,
+    expected_per_run,
     failure_levels,
-    kill_args,
     load_schedules,
-    mean_step_s,
     parse_floats,
     plan_schedules,
     replayed_levels,
-    run_record,
     split_csv,
     strategy_plan,
 )
-from cfnode.experiment.schedule import FailureSchedule, at_risk_stages, step_probability
+from cfnode.experiment.schedule import Failure, FailureSchedule, at_risk_stages, step_probability
+from cfnode.experiment.swarmrun import KillArgs, kill_args, mean_step_s, run_record
 
 
 def test_strategies_map_to_node_flags() -> None:
@@ -119,7 +122,7 @@ def test_replay_uses_a_hand_written_schedule(tmp_path) -> None:
     assert levels == [FailureLevel(None, 0.0)]
     scheds = plan_schedules(opts, levels, None, loaded)
     assert scheds == {("p=0", (1, 2, 3)): hand}
-    assert kill_args(hand) == ("2@6",)
+    assert kill_args(hand) == KillArgs(("2@6",), ())  # one node per stage: the stage loss is a --kill
     with pytest.raises(ConfigError, match="L=3, 15 steps"):
         plan_schedules(ExperimentOptions(steps=15, stages=4, replay=str(path)), levels, None, loaded)
 
@@ -167,7 +170,8 @@ def test_run_record_from_events() -> None:
         {"step": 3, "time_s": 6.0, "loss": 7.0, "val_loss": 7.2, "step_s": 1.5},
     ]
     assert rec.events == [
-        {"kind": "failure", "stage": 2, "planned_step": 2, "step": 2, "time_s": 1.75, "node": "stage2"},
+        {"kind": "failure", "stage": 2, "planned_step": 2, "step": 2, "time_s": 1.75, "node": "stage2",
+         "loss": "stage", "nodes": ["stage2"]},
         {"kind": "recovery", "stage": 2, "step": 2, "time_s": 4.5, "duration_s": 0.4, "fetch_s": 0.1,
          "how": "grad-avg", "rule": "grad-avg", "degraded": None, "node": "spare0"},
     ]
@@ -179,3 +183,89 @@ def test_run_record_of_a_failure_free_or_broken_run() -> None:
     rec = run_record(strategy="none", level=None, events=[], kills=[], planned_steps=10, exit_code=5)
     assert rec.steps == [] and rec.events == [] and rec.status == "exit 5" and rec.level is None
     assert mean_step_s(rec) is None
+
+
+# -- stage groups (--replicas K) --------------------------------------------------------------------------------
+
+
+def test_replicas_option() -> None:
+    assert ExperimentOptions().replicas == 1
+    opts = ExperimentOptions(strategies=("none", "checkfree", "copy"), replicas=2)
+    assert opts.replicas == 2
+    for k in (0, 17):
+        with pytest.raises(ConfigError, match=r"--replicas must be 1\.\.16"):
+            ExperimentOptions(replicas=k)
+    with pytest.raises(ConfigError, match=r"--replicas 2 runs only .*; checkfree\+, checkpoint with stage groups"):
+        ExperimentOptions(strategies=("checkfree", "checkfree+", "checkpoint"), replicas=2)
+
+
+@pytest.mark.parametrize("args", [("--replicas", "0"), ("--replicas", "17"),
+                                  ("--replicas", "2", "--strategies", "none,redundant")])
+def test_experiment_replicas_errors_are_one_line_naming_the_flag(tmp_path, args) -> None:
+    result = CliRunner().invoke(main, ["experiment", "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "--replicas" in errors[0], result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.exception
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_group_schedules_and_their_kill_flags() -> None:
+    opts = ExperimentOptions(strategies=("none", "checkfree"), rates=(33.0,), steps=3000, seed=4, replicas=2)
+    [sched] = plan_schedules(opts, failure_levels(opts, None), None).values()
+    assert sched.replicas == 2 and sched.member_kills and sched.stage_losses
+    one = plan_schedules(ExperimentOptions(strategies=("checkfree",), rates=(33.0,), steps=3000, seed=4),
+                         failure_levels(opts, None), None)
+    assert next(iter(one.values())).replicas == 1
+    args = kill_args(sched)
+    assert len(args.kill) == len(sched.member_kills) and len(args.kill_group) == len(sched.stage_losses)
+    hand = FailureSchedule(seed=0, p=0.01, steps=20, num_stages=2, at_risk=(1, 2), replicas=2,
+                           events=(Failure(5, 1, "member"), Failure(9, 2, "group"), Failure(14, 1, "member")))
+    assert kill_args(hand) == KillArgs(("1@5", "1@14"), ("2@9",))
+    assert describe_events(hand) == "m1@5, g2@9, m1@14"
+    alone = FailureSchedule(seed=0, p=0.01, steps=20, num_stages=2, at_risk=(1, 2), events=((5, 1), (9, 2)))
+    assert kill_args(alone) == KillArgs(("1@5", "2@9"), ()) and describe_events(alone) == "1@5, 2@9"
+    assert isinstance(expected_per_run(alone), float)
+    assert set(expected_per_run(hand)) == {"member kills", "stage losses"}
+
+
+def test_replay_checks_the_replicas(tmp_path) -> None:
+    path = tmp_path / "schedule.json"
+    hand = FailureSchedule(seed=0, p=0.0, steps=15, num_stages=3, at_risk=(1, 2, 3), replicas=2,
+                           events=(Failure(4, 1, "member"), Failure(9, 2, "group")))
+    path.write_text(hand.to_json())
+    loaded = load_schedules(str(path))
+    opts = ExperimentOptions(strategies=("checkfree",), steps=15, stages=3, replay=str(path), replicas=2)
+    assert plan_schedules(opts, replayed_levels(loaded), None, loaded) == {("p=0", (1, 2, 3)): hand}
+    with pytest.raises(ConfigError, match="for --replicas 2; this experiment has --replicas 1"):
+        plan_schedules(ExperimentOptions(strategies=("checkfree",), steps=15, stages=3, replay=str(path)),
+                       replayed_levels(loaded), None, loaded)
+
+
+def test_run_record_of_a_group_run() -> None:
+    t = 1000.0
+    events = [
+        {"event": "training_started", "ts": t, "step": 0, "node": "stage0"},
+        {"event": "joined_group", "ts": t + 0.5, "stage": 1, "source": "abc", "step": 0, "generation": 1,
+         "duration_s": 0.3, "node": "stage1m1"},
+        {"event": "member_admitted", "ts": t + 0.5, "stage": 1, "peer": "def", "source": "abc", "step": 0,
+         "node": "stage0"},
+        {"event": "step", "ts": t + 1.0, "time": t + 1.0, "step": 1, "loss": 8.0, "step_s": 1.0, "node": "stage0"},
+        {"event": "step", "ts": t + 3.0, "time": t + 3.0, "step": 2, "loss": 7.0, "step_s": 1.0, "node": "stage0"},
+        {"event": "joined_group", "ts": t + 6.0, "stage": 1, "source": "def", "step": 2, "generation": 1,
+         "duration_s": 0.4, "node": "stage1m2"},
+        {"event": "member_admission_timed_out", "ts": t + 7.0, "stage": 2, "peer": "xyz", "step": 2,
+         "node": "stage0"},
+    ]
+    kills = [{"stage": 1, "at_step": 1, "killed_at_step": 1, "ts": t + 2.0, "node": "stage1",
+              "nodes": ["stage1"], "whole_group": False, "members_before": 2, "member_loss": True}]
+    rec = run_record(strategy="checkfree", level=None, events=events, kills=kills, planned_steps=2, exit_code=0)
+    assert rec.events == [
+        {"kind": "join", "stage": 1, "step": 0, "time_s": 0.5, "duration_s": 0.3, "source": "abc",
+         "node": "stage1m1"},
+        {"kind": "failure", "stage": 1, "planned_step": 1, "step": 1, "time_s": 2.0, "node": "stage1",
+         "loss": "member", "nodes": ["stage1"]},
+        {"kind": "join", "stage": 1, "step": 2, "time_s": 6.0, "duration_s": 0.4, "source": "def",
+         "node": "stage1m2"},
+    ]  # an exact join is a join, never a recovery; stage 0's member_admitted is the same join, not another
+    assert rec.meta == {"steps_aborted": 0, "member_admissions_timed_out": 1}

@@ -15,9 +15,15 @@ from cfnode.experiment.report import (
     downtimes,
     failure_rows,
     interpolate,
+    joins,
     match_recoveries,
+    member_kills,
+    other_copies,
     overhead_pct,
+    recoveries,
     recovery_penalties,
+    refills,
+    stage_losses,
     steps_per_s,
     summarize,
     summary_line,
@@ -147,7 +153,8 @@ def test_summary_rows() -> None:
     assert cf["ttt_vs_checkfree"] == pytest.approx(1.0)
     assert cp["time_to_target_s"] == pytest.approx(10 + 0.2 / 0.3 * 2)  # 11.333
     assert cp["ttt_vs_checkfree"] == pytest.approx(17 / 14)  # 11.333 / 9.333
-    assert cf["failures"] == cf["recoveries"] == 1
+    assert cf["failures"] == cf["stage_losses"] == cf["rebuilds"] == cf["nodes_killed"] == 1
+    assert cf["member_kills"] == cf["exact_copies"] == 0 and cf["member_downtime_mean_s"] is None
     assert cf["rebuild_mean_s"] == cf["rebuild_max_s"] == 0.8 and cp["rebuild_mean_s"] == 0.6
     assert cf["downtime_mean_s"] == pytest.approx(2.5)
     assert cf["penalty_mean"] == pytest.approx(0.4) and cp["penalty_max"] == pytest.approx(0.7)
@@ -163,8 +170,8 @@ def test_default_target_is_not_reached_by_the_failing_runs() -> None:
 
 def test_summary_line_formatting() -> None:
     rows = summarize([none_run(), checkfree_run(), copy_run()], target=2.5)
-    assert summary_line(rows[2], 2.5) == ("| copy | 10%/h | 10 | 12.0 | 0.833 | +20.0% | 2.4000 | 11.3 | 1.21x | 1 "
-                                          "| 0.60 / 0.60 | 2.5 | +0.7000 / +0.7000 | ok |")
+    assert summary_line(rows[2], 2.5) == ("| copy | 10%/h | 10 | 12.0 | 0.833 | +20.0% | 2.4000 | 11.3 | 1.21x "
+                                          "| 0 | 1 | 0 + 0 | 1 | 0.60 / 0.60 | 2.5 / – | +0.7000 / +0.7000 | ok |")
     assert "| not reached |" in summary_line(summarize([none_run(), checkfree_run()], 2.0)[1], 2.0)
     assert "| no target |" in summary_line(rows[0], None)
 
@@ -181,9 +188,10 @@ def test_status() -> None:
 
 def test_failure_rows_pair_each_kill_with_its_rebuild() -> None:
     rows = failure_rows([none_run(), checkfree_run()])
-    assert rows == [{"strategy": "checkfree", "level": "10%/h", "stage": 2, "planned_step": 4, "step": 4,
-                     "time_s": 4.5, "rebuild_s": 0.8, "fetch_s": 0.1, "how": "grad-avg",
-                     "downtime_s": pytest.approx(2.5), "penalty": pytest.approx(0.4)}]
+    assert rows == [{"strategy": "checkfree", "level": "10%/h", "stage": 2, "loss": "stage", "nodes_killed": 1,
+                     "planned_step": 4, "step": 4, "time_s": 4.5, "rebuild_s": 0.8, "fetch_s": 0.1,
+                     "how": "grad-avg", "exact_copies": 0, "copy_s": None, "downtime_s": pytest.approx(2.5),
+                     "penalty": pytest.approx(0.4)}]
 
 
 def test_record_round_trip() -> None:
@@ -222,7 +230,7 @@ def test_write_report(tmp_path) -> None:
     md = open(paths["md"], encoding="utf-8").read()
     for strategy in ("none", "checkfree", "copy", "random"):
         assert any(line.startswith(f"| {strategy} |") for line in md.splitlines()), strategy
-    assert "| checkfree | 10%/h | 2 | 4 | 4 | 4.5 | grad-avg | 0.80 |" in md  # the failures table
+    assert "| checkfree | 10%/h | 2 | stage | 4 | 4 | 4.5 | grad-avg | 0.80 | 0.10 | 0 | 2.5 |" in md  # failures
     assert "* target_val_loss: 2.04\n" in md
 
 
@@ -233,3 +241,90 @@ def test_write_report_without_failures_or_baseline(tmp_path) -> None:
     paths = write_report(str(tmp_path / "b"), [checkfree_run()])
     md = open(paths["md"], encoding="utf-8").read()
     assert "| no target |" in md and "* target_source: none" in md
+
+
+# -- stage groups: member kills, stage losses, exact copies vs rebuilds ----------------------------------------
+
+
+def group_run() -> RunRecord:
+    """K = 2, steps 1..5 at t = step, 6..10 at t = step + 1.5. The groups of stages 1 and 2 form by exact copy at
+    t = 0.2 / 0.3; one member of stage 1 is killed at t = 2.5 (routed around, refilled by an exact copy at 4.2);
+    stage 2's whole group is killed at t = 5.5, rebuilt by CheckFree at 7.0 and refilled by a copy at 9.5."""
+    times = {k: float(k) if k <= 5 else k + 1.5 for k in range(1, 11)}
+    events = [
+        {"kind": "join", "stage": 1, "step": 0, "time_s": 0.2, "duration_s": 0.3, "node": "stage1m1"},
+        {"kind": "join", "stage": 2, "step": 0, "time_s": 0.3, "duration_s": 0.3, "node": "stage2m1"},
+        {"kind": "failure", "stage": 1, "planned_step": 2, "step": 2, "time_s": 2.5, "loss": "member",
+         "nodes": ["stage1"]},
+        {"kind": "join", "stage": 1, "step": 4, "time_s": 4.2, "duration_s": 0.4, "node": "stage1m2"},
+        {"kind": "failure", "stage": 2, "planned_step": 5, "step": 5, "time_s": 5.5, "loss": "stage",
+         "nodes": ["stage2", "stage2m1"]},
+        {"kind": "recovery", "stage": 2, "step": 5, "time_s": 7.0, "duration_s": 0.5, "fetch_s": 0.2,
+         "how": "grad-avg"},
+        {"kind": "join", "stage": 2, "step": 7, "time_s": 9.5, "duration_s": 0.35, "node": "stage2m2"},
+    ]
+    return RunRecord(strategy="checkfree", level="10%/h", rate=10.0, p=0.0026,
+                     steps=_steps(times, {2: 4.0, 4: 3.0, 6: 2.6, 8: 2.3, 10: 2.1}), events=events,
+                     planned_steps=10)
+
+
+def test_member_kills_stage_losses_and_exact_copies_are_told_apart() -> None:
+    run = group_run()
+    assert [f["stage"] for f in member_kills(run)] == [1] and [f["stage"] for f in stage_losses(run)] == [2]
+    assert len(joins(run)) == 4 and len(recoveries(run)) == 1
+    assert match_recoveries(run) == [None, 0]  # the member loss is never rebuilt
+    assert refills(run) == [[2], [3]] and other_copies(run) == 2
+    # member loss: killed at 2.5, the next step at 3.0; stage loss: rebuilt at 7.0, the next step at 7.5
+    assert downtimes(run) == [pytest.approx(0.5), pytest.approx(2.0)]
+    [row] = summarize([run], target=None)
+    assert (row["failures"], row["member_kills"], row["stage_losses"], row["nodes_killed"]) == (2, 1, 1, 3)
+    assert (row["exact_copies"], row["refill_copies"], row["other_copies"], row["rebuilds"]) == (4, 2, 2, 1)
+    assert row["downtime_mean_s"] == pytest.approx(2.0) and row["member_downtime_mean_s"] == pytest.approx(0.5)
+    assert row["rebuild_mean_s"] == 0.5
+    assert " | 1 | 1 | 2 + 2 | 1 | 0.50 / 0.50 | 2.0 / 0.5 | " in summary_line(row, None)
+
+
+def test_an_exact_join_is_never_a_rebuild() -> None:
+    run = group_run()
+    run.events = [e for e in run.events if e["kind"] != "recovery"]  # stage 2's group was never rebuilt
+    assert match_recoveries(run) == [None, None]
+    [row] = summarize([run], target=None)
+    assert row["rebuilds"] == 0 and row["rebuild_mean_s"] is None and row["exact_copies"] == 4
+    rows = failure_rows([run])
+    assert [r["how"] for r in rows] == ["routed-around", None] and [r["rebuild_s"] for r in rows] == [None, None]
+    assert recovery_penalties(run, none_run()) == []  # no rebuild, no penalty
+    # a rebuild of a stage that only lost a member (say the last member was also lost unplanned) is a rebuild,
+    # but not the member loss's: it stays unmatched
+    run = group_run()
+    run.events.append({"kind": "recovery", "stage": 1, "step": 3, "time_s": 3.5, "duration_s": 0.1})
+    run.events.sort(key=lambda e: e["time_s"])
+    assert match_recoveries(run) == [None, 1] and summarize([run], None)[0]["rebuilds"] == 2
+
+
+def test_group_failure_rows_and_markdown(tmp_path) -> None:
+    rows = failure_rows([none_run(), group_run()])
+    member, stage = rows
+    assert (member["loss"], member["nodes_killed"], member["how"], member["exact_copies"], member["copy_s"]) == (
+        "member", 1, "routed-around", 1, 0.4)
+    assert member["rebuild_s"] is None and member["penalty"] is None
+    assert (stage["loss"], stage["nodes_killed"], stage["how"], stage["rebuild_s"], stage["exact_copies"]) == (
+        "stage", 2, "grad-avg", 0.5, 1)
+    # first validation after the rebuild (t=7.0) is step 6 (t=7.5): 2.6 - 2.5
+    assert stage["penalty"] == pytest.approx(0.1) and stage["downtime_s"] == pytest.approx(2.0)
+    paths = write_report(str(tmp_path), [none_run(), group_run()])
+    md = open(paths["md"], encoding="utf-8").read()
+    assert "| checkfree | 10%/h | 1 | member | 2 | 2 | 2.5 | routed-around | – | – | 1 (0.40) | 0.5 | – |" in md
+    assert "| checkfree | 10%/h | 2 | stage | 5 | 5 | 5.5 | grad-avg | 0.50 | 0.20 | 1 (0.35) | 2.0 | +0.1000 |" in md
+    assert "| member kills | stage losses | exact copies (refill + other) | rebuilds |" in md
+    with open(paths["json"], encoding="utf-8") as f:
+        data = json.load(f)
+    assert [(r["member_kills"], r["stage_losses"], r["exact_copies"], r["rebuilds"]) for r in data["summary"]] == [
+        (0, 0, 0, 0), (1, 1, 4, 1)]
+    with open(paths["png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_records_from_before_groups_are_stage_losses() -> None:
+    run = checkfree_run()  # failures without a `loss` field
+    assert run.events[0].get("loss") is None
+    assert len(stage_losses(run)) == 1 and not member_kills(run) and match_recoveries(run) == [0]
