@@ -80,7 +80,7 @@ def stage_to_move_to(view: SwarmView, num_stages: int, stage_idx: int, peer_id: 
     sizes = {i: len(view.group(i)) for i in range(1, num_stages + 1)}
     largest = min(sizes, key=lambda i: (-sizes[i], i))
     group = group_ids(view, stage_idx)
-    if largest != stage_idx or sizes[largest] < 2 or not group or group[-1] != peer_id:
+    if largest != stage_idx or sizes[largest] < 2 or not group or max(group) != peer_id:
         return None
     return empty[0]
 

@@ -22,6 +22,8 @@ from cfnode.node import Node
 from cfnode.testing.clock import CURRENT_NODE, ClockRegistry, VirtualClock, next_order, virtual_now
 from cfnode.testing.executor import InlineExecutor
 from cfnode.testing.faults import FaultDice, Peers
+from cfnode.testing.memaverage import AverageHub
+from cfnode.testing.memberstate import StateRecorder
 from cfnode.testing.memdht import MemoryDHT, MemorySwarm
 from cfnode.testing.memnet import MemoryNetwork, NodeNetwork
 
@@ -95,6 +97,10 @@ class Cluster:
         self.clocks = clocks if clocks is not None else ClockRegistry()
         self.dht = MemoryDHT(self.peers, dice)
         self.net = MemoryNetwork(self.peers, dice, self._context_of)
+        self.averaging = AverageHub(self.peers, seed=seed)
+        """The stage groups' all-reduce (memaverage.py)."""
+        self.states: StateRecorder | None = None
+        """Set (`record_states()`) to keep every member's state after each applied step (groups' invariant)."""
         self.nodes: dict[str, HarnessNode] = {}
         self.by_peer: dict[str, HarnessNode] = {}
         self.events: list[tuple[float, int, str, str, dict[str, Any]]] = []
@@ -126,7 +132,8 @@ class Cluster:
                             ttl_s=config.heartbeat.ttl_s, clock=clock)
         network: NodeNetwork = self.net.for_node(peer_id, config.network)
         rng = random.Random(f"{self.seed}:node:{name}")
-        node = context.run(Node, config, swarm, network, clock=clock, rng=rng, executor=InlineExecutor())
+        node = context.run(Node, config, swarm, network, clock=clock, rng=rng, executor=InlineExecutor(),
+                           averagers=self.averaging.factory(peer_id))
         h = HarnessNode(name, peer_id, clock, config, node, context)
         self._instrument(h)
         self.nodes[name] = h
@@ -142,10 +149,20 @@ class Cluster:
                 if all(d is not h.node.driver for d, _ in h.drivers):
                     h.drivers.append((h.node.driver, int(fields.get("step", 0))))
             self.events.append((virtual_now(), next_order(), h.name, event, fields))
+            if event == "online" and self.states is not None and h.node.joined_from:
+                self.states.note(h, "joined")  # an exact copy: it must equal its group at that step
             for hook in list(self.event_hooks):
                 hook(h, event, fields)
 
         h.node.events.emit = emit_and_record  # type: ignore[method-assign]
+        after_commit = h.node.after_commit
+
+        def after_commit_and_record(norm: float, raw: float) -> None:
+            after_commit(norm, raw)
+            if self.states is not None:
+                self.states.note(h, "applied")
+
+        h.node.after_commit = after_commit_and_record  # type: ignore[method-assign]
         task_done = h.node._task_done
 
         def note_task(task: asyncio.Task[Any]) -> None:

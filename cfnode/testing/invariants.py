@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from cfnode.testing.cluster import Cluster, HarnessNode
+from cfnode.testing.memberstate import GroupSizes
 from cfnode.testing.memdht import Write
 from cfnode.testing.patches import Ledger
 
@@ -163,3 +164,16 @@ def progress(cluster: Cluster, num_stages: int, target_step: int, limit_s: float
                 for h in cluster.nodes.values()), default=0)
     return [f"[progress] a recoverable swarm did not reach step {target_step} within {limit_s:.0f}s virtual "
             f"(stage 0 at step {best})"], "stuck"
+
+
+def group_size(sizes: GroupSizes) -> list[str]:
+    """(groups) A stage group never has more than `replicas` members: not in the DHT's records, not among the
+    participants of a committed step."""
+    return [f"[group-size] {o}" for o in sizes.over]
+
+
+def identical_members(cluster: Cluster) -> list[str]:
+    """(groups) After every applied step, every member of a group at that (stage, generation, step) holds
+    bit-identical weights and Adam state (`torch.equal`); a newcomer equals its group at the step it copied."""
+    states = cluster.states
+    return [] if states is None else [f"[identical] {m}" for m in states.mismatches]

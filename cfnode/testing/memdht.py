@@ -164,6 +164,23 @@ class MemoryDHT:
     def stored(self) -> list[Write]:
         return [w for w in self.writes if w.outcome == "stored"]
 
+    def true_view(self, run_id: str, num_stages: int) -> SwarmView:
+        """What a reader would see now with every write visible and no fault: the harness's ground truth."""
+        now, t = self.now(), virtual_now()
+
+        def entries(key: str) -> dict[str, Any]:
+            out = {}
+            for subkey, versions in self._data.get(key, {}).items():
+                seen = next((v for v in reversed(versions) if v.visible_at <= t), None)
+                if isinstance(subkey, str) and seen is not None and seen.expiration > now:
+                    out[subkey] = (_wire_copy(seen.value), seen.expiration)
+            return out
+
+        stages = {i: parse_stage_entries(_as_entries(entries(stage_key(run_id, i))), now)
+                  for i in range(num_stages + 1)}
+        standby = parse_stage_entries(_as_entries(entries(standby_key(run_id))), now)
+        return SwarmView(stages=stages, standby=standby, now=now)
+
 
 class MemorySwarm:
     """`cfnode.net.dht.SwarmStore` of one node over a `MemoryDHT`, shaped like `SwarmDHT`: the same two locks,

@@ -46,6 +46,8 @@ class Call:
     src: str
     dst: str
     seq: int
+    detail: str = ""
+    """rpc_get_weights: the uid asked for ("weights", "replica", "state")."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,8 @@ class Delivery:
 
 
 Hook = Callable[[str, Call], None]
-"""hook(phase, call) with phase "before" (the handler is about to run) or "after" (it ran; no reply yet)."""
+"""hook(phase, call) with phase "before" (the handler is about to run) or "after" (it ran; no reply yet); for a
+streamed reply (rpc_get_weights) "before" (the stream opens) and "part" (a part was produced, not yet sent)."""
 
 
 class _PeerID:
@@ -268,10 +271,16 @@ class MemoryNetwork:
         await asyncio.sleep(self.dice.messages.latency_s + fate.delay_s)
         await self.peers.gate(dst)
         self.note(seq, method, src, dst, "delivered")
+        call = Call(method, src, dst, seq, str(getattr(request, "uid", "")))
+        if self.hooks:
+            for hook in list(self.hooks):
+                hook("before", call)
+            self.peers.check(dst)
         generator = getattr(servicer, f"rpc_{method}")(request, _Context(src, method))
-        return self._pull(generator, src, dst, seq, method)
+        return self._pull(generator, call)
 
-    async def _pull(self, generator: Any, src: str, dst: str, seq: int, method: str) -> AsyncIterator[Any]:
+    async def _pull(self, generator: Any, call: Call) -> AsyncIterator[Any]:
+        src, dst, seq, method = call.src, call.dst, call.seq, call.method
         try:
             while True:
                 self.peers.check(dst)
@@ -284,6 +293,10 @@ class MemoryNetwork:
                 if self.dice.stream_cut():
                     self.note(seq, method, src, dst, "stream_cut")
                     return
+                if self.hooks:
+                    for hook in list(self.hooks):
+                        hook("part", call)
+                    self.peers.check(dst)  # a source killed mid-copy sends nothing more
                 await asyncio.sleep(self.dice.messages.latency_s)
                 yield part
         except PeerGone as e:
@@ -326,6 +339,7 @@ class MemoryStub:
     rpc_replica = _unary_rpc("replica", stream_in=True)
     rpc_commit = _unary_rpc("commit", stream_in=False)
     rpc_abort = _unary_rpc("abort", stream_in=False)
+    rpc_admit = _unary_rpc("admit", stream_in=False)
     rpc_restore = _unary_rpc("restore", stream_in=False)
     rpc_info = _unary_rpc("info", stream_in=False)
 

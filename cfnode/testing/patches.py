@@ -1,11 +1,12 @@
 """What the harness swaps in around the node code for the length of a scenario, and undoes afterwards:
 
-* memoised package versions (every NodeMetrics reads them for cfnode_build_info), memoised stage builds (`build_stage` deep-copies one cached module per (config, stage)) and a memoised
+* memoised package versions (every NodeMetrics reads them for cfnode_build_info), memoised stage builds (`build_stage`,
+  in a rebuild and in a group's newcomer, deep-copies one cached module per (config, stage)) and a memoised
   corpus + token tensor for `Driver.prepare`: the real code runs, without paying ~0.1 s per node for them;
 * a `time` stand-in (clock.py `TimeShim`) in the modules that read the `time` module directly (the driver's
   attempt ids, the durations in events), so they follow the calling node's virtual clock;
-* a ledger of every `StageWorker` and its optimizer steps (a global torch step hook), for the invariant
-  "updates == committed steps".
+* a ledger of every `StageWorker` (built, installed, restored or an exact copy of a group member) and its
+  optimizer steps (a global torch step hook), for the invariant "updates == committed steps".
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from cfnode.testing.clock import CURRENT_NODE, ClockRegistry, TimeShim
 
 TIME_READERS = ("cfnode.train.driver", "cfnode.node.rebuild", "cfnode.recovery.coordinator", "cfnode.net.client",
-                "cfnode.net.service", "cfnode.recovery.copies", "cfnode.train.worker")
+                "cfnode.net.service", "cfnode.recovery.copies", "cfnode.train.worker", "cfnode.node.join",
+                "cfnode.node.commits")
 """Modules that call time.time() / time.perf_counter() themselves (they do not take the node's Clock)."""
 
 
@@ -100,9 +102,10 @@ Swap = Callable[[Any, str, Any], None]
 def _memoise(swap: Swap) -> None:
     from cfnode import metrics
     from cfnode.model import data
-    from cfnode.node import rebuild
+    from cfnode.node import join, rebuild
 
     swap(rebuild, "build_stage", cached_build_stage)
+    swap(join, "build_stage", cached_build_stage)  # a newcomer's module, overwritten by its copy
     swap(metrics, "_version", functools.lru_cache(maxsize=None)(metrics._version))  # package metadata, per node
     original_load = data.load_corpus
     original_from_corpus = data.TokenData.from_corpus.__func__
@@ -126,7 +129,7 @@ def _track_workers(swap: Swap, ledger: Ledger) -> None:
     """Every StageWorker built, installed or restored enters the ledger (after the original method ran)."""
     from cfnode.train.worker import StageWorker
 
-    for name in ("__init__", "install", "restore"):
+    for name in ("__init__", "install", "install_state", "restore"):
         original = getattr(StageWorker, name)
 
         def tracked(self: Any, *args: Any, _original: Any = original, **kwargs: Any) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,10 @@ from typing import Any
 
 from cfnode.testing import invariants as inv
 from cfnode.testing.clock import CURRENT_NODE, ClockRegistry, virtual_now
-from cfnode.testing.cluster import Cluster, peer_ids
+from cfnode.testing.cluster import Cluster, HarnessNode, peer_ids
 from cfnode.testing.faults import FaultDice, PeerGone
 from cfnode.testing.logs import log_trace, quiet, verbose
+from cfnode.testing.memberstate import GroupFacts, GroupSizes, StateRecorder
 from cfnode.testing.patches import Ledger, patched
 from cfnode.testing.plan import ArmedPlan
 from cfnode.testing.scenario import TTL_S, Scenario, generate
@@ -45,6 +47,8 @@ class Outcome:
     wall_s: float
     fired: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    groups: GroupFacts | None = None
+    """A groups scenario's sizes, participants and compared states (None with one peer per stage)."""
 
     @property
     def digest(self) -> str:
@@ -78,6 +82,9 @@ def _trace(cluster: Cluster) -> list[tuple[Any, ...]]:
                                v.get("step"), round(w.expiration, 6), w.outcome)))
     for d in cluster.net.log:
         rows.append((d.order, (round(d.time, 6), "rpc", d.seq, d.method, name(d.src), name(d.dst), d.outcome)))
+    for r in cluster.averaging.log:
+        rows.append((r.order, (round(r.time, 6), "average", r.prefix, r.size, r.tag,
+                               tuple(name(p) for p in r.members), r.outcome)))
     return [row for _, row in sorted(rows, key=lambda r: r[0])]
 
 
@@ -86,17 +93,22 @@ async def _scenario(sc: Scenario, box: dict[str, Any], clocks: ClockRegistry) ->
     dice = FaultDice(sc.seed, sc.messages, sc.dht, until_s=sc.faults_until_s)
     cluster = Cluster(seed=sc.seed, dice=dice, clocks=clocks)
     box["cluster"] = cluster
-    config = sc.config()
     for name, pid, skew in zip(sc.names, peer_ids(sc.seed, sc.num_nodes), sc.skews, strict=True):
-        cluster.add(name, config, peer_id=pid, skew_s=skew)
+        cluster.add(name, sc.node_config(name), peer_id=pid, skew_s=skew)
+    sizes = _watch_groups(cluster, sc) if sc.replicas > 1 else None
+    box["sizes"] = sizes
+    run_id = sc.config().run_id
     for name, at in zip(sc.names, sc.start_at, strict=True):
-        loop.call_at(at, cluster.start, name)
+        if math.isfinite(at):  # inf: the fault plan starts it (a newcomer at a protocol point)
+            loop.call_at(at, cluster.start, name)
     armed = ArmedPlan(sc.plan, cluster)
     box["armed"] = armed
     armed.arm()
     unrecoverable_since: float | None = None
     while virtual_now() < sc.limit_s:
         await asyncio.sleep(POLL_S)
+        if sizes is not None:
+            sizes.sample_view(cluster.dht.true_view(run_id, sc.num_stages), sc.num_stages, cluster.name_of)
         if any(h.finished for h in cluster.nodes.values()):
             break
         if inv.why_unrecoverable(cluster, sc.num_stages) is None:
@@ -107,6 +119,23 @@ async def _scenario(sc: Scenario, box: dict[str, Any], clocks: ClockRegistry) ->
             break
     box["end"] = virtual_now()
     box["pending"] = await cluster.teardown()
+
+
+def _watch_groups(cluster: Cluster, sc: Scenario) -> GroupSizes:
+    """Stage groups: keep every member's state after each applied step, and the groups' sizes (the DHT's truth
+    whenever a node goes ONLINE, the participants of every committed step)."""
+    cluster.states = StateRecorder()
+    sizes = GroupSizes(sc.replicas)
+    run_id = sc.config().run_id
+
+    def on_event(h: HarnessNode, event: str, fields: dict[str, Any]) -> None:
+        if event == "online":
+            sizes.sample_view(cluster.dht.true_view(run_id, sc.num_stages), sc.num_stages, cluster.name_of)
+        elif event == "step" and h.node.driver is not None:
+            sizes.sample_participants(dict(h.node.driver.paths.participants), int(fields["step"]), cluster.name_of)
+
+    cluster.event_hooks.append(on_event)
+    return sizes
 
 
 def _cancel_everything(loop: asyncio.AbstractEventLoop) -> None:
@@ -158,7 +187,12 @@ def run_scenario(seed: int, scenario: Scenario | None = None, *, trace_logs: boo
     armed: ArmedPlan = box["armed"]
     threads_after = sorted(t.name for t in threading.enumerate())
     config = sc.config()
-    violations += inv.single_online_owner(cluster.dht.writes, config.run_id, cluster.name_of)
+    sizes: GroupSizes | None = box.get("sizes")
+    if sizes is None:
+        violations += inv.single_online_owner(cluster.dht.writes, config.run_id, cluster.name_of)
+    else:  # several ONLINE peers per (stage, generation) is the point of a group: bound and compare them
+        violations += inv.group_size(sizes)
+        violations += inv.identical_members(cluster)
     violations += inv.updates_match_steps(ledger)
     violations += inv.contiguous_steps(cluster)
     violations += inv.microbatch_accounting(cluster)
@@ -171,6 +205,11 @@ def run_scenario(seed: int, scenario: Scenario | None = None, *, trace_logs: boo
     trace = _trace(cluster)
     if trace_logs:
         log_trace(trace)
+    facts = None
+    if sizes is not None and cluster.states is not None:
+        facts = GroupFacts(compared=cluster.states.compared, largest=dict(sizes.largest),
+                           participants=list(sizes.participants),
+                           peer_ids={h.name: h.peer_id for h in cluster.nodes.values()})
     return Outcome(sc, trace, violations, f"{summary} (t={box.get('end', 0.0):.2f}s virtual)",
                    virtual_s=box.get("end", 0.0), wall_s=time.perf_counter() - started,
-                   fired=armed.fired, skipped=armed.skipped)
+                   fired=armed.fired, skipped=armed.skipped, groups=facts)

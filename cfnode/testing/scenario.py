@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass, field, replace
 
 from cfnode.config import (
+    GroupConfig,
     HeartbeatConfig,
     MetricsConfig,
     NetworkConfig,
@@ -31,6 +32,10 @@ CLAIM_JITTER_S = 0.3
 """The claim protocol assumes a DHT write reaches every reader within the claim jitter (docs/protocol.md);
 visibility faults stay inside that bound, so "one ONLINE owner per (stage, generation)" must hold strictly."""
 LIMIT_S = 60.0
+AVERAGING_TIMEOUT_S = 2.0
+"""A groups run's all-reduce timeout (prepare's timeout is the request timeout plus twice this)."""
+JOIN_TIMEOUT_S = 10.0
+"""A groups run's admission hold: how long stage 0 holds the ring for a newcomer's copy."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,23 @@ class Scenario:
     limit_s: float = LIMIT_S
     latency_s: float = 0.002
     names: tuple[str, ...] = field(default=())
+    replicas: int = 1
+    """Stage groups (docs/groups.md): up to this many members per transformer stage (1: one peer per stage)."""
+    spare_names: tuple[str, ...] = ()
+    """Nodes started with --spare (wait as STANDBY, never join a group)."""
+    extra_nodes: int = 0
+    """Nodes beyond one per stage and the spares (with groups: the members that join a group)."""
 
     @property
     def num_nodes(self) -> int:
-        return self.num_stages + 1 + self.spares
+        return self.num_stages + 1 + self.spares + self.extra_nodes
+
+    def node_config(self, name: str) -> NodeConfig:
+        """The config of node `name` (the run's, plus --spare for a spare of a groups run)."""
+        config = self.config()
+        if name in self.spare_names:
+            config = replace(config, group=replace(config.group, spare=True))
+        return config
 
     def config(self) -> NodeConfig:
         return NodeConfig(
@@ -64,12 +82,18 @@ class Scenario:
             heartbeat=HeartbeatConfig(period_s=PERIOD_S, ttl_s=TTL_S, claim_jitter_s=CLAIM_JITTER_S),
             recovery=RecoveryConfig(fetch_timeout_s=3.0),
             metrics=MetricsConfig(port=None),
+            group=GroupConfig(replicas=self.replicas, averaging_timeout_s=AVERAGING_TIMEOUT_S,
+                              join_timeout_s=JOIN_TIMEOUT_S) if self.replicas > 1 else GroupConfig(),
         )
 
     def describe(self) -> list[str]:
-        lines = [f"seed {self.seed}: L={self.num_stages}, {self.spares} spare(s), {self.steps} steps, "
+        groups = f", replicas {self.replicas}, {self.extra_nodes} more member(s)" if self.replicas > 1 else ""
+        lines = [f"seed {self.seed}: L={self.num_stages}, {self.spares} spare(s){groups}, {self.steps} steps, "
                  f"kinds {', '.join(self.kinds)}",
-                 "starts " + ", ".join(f"{n}@{t:.2f}s" for n, t in zip(self.names, self.start_at, strict=True))]
+                 "starts " + ", ".join(f"{n}@{t:.2f}s" if t != float("inf") else f"{n}@plan"
+                                       for n, t in zip(self.names, self.start_at, strict=True))]
+        if self.spare_names:
+            lines.append(f"--spare: {', '.join(self.spare_names)}")
         if any(self.skews):
             lines.append("skews " + ", ".join(f"{n}{s:+.2f}s" for n, s in zip(self.names, self.skews, strict=True)))
         m, d = self.messages, self.dht
