@@ -29,6 +29,7 @@ from cfnode.config import (
     TrainConfig,
     preset,
 )
+from cfnode.device import COMPUTE_DTYPES
 from cfnode.errors import CfnodeError, ConfigError
 from cfnode.logs import setup_logging
 from cfnode.net.peers import parse_peers
@@ -42,6 +43,16 @@ def _checked_peers(values: tuple[str, ...]) -> tuple[str, ...]:
     """parse_peers, or exit 2 with its one-line error before anything starts."""
     try:
         return parse_peers(values)
+    except ConfigError as e:
+        _fail(e)
+
+
+def _checked_device(requested: str) -> str:
+    """The concrete device for `--device` on this machine, or exit 2 with its one-line error."""
+    from cfnode.device import probe_device
+
+    try:
+        return probe_device(requested)
     except ConfigError as e:
         _fail(e)
 
@@ -140,6 +151,11 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--max-message-bytes", type=int, default=_N.max_message_bytes,
               help="Byte cap of one incoming tensor stream.")
 @click.option("--threads", type=int, default=_T.num_threads, help="torch threads of this node.")
+@click.option("--device", default="cpu",
+              help="Where this node's stage trains: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.")
+@click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="float32",
+              help="Run-wide: autocast forward passes to this dtype over float32 weights and Adam state "
+                   "(float16: a static loss scale, see docs/operations.md).")
 @click.option("--identity-path", default=None, help="Persistent identity file (created if absent).")
 @click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/0",))
 @click.option("--announce-maddrs", multiple=True)
@@ -171,6 +187,7 @@ def join(**kw: Any) -> None:
     """Join a training run: claim a stage (or wait as a spare) and train it with the neighbours."""
     setup_logging(kw["log_level"], kw["log_format"])
     kw["peers"] = _checked_peers(kw["peers"])
+    kw["device"] = _checked_device(kw["device"])
     try:
         config = _join_config(kw)
     except ConfigError as e:
@@ -219,7 +236,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                           max_in_flight=kw["max_in_flight"], max_steps=kw["max_steps"], val_every=kw["val_every"],
                           val_batches=kw["val_batches"], step_timeout_s=kw["step_timeout"],
                           num_threads=kw["threads"], debug_hold_at_step=kw["debug_hold_at_step"],
-                          start_step=start_step),
+                          start_step=start_step, device=kw["device"], compute_dtype=kw["compute_dtype"]),
         network=NetworkConfig(initial_peers=parse_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
                               request_timeout_s=kw["request_timeout"],
@@ -441,6 +458,9 @@ def generate(log_level: str, log_format: str, **kw: Any) -> None:
 @click.option("--checkpoint-every", type=int, default=50, help="With --recovery checkpoint: save every N steps.")
 @click.option("--export-dir", default=None, help="Where the trained model is written (default: WORKDIR/export).")
 @click.option("--prompt", default="ROMEO.", help="Prompt of the sample printed at the end.")
+@click.option("--device", default="cpu", help="`join --device` of every node: auto, cpu, cuda, cuda:N or mps.")
+@click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="float32",
+              help="`join --compute-dtype` of every node.")
 @_with(logging_options)
 def demo(**kw: Any) -> None:
     """Start a bootstrap, L+1 stage nodes (with --replicas K: K members for each of stages 1..L) and a spare on
@@ -448,6 +468,7 @@ def demo(**kw: Any) -> None:
     from cfnode.demo import DemoOptions, run_demo
 
     setup_logging(kw.pop("log_level"), kw.pop("log_format"))
+    kw["device"] = _checked_device(kw["device"])
     try:
         options = DemoOptions(**kw)
     except ConfigError as e:

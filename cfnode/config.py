@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from cfnode.device import check_compute_dtype, parse_device
 from cfnode.errors import ConfigError
 
 PROTOCOL_VERSION = 2
@@ -108,6 +109,12 @@ class TrainConfig:
     retry_backoff_s: float = 0.5
     num_threads: int = 1
     """torch intra-op threads of this node's compute thread."""
+    device: str = "cpu"
+    """Where this node's stage, its gradients and Adam state live and compute (`--device`, resolved by the CLI:
+    cpu, cuda:N, mps; meta in tests). Per node: stages of one run may sit on different devices."""
+    compute_dtype: str = "float32"
+    """`--compute-dtype`: float32, or autocast to bfloat16/float16 over float32 master weights and Adam state
+    (cfnode/device.py). Run-wide (the run's MetaRecord carries it)."""
     debug_hold_at_step: int | None = None
     """Test seam: stage 0 stops driving (and holds, still serving RPCs) before this step."""
 
@@ -123,6 +130,10 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 0, got {self.max_steps}")
         if self.step_timeout_s <= 0:
             raise ConfigError(f"train.step_timeout_s must be > 0, got {self.step_timeout_s}")
+        if parse_device(self.device) in ("auto", "cuda"):
+            raise ConfigError(f"train.device must be a concrete device (cpu, cuda:N, mps), got {self.device!r}; "
+                              "resolve --device first (cfnode.device.probe_device)")
+        check_compute_dtype(self.compute_dtype)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from cfnode.config import PRESETS, GroupConfig
 from cfnode.demo_report import summarize, write_loss_plot
+from cfnode.device import check_compute_dtype, parse_device
 from cfnode.errors import EXIT_UNRECOVERABLE, ConfigError
 from cfnode.localswarm import JOIN_LINE, Proc, Swarm, read_events, signal_group, wait_for_event, wait_for_line
 
@@ -58,6 +59,10 @@ class DemoOptions:
     """Where stage 0 writes the trained model at the end (default WORKDIR/export)."""
     prompt: str = "ROMEO."
     """The prompt of the sample printed at the end (sampled with seed 0: the same model gives the same text)."""
+    device: str = "cpu"
+    """`join --device` of every node (the CLI resolves `auto` once, on this machine)."""
+    compute_dtype: str = "float32"
+    """`join --compute-dtype` of every node (run-wide)."""
 
     def kill_plan(self) -> list[Kill]:
         """Every --kill and --kill-group, in the order they are due (the order given among equal steps)."""
@@ -76,6 +81,8 @@ class DemoOptions:
         if self.recovery == "checkfree+" and self.stages < 4:
             raise ConfigError(f"--recovery checkfree+ needs --stages >= 4, got {self.stages}")
         GroupConfig(replicas=self.replicas)  # --replicas must be 1..16
+        parse_device(self.device)
+        check_compute_dtype(self.compute_dtype)
         if self.kill_group and self.spares < 1:
             raise ConfigError(f"--kill-group needs a spare to rebuild the stage: --spares must be >= 1, "
                               f"got {self.spares}")
@@ -175,6 +182,7 @@ def run_demo(options: DemoOptions) -> int:
         common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
         common += ["--export-dir", export_dir]  # ... and exports at --max-steps, before it leaves
         common += ["--replicas", str(options.replicas)]  # run-wide: every node sizes the groups alike
+        common += ["--device", options.device, "--compute-dtype", options.compute_dtype]
         starter = Starter(swarm, common, options.replicas)
         starter.start(options.stages, options.spares)
         code = _follow(options, swarm, starter)

@@ -44,6 +44,7 @@ __all__ = [
     "llama_config",
     "load_pretrained",
     "model_config_from_pretrained",
+    "place_stage",
     "split_llama",
     "stage_param_count",
 ]
@@ -211,12 +212,16 @@ def _check_matches(cfg: ModelConfig, found: ModelConfig, model_path: str) -> Non
         raise ConfigError(f"model config does not match the checkpoint at {model_path}: {', '.join(diff)}")
 
 
-def build_stage(cfg: ModelConfig, stage_idx: int, model_path: str | None = None) -> nn.Module:
+def build_stage(cfg: ModelConfig, stage_idx: int, model_path: str | None = None, *,
+                device: str | torch.device | None = None) -> nn.Module:
     """A standalone (deep-copied) stage `stage_idx` of the full model; the rest of the model can be freed.
 
     Without `model_path` the full model is `build_llama(cfg)`, so every node derives the same weights from the
     seed. With `model_path` (a local checkpoint directory) the weights are loaded from it; `cfg` must describe
     the checkpoint (see `model_config_from_pretrained`) or a `ConfigError` is raised.
+
+    The weights are always made on the CPU in float32 (the same bits on every machine), then the stage is
+    moved to `device` (`place_stage`); they stay float32 whatever the compute dtype (StageWorker autocasts).
     """
     if not 0 <= stage_idx <= cfg.num_stages:
         raise ConfigError(f"stage index must be in 0..{cfg.num_stages}, got {stage_idx}")
@@ -227,6 +232,14 @@ def build_stage(cfg: ModelConfig, stage_idx: int, model_path: str | None = None)
         model = load_pretrained(model_path)
     stage = copy.deepcopy(split_llama(model, cfg.num_stages)[stage_idx])
     del model
+    return stage if device is None else place_stage(stage, device)
+
+
+def place_stage(stage: nn.Module, device: str | torch.device) -> nn.Module:
+    """Move every parameter and buffer of `stage` to `device`, in place (dtypes unchanged). Returns `stage`."""
+    target = torch.device(device)
+    if any(t.device != target for t in (*stage.parameters(), *stage.buffers())):
+        stage.to(target)
     return stage
 
 

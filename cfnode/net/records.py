@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cfnode.config import PROTOCOL_VERSION
+from cfnode.device import COMPUTE_DTYPES
 
 
 class StageState(enum.Enum):
@@ -155,14 +156,19 @@ class MetaRecord:
     """Every stage counts steps from the same start (a resumed export's step)."""
     replicas: int = 1
     """The most members a stage group may have (1: one peer per stage, the others wait as spares)."""
+    compute_dtype: str = "float32"
+    """`--compute-dtype`: every stage autocasts alike (and float16 stages share the static loss scale)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
-        return {"num_stages": self.num_stages, "model_config_hash": self.model_config_hash,
-                "recovery_mode": self.recovery_mode, "recovery_rule": self.recovery_rule,
-                "microbatch_size": self.microbatch_size, "num_microbatches": self.num_microbatches,
-                "clip_norm": self.clip_norm, "start_step": self.start_step, "replicas": self.replicas,
-                "version": self.version}
+        wire: dict[str, Any] = {"num_stages": self.num_stages, "model_config_hash": self.model_config_hash,
+                                "recovery_mode": self.recovery_mode, "recovery_rule": self.recovery_rule,
+                                "microbatch_size": self.microbatch_size, "num_microbatches": self.num_microbatches,
+                                "clip_norm": self.clip_norm, "start_step": self.start_step,
+                                "replicas": self.replicas, "version": self.version}
+        if self.compute_dtype != "float32":  # absent means float32: a float32 run's meta is what it always was
+            wire["compute_dtype"] = self.compute_dtype
+        return wire
 
     @classmethod
     def from_wire(cls, value: object) -> MetaRecord | None:
@@ -178,9 +184,16 @@ class MetaRecord:
                        microbatch_size=int(value.get("microbatch_size", 8)),
                        num_microbatches=int(value.get("num_microbatches", 4)), clip_norm=clip_norm,
                        start_step=int(value.get("start_step", 0)), replicas=int(value.get("replicas", 1)),
+                       compute_dtype=_compute_dtype(value.get("compute_dtype", "float32")),
                        version=int(value.get("version", 0)))
         except (KeyError, ValueError, TypeError, OverflowError):
             return None
+
+
+def _compute_dtype(value: object) -> str:
+    if value not in COMPUTE_DTYPES:
+        raise ValueError(f"unknown compute dtype {value!r}")
+    return str(value)
 
 
 _MEMBER_ORDER = {"ONLINE": 0, "RECOVERING": 1, "JOINING": 2}

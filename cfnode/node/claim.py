@@ -77,6 +77,7 @@ _RUN_WIDE = (  # (MetaRecord field, how a user sets it, why every node must agre
     ("clip_norm", "train.clip_norm", "every stage must clip at the run's norm (CheckFree weighs the clipped norms)"),
     ("start_step", "a start step (--model-path of an export)", "every stage must count steps from the run's start"),
     ("replicas", "--replicas", "every node must size the stage groups alike"),
+    ("compute_dtype", "--compute-dtype", "every stage must compute (and scale float16 losses) alike"),
 )
 
 
@@ -104,7 +105,7 @@ def _meta_record(host: ClaimHost) -> MetaRecord:
                       recovery_mode=recovery.mode, recovery_rule=recovery.rule,
                       microbatch_size=train.microbatch_size, num_microbatches=train.num_microbatches,
                       clip_norm=float(train.clip_norm), start_step=train.start_step,
-                      replicas=host.config.group.replicas)
+                      replicas=host.config.group.replicas, compute_dtype=train.compute_dtype)
 
 
 async def store_meta(host: ClaimHost) -> None:

@@ -56,7 +56,7 @@ async def join_group(host: JoinHost, stage: int) -> StageWorker:
     await host.announce()
     await _until_visible(host, stage)
     module = await host.compute(build_stage, cfg.model, stage, cfg.model_path)
-    worker = StageWorker(module, stage_idx=stage, lr=cfg.train.lr, clip_norm=cfg.train.clip_norm)
+    worker = StageWorker.for_train(module, stage_idx=stage, train=cfg.train)
     logger.info("asking stage 0 to join stage %d's group (%d members, generation %d)", stage, len(group),
                 host.generation)
     try:

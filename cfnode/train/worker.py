@@ -3,21 +3,32 @@
 Every method runs on the node's single compute thread (never on the network loop), so the module and the
 optimizer need no lock. Tensors arrive detached; each hop's autograd graph lives in the stash until its
 backward. Partial state of an aborted attempt is dropped by `begin()` when a newer attempt starts.
+
+Placement (cfnode/device.py): the module, its gradients and the Adam state live on `device`; every tensor a
+method takes is moved there, and every tensor it returns (activations, gradients, snapshots, exported state,
+gradient vectors) is on the CPU in float32. With a compute dtype other than float32 the forward passes run
+under `torch.autocast`; float16 also scales the loss at stage 0's head by a static run-wide factor that every
+stage divides out of its gradient before clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from cfnode.device import loss_scale, torch_dtype
 from cfnode.train.schedule import AttemptKey, is_newer
+
+if TYPE_CHECKING:
+    from cfnode.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +45,7 @@ def gradient_digest(params: list[torch.Tensor] | Any) -> str:
     h = hashlib.sha256()
     for p in params:
         if p.grad is not None:
-            h.update(p.grad.detach().contiguous().numpy().tobytes())
+            h.update(p.grad.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -42,8 +53,36 @@ def weights_digest(module: nn.Module) -> str:
     """A short digest of a module's weights' bits."""
     h = hashlib.sha256()
     for _, v in sorted(module.state_dict().items()):
-        h.update(v.detach().contiguous().numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` on the CPU (a clone when it already is there)."""
+    t = t.detach()
+    return t.clone() if t.device.type == "cpu" else t.to("cpu")
+
+
+def _host_tree(obj: Any) -> Any:
+    """`obj` (dicts/lists/tuples of tensors and plain values: an optimizer's state_dict) copied, tensors on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return host_copy(obj)
+    if isinstance(obj, dict):
+        return {k: _host_tree(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_tree(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """What crosses to the event loop and the wire: on the CPU in float32 (the same tensor if it already is)."""
+    return t.to(device="cpu", dtype=torch.float32)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 def worker_holds(worker: StageWorker) -> tuple[int, int]:
@@ -52,8 +91,17 @@ def worker_holds(worker: StageWorker) -> tuple[int, int]:
 
 
 class StageWorker:
-    def __init__(self, module: nn.Module, *, stage_idx: int, lr: float, clip_norm: float) -> None:
+    def __init__(self, module: nn.Module, *, stage_idx: int, lr: float, clip_norm: float,
+                 device: str | torch.device | None = None, compute_dtype: str | torch.dtype = "float32") -> None:
+        """`device`: where the module (moved there if it is elsewhere), its gradients and Adam state live;
+        default: where the module already is. `compute_dtype`: what the forward passes autocast to."""
+        self.device = torch.device(device) if device is not None else _module_device(module)
+        if any(t.device != self.device for t in (*module.parameters(), *module.buffers())):
+            module.to(self.device)
         self.module = module
+        self.compute_dtype = torch_dtype(compute_dtype)
+        self.loss_scale = loss_scale(self.compute_dtype)
+        """Static loss scale (float16: cfnode.device.FLOAT16_LOSS_SCALE; else 1, and nothing is scaled)."""
         self.stage_idx = stage_idx
         self.is_head = stage_idx == 0
         self.clip_norm = clip_norm
@@ -85,11 +133,37 @@ class StageWorker:
         self.throughput = 0.0
         """Microbatches per compute-second of this stage (forward + backward), smoothed; 0 until measured."""
         self._forward_s: dict[StashKey, float] = {}
-        self.shadow_module: nn.Module | None = None
-        """`redundant` mode: a module holding the replica, whose forward this stage runs redundantly."""
+        self._shadow: nn.Module | None = None
+
+    @classmethod
+    def for_train(cls, module: nn.Module, *, stage_idx: int, train: TrainConfig) -> StageWorker:
+        """The worker a node runs for `stage_idx`: lr, clipping, device and compute dtype from its TrainConfig."""
+        return cls(module, stage_idx=stage_idx, lr=train.lr, clip_norm=train.clip_norm, device=train.device,
+                   compute_dtype=train.compute_dtype)
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.module.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    @property
+    def shadow_module(self) -> nn.Module | None:
+        """`redundant` mode: a module holding the replica, whose forward this stage runs redundantly (moved to
+        this worker's device when set)."""
+        return self._shadow
+
+    @shadow_module.setter
+    def shadow_module(self, module: nn.Module | None) -> None:
+        if module is not None and _module_device(module) != self.device:
+            module.to(self.device)
+        self._shadow = module
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward passes' precision: nothing for float32 (bit-for-bit the plain float32 pass)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device)
 
     @property
     def num_parameters(self) -> int:
@@ -120,21 +194,22 @@ class StageWorker:
 
     def forward(self, key: AttemptKey, mb: int, hidden: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
-        x = hidden.detach().requires_grad_(True)
-        y = self.module(x)
+        x = self._here(hidden).detach().requires_grad_(True)
+        with self._autocast():
+            y = self.module(x)
         self.stash[(key, mb)] = (x, y)
         self._forward_s[(key, mb)] = time.perf_counter() - started
-        return y.detach()
+        return _to_host(y.detach())
 
     def backward(self, key: AttemptKey, mb: int, grad: torch.Tensor) -> torch.Tensor:
         started = time.perf_counter()
         x, y = self.stash.pop((key, mb))
         assert y is not None
-        torch.autograd.backward(y, grad)
+        torch.autograd.backward(y, grad.to(device=y.device, dtype=y.dtype))
         self.backward_done += 1
         assert x.grad is not None
         self._measured(self._forward_s.pop((key, mb), 0.0) + time.perf_counter() - started)
-        return x.grad
+        return _to_host(x.grad)
 
     def _measured(self, seconds: float) -> None:
         """Throughput (microbatches per compute-second, forward + backward), smoothed: what the driver's balancer
@@ -147,36 +222,47 @@ class StageWorker:
 
     @torch.no_grad()
     def eval_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.module(hidden)
+        with self._autocast():
+            return _to_host(self.module(self._here(hidden)))
 
     # -- stage 0: embedding, head, loss ------------------------------------------------------------------
 
     def embed(self, key: AttemptKey, mb: int, ids: torch.Tensor) -> torch.Tensor:
-        out = self.module.embed(ids)
+        with self._autocast():
+            out = self.module.embed(self._here(ids))
         self.stash[(key, mb)] = (out, None)
-        return out.detach()
+        return _to_host(out.detach())
 
     def head_backward(self, key: AttemptKey, mb: int, hidden: torch.Tensor, targets: torch.Tensor,
                       num_microbatches: int) -> tuple[float, torch.Tensor]:
-        """Loss of one microbatch and the gradient w.r.t. the last stage's output (head grads accumulate)."""
-        h = hidden.detach().requires_grad_(True)
-        loss = self.module.loss(self.module.head(h), targets)
-        (loss / num_microbatches).backward()
+        """Loss of one microbatch and the gradient w.r.t. the last stage's output (head grads accumulate).
+        With float16 the gradient (and every gradient upstream of it) carries the static loss scale."""
+        h = self._here(hidden).detach().requires_grad_(True)
+        with self._autocast():
+            logits = self.module.head(h)
+        loss = self.module.loss(logits, self._here(targets))
+        scaled = loss / num_microbatches
+        if self.loss_scale != 1.0:
+            scaled = scaled * self.loss_scale
+        scaled.backward()
         assert h.grad is not None
-        return float(loss.detach()), h.grad
+        return float(loss.detach()), _to_host(h.grad)
 
     def embed_backward(self, key: AttemptKey, mb: int, grad: torch.Tensor) -> None:
         out, _ = self.stash.pop((key, mb))
-        torch.autograd.backward(out, grad)
+        torch.autograd.backward(out, grad.to(device=out.device, dtype=out.dtype))
         self.backward_done += 1
 
     @torch.no_grad()
     def eval_embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.module.embed(ids)
+        with self._autocast():
+            return _to_host(self.module.embed(self._here(ids)))
 
     @torch.no_grad()
     def eval_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> float:
-        return float(self.module.loss(self.module.head(hidden), targets))
+        with self._autocast():
+            logits = self.module.head(self._here(hidden))
+        return float(self.module.loss(logits, self._here(targets)))
 
     # -- commit (two phases: prepare, then apply; see docs/protocol.md) ---------------------------------
 
@@ -187,7 +273,12 @@ class StageWorker:
         if self.prepared is not None and self.prepared[0] == key:
             return self.prepared[1], self.prepared[2]
         self._check_complete(key, num_microbatches)
-        return self._clip(key, [p for p in self.module.parameters() if p.grad is not None])
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.loss_scale != 1.0:  # float16: divide the static scale out (exact: a power of two) before clipping
+            for p in params:
+                assert p.grad is not None
+                p.grad.div_(self.loss_scale)
+        return self._clip(key, params)
 
     def _check_complete(self, key: AttemptKey, num_microbatches: int) -> None:
         """The attempt is the active one and all its backward passes through this stage are in (ValueError)."""
@@ -215,9 +306,11 @@ class StageWorker:
         vector in parameter order (zeros where it had none): what the group averages, weighted by those
         microbatches. Raises ValueError like `prepare`."""
         self._check_complete(key, num_microbatches)
-        parts = [p.grad.reshape(-1).double() if p.grad is not None else torch.zeros(p.numel(), dtype=torch.float64)
-                 for p in self.module.parameters()]
+        parts = [p.grad.reshape(-1).to("cpu").double() if p.grad is not None else
+                 torch.zeros(p.numel(), dtype=torch.float64) for p in self.module.parameters()]
         vector = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        if self.loss_scale != 1.0:  # float16: unscaled here (the members' sum is the unscaled gradient)
+            vector = vector / self.loss_scale
         return vector / num_microbatches if num_microbatches else vector
 
     def prepare_averaged(self, key: AttemptKey, total: torch.Tensor) -> tuple[float, float, str]:
@@ -231,7 +324,7 @@ class StageWorker:
         offset = 0
         for p in self.module.parameters():
             n = p.numel()
-            p.grad = total[offset:offset + n].to(p.dtype).reshape(p.shape)
+            p.grad = total[offset:offset + n].to(device=p.device, dtype=p.dtype).reshape(p.shape)
             offset += n
         params = list(self.module.parameters())
         post, raw = self._clip(key, params)
@@ -241,13 +334,13 @@ class StageWorker:
     def export_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """Weights, Adam state and step for a newcomer of this stage's group: with them it is bit-identical to
         this member from the next step on. Tensors are named `weights/<param>` and `adam/<param>/<key>`."""
-        tensors = {f"weights/{k}": v.detach().clone() for k, v in self.module.state_dict().items()}
+        tensors = {f"weights/{k}": host_copy(v) for k, v in self.module.state_dict().items()}
         names = dict((id(p), n) for n, p in self.module.named_parameters())
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 for k, v in self.optimizer.state.get(p, {}).items():
-                    tensors[f"adam/{names[id(p)]}/{k}"] = v.detach().clone().reshape(-1) if v.dim() == 0 else \
-                        v.detach().clone()
+                    tensors[f"adam/{names[id(p)]}/{k}"] = host_copy(v).reshape(-1) if v.dim() == 0 else \
+                        host_copy(v)
         meta = {"step": self.step, "lr": self.lr, "grad_norm": self.grad_norm, "grad_norm_raw": self.grad_norm_raw}
         return meta, tensors
 
@@ -269,7 +362,7 @@ class StageWorker:
             if field_name == "step":
                 state["step"] = value.reshape(()).clone().to(torch.float32)
             elif value.shape == p.shape:
-                state[field_name] = value.clone().to(p.dtype)
+                state[field_name] = value.to(device=p.device, dtype=p.dtype, copy=True)
             else:
                 raise ValueError(f"optimizer state {key} has shape {tuple(value.shape)}, expected {tuple(p.shape)}")
         self.stash.clear()
@@ -318,7 +411,7 @@ class StageWorker:
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A consistent copy of the stage's weights (taken between compute tasks, so never mid-update)."""
-        return {name: t.detach().clone() for name, t in self.module.state_dict().items()}
+        return {name: host_copy(t) for name, t in self.module.state_dict().items()}
 
     def install(self, state: dict[str, torch.Tensor], *, step: int, lr: float) -> None:
         """Load rebuilt weights with a fresh optimizer at `lr` (CheckFree: no optimizer state is recovered)."""
@@ -369,7 +462,8 @@ class StageWorker:
         """`redundant`: compute the successor's forward on our output, as Bamboo does (the result is the
         redundancy's cost; it is discarded)."""
         if self.shadow_module is not None and self.replica is not None:
-            self.shadow_module(hidden)
+            with self._autocast():
+                self.shadow_module(self._here(hidden))
 
     # -- checkpoint baseline -----------------------------------------------------------------------------
 
@@ -377,7 +471,7 @@ class StageWorker:
         """Weights, Adam state, step and lr: what `--recovery checkpoint` saves (copied, so it can be written
         while training goes on)."""
         return {"step": self.step, "lr": self.lr, "state": self.snapshot(),
-                "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+                "optimizer": _host_tree(self.optimizer.state_dict())}
 
     def restore(self, payload: dict[str, Any] | None, *, step: int, fresh: dict[str, torch.Tensor],
                 attempt_floor: int = -1) -> None:

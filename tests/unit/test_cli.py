@@ -109,8 +109,8 @@ def test_demo_zero_steps() -> None:
 
 JOIN_FLAGS = ["--peers", "--stage", "--run-id", "--preset", "--model-path", "--data", "--identity-path",
               "--host-maddrs", "--announce-maddrs", "--metrics-host", "--metrics-port", "--heartbeat-period",
-              "--heartbeat-ttl", "--log-level", "--log-format"]
-DEMO_FLAGS = ["--stages", "--steps", "--preset", "--workdir", "--json-summary"]
+              "--heartbeat-ttl", "--log-level", "--log-format", "--device", "--compute-dtype"]
+DEMO_FLAGS = ["--stages", "--steps", "--preset", "--workdir", "--json-summary", "--device", "--compute-dtype"]
 
 
 @pytest.mark.parametrize(("command", "flags"), [("join", JOIN_FLAGS), ("demo", DEMO_FLAGS),
@@ -226,3 +226,80 @@ def test_join_bad_peers_as_a_process_prints_no_traceback() -> None:
     assert "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "--peers" in out.stderr and "garbage" in out.stderr, out.stderr
     assert len(out.stderr.splitlines()) == 1, out.stderr
+
+
+# -- --device and --compute-dtype ------------------------------------------------------------------------------
+
+
+def test_join_device_cuda_without_cuda_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # this machine, whatever it has
+    result = invoke("join", "--peers", PEER, "--device", "cuda")
+    assert result.exit_code == 2, (output(result), result.exception)
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: --device cuda"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "tpu"])
+def test_join_bad_device_string_is_one_line_exit_2(bad: str) -> None:
+    result = invoke("join", "--peers", PEER, "--device", bad)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, output(result)
+    assert result.stderr.startswith("error: --device must be one of") and repr(bad) in result.stderr
+
+
+def test_join_device_and_compute_dtype_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    seen = []
+    monkeypatch.setattr(cli, "_run_join", seen.append)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    result = invoke("join", "--peers", PEER, "--preset", "tiny", "--device", "auto", "--compute-dtype", "bfloat16")
+    assert result.exit_code == 0, output(result)
+    (config,) = seen
+    assert (config.train.device, config.train.compute_dtype) == ("cpu", "bfloat16")
+    seen.clear()
+    assert invoke("join", "--peers", PEER, "--preset", "tiny").exit_code == 0
+    assert (seen[0].train.device, seen[0].train.compute_dtype) == ("cpu", "float32")  # the defaults
+
+
+def test_join_unknown_compute_dtype() -> None:
+    assert_usage_error(invoke("join", "--peers", PEER, "--compute-dtype", "int8"), "--compute-dtype", "int8")
+
+
+def test_demo_passes_device_and_compute_dtype_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cfnode.demo
+
+    seen = []
+    monkeypatch.setattr(cfnode.demo, "run_demo", lambda options: seen.append(options) or 0)
+    result = invoke("demo", "--device", "cpu", "--compute-dtype", "float16", "--steps", "3")
+    assert result.exit_code == 0, output(result)
+    assert (seen[0].device, seen[0].compute_dtype) == ("cpu", "float16")
+    bad = invoke("demo", "--device", "gpu")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --device must be one of"), output(bad)
+
+
+def test_join_device_cuda_as_a_process_prints_one_line() -> None:
+    """The real entry point on this machine: `--device cuda:N` past the GPUs it has (any machine has fewer than
+    10**6) exits 2 with one line naming --device."""
+    from tests.support.swarm import run_cli
+
+    out = run_cli("join", "--peers", PEER, "--device", "cuda:999999", timeout_s=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.splitlines()) == 1 and "--device cuda:999999" in out.stderr, out.stderr
+
+
+def test_join_device_cuda_on_this_machine_prints_one_line() -> None:
+    """`cfnode join --device cuda` as a process on a machine without CUDA: exit 2, one line naming --device."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from tests.support.swarm import run_cli
+
+    out = run_cli("join", "--peers", PEER, "--device", "cuda", timeout_s=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.splitlines() == [out.stderr.strip()] and "--device cuda" in out.stderr, out.stderr
