@@ -53,6 +53,7 @@ def _same_step_weights(h: Harness, a: dict, b: dict) -> tuple[dict, dict, int]:
     return wait_until(fetch, 60, "two members at the same step")
 
 
+@pytest.mark.slow  # 9 processes on 2 cores: 110-150 s, and it timed out once in a fresh-clone CI run
 def test_groups_train_bit_identical_members_and_match_one_peer_per_stage(harness: Harness) -> None:
     h = harness
     steps = 20
