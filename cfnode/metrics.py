@@ -99,6 +99,9 @@ class NodeMetrics(BootstrapMetrics):
                                               ["direction"], registry=r)
         self.microbatches_dropped = Counter("cfnode_microbatches_dropped", "Microbatches dropped",
                                             ["reason"], registry=r)
+        self.microbatches_rerouted = Counter("cfnode_microbatches_rerouted",
+                                             "Microbatches sent again within their attempt, around a stage group's "
+                                             "lost member (stage 0)", registry=r)
         self.tokens_processed = Counter("cfnode_tokens_processed", "Training tokens committed (stage 0)",
                                         registry=r)
         self.loss = Gauge("cfnode_loss", "Mean training loss of the last step (stage 0)", registry=r)

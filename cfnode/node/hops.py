@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from cfnode.train.worker import StageWorker
 
 logger = logging.getLogger(__name__)
+MAX_INCARNATION = 1024
+"""Bound on a hop's `inc` (how often stage 0 sent a microbatch again around a lost member within one attempt)."""
 SEEN_HOPS_LIMIT = 4096
 """Hops remembered for de-duplication: a push retried after a lost ack must not be processed twice."""
 
@@ -66,6 +68,9 @@ class HopHandling:
         sender = self.expected_sender(method, meta)
         if sender != 0 and path[route.index(sender)] != peer_id:
             raise InvalidPayload("unauthorized", f"the path gives stage {sender} to another member")
+        inc = meta.get("inc", 0)
+        if type(inc) is not int or not 0 <= inc <= MAX_INCARNATION:
+            raise InvalidPayload("route", f"inc must be an integer 0..{MAX_INCARNATION}")
         driver = meta.get("driver")
         if driver is not None and (not isinstance(driver, str) or len(driver) > 128):
             raise InvalidPayload("route", "driver must name stage 0's peer")
@@ -85,6 +90,11 @@ class HopHandling:
         if self.routes.is_banned(peer):
             raise PeerUnavailableError(f"stage {target}'s member {peer[:12]} is banned")
         return peer
+
+    def path_peer(self, meta: dict[str, Any], target: int) -> str | None:
+        """The member of transformer stage `target` the hop's path names (None without a path)."""
+        path = meta.get("path")
+        return path[meta["route"].index(target)] if path is not None and target != 0 else None
 
     def stage0_peer(self, meta: dict[str, Any]) -> str:
         driver = meta.get("driver")
@@ -114,13 +124,15 @@ class HopHandling:
         num_mb = self.config.train.num_microbatches  # our own bound, never the sender's
         if meta["kind"] == "train" and (meta["num_mb"] != num_mb or not 0 <= meta["mb"] < num_mb):
             raise InvalidPayload("decode", f"microbatch {meta['mb']} of {meta['num_mb']} (this run has {num_mb})")
-        hop_id = (meta["kind"], key.step, key.attempt, method, meta["mb"])
+        hop_id = (meta["kind"], key.step, key.attempt, method, meta["mb"], meta.get("inc", 0))
         if hop_id in self._seen_hops:
             logger.debug("duplicate %s of %s mb %d (a retried push); acknowledged again", method, key, meta["mb"])
             return
         if self.stage == 0:
             assert self.driver is not None
-            self.driver.accept(method, meta, key)  # raises InvalidPayload("stale_step") for a foreign attempt
+            if not self.driver.accept(method, meta, key):  # raises InvalidPayload("stale_step") for a foreign attempt
+                logger.debug("%s of %s mb %d is a superseded incarnation; dropped", method, key, meta["mb"])
+                return
         elif meta["kind"] == "train":
             w = self.worker
             assert w is not None
@@ -147,16 +159,16 @@ class HopHandling:
             if meta["kind"] == "val":
                 out = await self.compute(worker.eval_forward, tensor)
             elif method == "forward":
-                out = await self.compute(self._forward_train, key, mb, tensor)
+                out = await self.compute(self._forward_train, key, mb, meta.get("inc", 0), tensor)
             else:
-                out = await self.compute(self._backward_train, key, mb, tensor)
+                out = await self.compute(self._backward_train, key, mb, meta.get("inc", 0), tensor)
         except KeyError:
             self.metrics.microbatches_dropped.labels(reason="error").inc()
             logger.debug("dropped %s of %s mb %d: its attempt was superseded", method, tuple(key), mb)
             return
         await self.send_hop(method, meta, out, self.route_target(method, meta))
 
-    def _forward_train(self, key: AttemptKey, mb: int, x: torch.Tensor) -> torch.Tensor:
+    def _forward_train(self, key: AttemptKey, mb: int, inc: int, x: torch.Tensor) -> torch.Tensor:
         worker = self.worker
         assert worker is not None
         dropped = worker.begin(key)
@@ -164,16 +176,16 @@ class HopHandling:
             self.metrics.microbatches_dropped.labels(reason="reported").inc(dropped)
         if worker.active != key:
             raise KeyError(key)
-        y = worker.forward(key, mb, x)
+        y = worker.forward(key, mb, x, inc)
         worker.shadow_forward(y)  # `redundant` only: the successor's forward, computed again here
         return y
 
-    def _backward_train(self, key: AttemptKey, mb: int, g: torch.Tensor) -> torch.Tensor:
+    def _backward_train(self, key: AttemptKey, mb: int, inc: int, g: torch.Tensor) -> torch.Tensor:
         worker = self.worker
         assert worker is not None
         if worker.active != key:
             raise KeyError(key)
-        return worker.backward(key, mb, g)
+        return worker.backward(key, mb, g, inc)
 
     async def send_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor, target: int) -> bool:
         """Push to the owner of `target`; on failure ban it and tell stage 0 to abort. Returns success."""
@@ -186,7 +198,8 @@ class HopHandling:
             try:
                 peer = self.hop_peer(meta, target)
             except PeerUnavailableError as e:
-                await self.report_failure(meta, f"stage {target} unavailable: {e}", suspect=target)
+                await self.report_failure(meta, f"stage {target} unavailable: {e}", suspect=target,
+                                          suspect_peer=self.path_peer(meta, target))
                 return False
         assert self.client is not None
         try:

@@ -4,10 +4,14 @@ head + loss when activations come back from stage L, runs the embedding backward
 stage 1, then has every member of every stage commit (train/commit.py: a group averages its gradients, then
 clip, norms, Adam step). At a step boundary it lets newcomers into stage groups (train/admission.py).
 
-A failed hop, an abort report, a missing stage or the step timeout aborts the attempt: every partial result is
-dropped (the other stages drop theirs when they see a newer attempt) and the same step is retried with the
-same data: at once, around a group member found dead; otherwise once the ring is whole. Accounting: issued ==
-committed + dropped microbatches.
+A member of a stage group lost while its microbatches are in flight (a failed hop pointing at it and a failed
+ping, or its record gone) costs no abort: it leaves the attempt, and every microbatch whose path went through it
+is sent again (one incarnation more, `inc`) through another member of its group; the stages that already
+accumulated that microbatch only pass its gradient on (train/worker.py). Any other failed hop, an abort report, a
+missing stage, a member lost during the commit or the step timeout aborts the attempt: every partial result is
+dropped (the other stages drop theirs when they see a newer attempt) and the same step is retried with the same
+data: at once, around a group member found dead; otherwise once the ring is whole. Accounting: issued ==
+committed + dropped microbatches; the ones sent again are counted as rerouted.
 """
 
 from __future__ import annotations
@@ -89,6 +93,15 @@ class Driver:
         self._rollback_from: int | None = None
         self.history: list[dict[str, Any]] = []
         self.paths = AttemptPaths()
+        self._inc: dict[int, int] = {}
+        """Training microbatch -> its incarnation in the current attempt (sent again around a lost member)."""
+        self._batch: torch.Tensor | None = None
+        self._resends: set[asyncio.Task[None]] = set()
+        self._confirming: set[str] = set()
+        self._gone: set[str] = set()
+        """Members lost during the current attempt, routed around."""
+        self._committing = False
+        """The attempt's microbatches are all back and its commit started: a member lost now aborts it."""
         self.admissions = Admissions(host)  # type: ignore[arg-type]
         self.commit = StepCommit(host, self.paths, self.adopt)
         self.suspects = Suspects(host, self.paths, self.commit)
@@ -143,14 +156,21 @@ class Driver:
 
     # -- incoming ----------------------------------------------------------------------------------------
 
-    def accept(self, method: str, meta: dict[str, Any], key: AttemptKey) -> None:
-        """Synchronous check in the RPC handler: is this hop part of what we are waiting for?"""
+    def accept(self, method: str, meta: dict[str, Any], key: AttemptKey) -> bool:
+        """Synchronous check in the RPC handler: is this hop part of what we are waiting for? False: it belongs
+        to an incarnation of its microbatch that was sent again since (acknowledged and dropped)."""
         current = self._val_key if meta["kind"] == "val" else self.attempt
         if current is None or key != current:
             raise InvalidPayload("stale_step", f"attempt {tuple(key)} is not in progress")
+        if meta["kind"] == "train" and meta.get("inc", 0) != self._inc.get(meta["mb"], 0):
+            return False
         pending = self._val_pending if meta["kind"] == "val" else self._pending
         if meta["mb"] not in pending or pending[meta["mb"]].done():
             raise InvalidPayload("stale_step", f"microbatch {meta['mb']} is not in flight")
+        return True
+
+    def _current(self, key: AttemptKey, meta: dict[str, Any]) -> bool:
+        return key == self.attempt and meta.get("inc", 0) == self._inc.get(meta["mb"], 0)
 
     async def process(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
         host, worker = self.host, self.host.worker
@@ -163,44 +183,116 @@ class Driver:
             if fut is not None and not fut.done() and key == self._val_key:
                 fut.set_result(loss)
             return
-        if key != self.attempt:
+        if not self._current(key, meta):
             return
         if method == "forward":  # activations back from stage L: loss, then gradients into the ring
             assert self._targets is not None
             loss, grad = await host.compute(worker.head_backward, key, mb, tensor, self._targets[mb],
                                             self.cfg.train.num_microbatches)
-            if key != self.attempt:
+            if not self._current(key, meta):
                 return
             self._losses[mb] = loss
             await host.send_hop("backward", meta, grad, host.route_target("backward", meta))
         else:  # gradients back from stage 1: embedding backward completes the microbatch
             try:
-                await host.compute(worker.embed_backward, key, mb, tensor)
+                await host.compute(worker.embed_backward, key, mb, tensor, meta.get("inc", 0))
             except KeyError:
+                return
+            if not self._current(key, meta):
                 return
             self.paths.done("train", mb)
             fut = self._pending.get(mb)
-            if fut is not None and not fut.done() and key == self.attempt:
+            if fut is not None and not fut.done():
                 fut.set_result(None)
 
     def fail_attempt(self, key: AttemptKey, reason: str, detail: str, *, suspect: str | None = None) -> None:
-        if suspect is not None and key == self.attempt:
-            self.suspects.add(suspect)
+        """A hop or report says the attempt cannot complete. When it points at a member of a stage group that has
+        another one, that member is pinged first: if it is dead the attempt goes on around it (`_reroute`)."""
         if key != self.attempt or self._failure is not None:
             return
+        if suspect is not None and self._pending and not self._committing:
+            if suspect in self._gone:
+                return  # a hop of an incarnation already sent again around it
+            if self.paths.can_drop(suspect):
+                if suspect not in self._confirming:
+                    self._confirming.add(suspect)
+                    self._track(self._confirm_then_reroute(key, suspect, reason, detail))
+                return
+        if suspect is not None:
+            self.suspects.add(suspect)
+        self._fail(reason, detail)
+
+    def _fail(self, reason: str, detail: str) -> None:
         self._failure = (reason, detail)
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(AttemptAborted(f"{reason}: {detail}"))
 
+    def _track(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._resends.add(task)
+        task.add_done_callback(self._resends.discard)
+
+    async def _confirm_then_reroute(self, key: AttemptKey, peer: str, reason: str, detail: str) -> None:
+        try:
+            dead = await self.host.confirm_suspect(peer)  # a ping; bans it if silent
+        finally:
+            self._confirming.discard(peer)
+        if key != self.attempt or self._failure is not None:
+            return
+        if not dead or not self.paths.can_drop(peer) or self._committing:
+            self.suspects.add(peer)
+            self._fail(reason, detail)
+            return
+        self._reroute(key, peer)
+
+    def _reroute(self, key: AttemptKey, peer: str) -> None:
+        """`peer`, a member of a stage group with another member, is dead: it leaves this attempt and each
+        microbatch that went through it is sent again, one incarnation more, through a sibling."""
+        stage = self.paths.stage_of(peer)
+        assert stage is not None
+        moved = self.paths.drop(peer)
+        self._gone.add(peer)
+        self.suspects.note_dead(peer, stage)
+        loop = asyncio.get_running_loop()
+        for mb in moved:
+            self._inc[mb] = self._inc.get(mb, 0) + 1
+            if self._pending[mb].done():
+                self._pending[mb] = loop.create_future()
+            self._track(self._resend(key, mb))
+        self.host.metrics.microbatches_rerouted.inc(len(moved))
+        logger.warning("step %d: stage %d's member %s is lost mid-step; %d microbatch(es) go through %s instead",
+                       key.step, stage, peer[:12], len(moved), ", ".join(p[:12] for p in self.paths.group(stage)))
+        self.host.events.emit("hop_rerouted", step=key.step, attempt=key.attempt, stage=stage, peer=peer[:12],
+                              microbatches=moved)
+
+    async def _resend(self, key: AttemptKey, mb: int) -> None:
+        """Send a rerouted microbatch from the start again (stage 0's embedding of it is recomputed)."""
+        host, worker = self.host, self.host.worker
+        assert worker is not None and self._batch is not None
+        inc = self._inc[mb]
+        hidden = await host.compute(worker.embed, key, mb, self._batch[mb, :, :-1], inc)
+        if key != self.attempt or inc != self._inc.get(mb):
+            return
+        meta = self._meta(key, mb, "train")
+        meta["path"] = self.paths.path("train", mb)
+        await host.send_hop("forward", meta, hidden, meta["to_stage"])
+
     def on_view(self, view: SwarmView) -> None:
-        """Membership changed: an attempt cannot finish while a stage has no live owner."""
+        """Membership changed: an attempt cannot finish while a stage has no live owner; a member of this
+        attempt's groups gone from the view is treated like a failed hop to it."""
         if self.attempt is None:
             return
         for idx in range(1, self.cfg.model.num_stages + 1):
             if view.online_owner(idx) is None:
                 self.fail_attempt(self.attempt, "stage_missing", f"stage {idx} has no live owner")
                 return
+        for idx in range(1, self.cfg.model.num_stages + 1):
+            live = {p.peer_id for p in view.group(idx)}
+            for peer in self.paths.group(idx):
+                if peer not in live:
+                    self.fail_attempt(self.attempt, "member_gone", f"stage {idx}'s member {peer[:12]} left the "
+                                      "view", suspect=peer)
 
     # -- the loop ----------------------------------------------------------------------------------------
 
@@ -344,12 +436,14 @@ class Driver:
             raise AttemptAborted("a stage has no live member")
         self.paths.start({0: self.stage0_group(), **members})
         self.attempt, self._failure, self._losses = key, None, {}
+        self._inc, self._batch, self._gone, self._committing = {}, batch, set(), False
         self._targets = batch[:, :, 1:]
         self._pending = {mb: loop.create_future() for mb in range(train.num_microbatches)}
         self.stats["issued"] += train.num_microbatches
         host.metrics.microbatches_issued.inc(train.num_microbatches)
         try:
             await within(self._drive(key, batch), train.step_timeout_s)
+            self._committing = True
             prepared = await self.commit.prepare_all(key)
         except asyncio.CancelledError:  # the driver stops (fenced, shutting down): the attempt is dropped
             self._account_dropped(key, "cancelled", "the driver stopped during the attempt")
@@ -371,6 +465,8 @@ class Driver:
             raise AttemptAborted(f"{reason}: {e}") from e
         finally:
             self.attempt = None
+            for task in list(self._resends):
+                task.cancel()
             for fut in self._pending.values():
                 if not fut.done():
                     fut.cancel()
@@ -408,10 +504,13 @@ class Driver:
             await host.compute(worker.shadow_forward, hidden)  # `redundant` only: stage 1's forward, again
             meta = self._meta(key, mb, "train")
             meta["path"] = self.paths.pin("train", mb, meta["route"])
-            if not await host.send_hop("forward", meta, hidden, meta["to_stage"]):
-                raise AttemptAborted(self._failure[1] if self._failure else
-                                     f"forward to stage {meta['to_stage']} failed")
-        await asyncio.gather(*self._pending.values())
+            if not await host.send_hop("forward", meta, hidden, meta["to_stage"]) and self._failure is not None:
+                raise AttemptAborted(self._failure[1])  # else it is being sent again around a lost member
+        while True:  # until every microbatch is back, also those sent again meanwhile
+            waited = dict(self._pending)
+            await asyncio.gather(*waited.values())
+            if all(self._pending[mb] is fut for mb, fut in waited.items()):
+                return
 
     def stage0_group(self) -> list[tuple[str, float]]:
         """Stage 0's group for an attempt: us (the lead: every microbatch's embedding and head run here), then
@@ -427,10 +526,13 @@ class Driver:
         """A hop's metadata; `route` is the order of transformer stages it visits (swapped on odd training
         microbatches under checkfree+, always in order for validation)."""
         route = route_for(mb, self.cfg.model.num_stages, swaps=self.cfg.swaps and kind == "train")
-        return {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "mb": mb,
+        meta = {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "mb": mb,
                 "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation,
                 "driver": self.host.peer_id,
                 "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
+        if kind == "train" and self._inc.get(mb, 0):
+            meta["inc"] = self._inc[mb]
+        return meta
 
     @property
     def commit_norms(self) -> dict[int, tuple[int, float, float]]:

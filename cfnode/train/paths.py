@@ -20,6 +20,7 @@ class AttemptPaths:
         """(kind, microbatch) -> the member of each stage on its route, in route order."""
         self.samples: dict[tuple[int, str], int] = {}
         """(stage, member) -> training microbatches routed through it this attempt."""
+        self.routes: dict[tuple[str, int], tuple[int, ...]] = {}
 
     def start(self, members: Mapping[int, Sequence[tuple[str, float]]]) -> None:
         """A new attempt over these members (stage -> (peer id, throughput), lead first)."""
@@ -28,6 +29,7 @@ class AttemptPaths:
         self.throughput = {p: t for ms in members.values() for p, t in ms}
         self.paths.clear()
         self.samples.clear()
+        self.routes.clear()
 
     def pin(self, kind: str, mb: int, route: Sequence[int], banned: set[str] | None = None) -> list[str]:
         """The member of each stage of `route` for this microbatch, chosen by expected finish time."""
@@ -40,7 +42,40 @@ class AttemptPaths:
             if kind == "train":
                 self.samples[(stage, peer)] = self.samples.get((stage, peer), 0) + 1
         self.paths[(kind, mb)] = path
-        return path
+        self.routes[(kind, mb)] = tuple(route)
+        return list(path)
+
+    def path(self, kind: str, mb: int) -> list[str]:
+        return list(self.paths[(kind, mb)])
+
+    def stage_of(self, peer: str) -> int | None:
+        """The stage `peer` takes part in this attempt as (None: it does not)."""
+        return next((i for i, ms in self.participants.items() if peer in ms), None)
+
+    def can_drop(self, peer: str) -> bool:
+        """`peer` is a transformer stage's participant and its group has another one to take its microbatches."""
+        stage = self.stage_of(peer)
+        return stage is not None and stage != 0 and len(self.participants[stage]) > 1
+
+    def drop(self, peer: str) -> list[int]:
+        """A member lost mid-attempt: it leaves its stage's participants (it neither averages nor applies), and
+        every training microbatch whose path went through it, finished or not, is pinned to another member of
+        that group instead (its other stages stay). Returns those microbatches, to be sent again."""
+        stage = self.stage_of(peer)
+        assert stage is not None and self.can_drop(peer)
+        self.participants[stage] = tuple(p for p in self.participants[stage] if p != peer)
+        self.balancer.queued.pop(peer, None)
+        moved = []
+        for (kind, mb), path in sorted(self.paths.items()):
+            route = self.routes[(kind, mb)]
+            if kind != "train" or stage not in route or path[route.index(stage)] != peer:
+                continue
+            at = route.index(stage)
+            path[at] = self.balancer.take([(p, self.throughput.get(p, 0.0)) for p in self.participants[stage]])
+            self.samples[(stage, path[at])] = self.samples.get((stage, path[at]), 0) + 1
+            moved.append(mb)
+        self.samples.pop((stage, peer), None)
+        return moved
 
     def done(self, kind: str, mb: int) -> None:
         """The microbatch is back at stage 0: its members' queues shrink."""

@@ -74,6 +74,11 @@ class Suspects:
                 self._note_if_lost(stage)
         return rerouted
 
+    def note_dead(self, peer: str, stage: int) -> None:
+        """A member confirmed dead (pinged) while the attempt went on around it."""
+        self._dead.add(peer)
+        self._note_if_lost(stage)
+
     def _note_if_lost(self, stage: int) -> None:
         """Once every member of a stage's group failed a ping, say so in stage 0's record."""
         group = self.host.view.group(stage)

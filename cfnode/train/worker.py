@@ -112,6 +112,12 @@ class StageWorker:
         self.attempt_floor = -1
         """Attempt ids at or below this belong to before the last rollback and are never started."""
         self.backward_done = 0
+        """Microbatches whose gradients this attempt accumulated here (each at most once)."""
+        self._accumulated: set[int] = set()
+        self._head_accumulated: set[int] = set()
+        self._incarnation: dict[int, int] = {}
+        """Microbatch -> the newest incarnation seen: stage 0 sends a microbatch again (one more incarnation) when
+        a member on its path was lost; a member that already accumulated it then only passes the gradient on."""
         self.step = 0
         self.base_step = 0
         """The step this worker's weights were built or installed at: step == base_step + updates + skipped."""
@@ -182,18 +188,48 @@ class StageWorker:
         self.stash.clear()
         self._forward_s.clear()
         self.module.zero_grad(set_to_none=True)
-        self.backward_done = 0
+        self._reset_accumulation()
         self.prepared = None  # an attempt prepared and then aborted is never applied
         self.active = key
         return dropped
+
+    def _reset_accumulation(self) -> None:
+        self.backward_done = 0
+        self._accumulated.clear()
+        self._head_accumulated.clear()
+        self._incarnation.clear()
 
     def accepts(self, key: AttemptKey) -> bool:
         return self.active is not None and key == self.active
 
     # -- transformer stages ------------------------------------------------------------------------------
 
-    def forward(self, key: AttemptKey, mb: int, hidden: torch.Tensor) -> torch.Tensor:
+    def _incarnate(self, mb: int, inc: int) -> None:
+        """A forward of incarnation `inc` of microbatch `mb`: KeyError if a newer one was already seen."""
+        if inc < self._incarnation.get(mb, 0):
+            raise KeyError((mb, inc))
+        self._incarnation[mb] = inc
+
+    def _current(self, mb: int, inc: int) -> None:
+        """A backward must belong to the incarnation whose forward we hold (KeyError: a superseded one)."""
+        if inc != self._incarnation.get(mb, 0):
+            raise KeyError((mb, inc))
+
+    def _backward_into(self, mb: int, out: torch.Tensor, grad: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
+        """Backward of one microbatch: into the parameters the first time this attempt sees it, else (an
+        incarnation sent again around a lost member) into `inputs` only. Returns whether it accumulated."""
+        first = mb not in self._accumulated
+        if first or inputs:
+            torch.autograd.backward(out, grad.to(device=out.device, dtype=out.dtype),
+                                    inputs=None if first else inputs)
+        if first:
+            self._accumulated.add(mb)
+            self.backward_done += 1
+        return first
+
+    def forward(self, key: AttemptKey, mb: int, hidden: torch.Tensor, inc: int = 0) -> torch.Tensor:
         started = time.perf_counter()
+        self._incarnate(mb, inc)
         x = self._here(hidden).detach().requires_grad_(True)
         with self._autocast():
             y = self.module(x)
@@ -201,12 +237,12 @@ class StageWorker:
         self._forward_s[(key, mb)] = time.perf_counter() - started
         return _to_host(y.detach())
 
-    def backward(self, key: AttemptKey, mb: int, grad: torch.Tensor) -> torch.Tensor:
+    def backward(self, key: AttemptKey, mb: int, grad: torch.Tensor, inc: int = 0) -> torch.Tensor:
         started = time.perf_counter()
+        self._current(mb, inc)
         x, y = self.stash.pop((key, mb))
         assert y is not None
-        torch.autograd.backward(y, grad.to(device=y.device, dtype=y.dtype))
-        self.backward_done += 1
+        self._backward_into(mb, y, grad, [x])
         assert x.grad is not None
         self._measured(self._forward_s.pop((key, mb), 0.0) + time.perf_counter() - started)
         return _to_host(x.grad)
@@ -227,7 +263,8 @@ class StageWorker:
 
     # -- stage 0: embedding, head, loss ------------------------------------------------------------------
 
-    def embed(self, key: AttemptKey, mb: int, ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, key: AttemptKey, mb: int, ids: torch.Tensor, inc: int = 0) -> torch.Tensor:
+        self._incarnate(mb, inc)
         with self._autocast():
             out = self.module.embed(self._here(ids))
         self.stash[(key, mb)] = (out, None)
@@ -235,7 +272,8 @@ class StageWorker:
 
     def head_backward(self, key: AttemptKey, mb: int, hidden: torch.Tensor, targets: torch.Tensor,
                       num_microbatches: int) -> tuple[float, torch.Tensor]:
-        """Loss of one microbatch and the gradient w.r.t. the last stage's output (head grads accumulate).
+        """Loss of one microbatch and the gradient w.r.t. the last stage's output (head grads accumulate, once
+        per microbatch and attempt: an incarnation sent again only yields the gradient).
         With float16 the gradient (and every gradient upstream of it) carries the static loss scale."""
         h = self._here(hidden).detach().requires_grad_(True)
         with self._autocast():
@@ -244,14 +282,18 @@ class StageWorker:
         scaled = loss / num_microbatches
         if self.loss_scale != 1.0:
             scaled = scaled * self.loss_scale
-        scaled.backward()
+        if mb in self._head_accumulated:
+            scaled.backward(inputs=[h])
+        else:
+            scaled.backward()
+            self._head_accumulated.add(mb)
         assert h.grad is not None
         return float(loss.detach()), _to_host(h.grad)
 
-    def embed_backward(self, key: AttemptKey, mb: int, grad: torch.Tensor) -> None:
+    def embed_backward(self, key: AttemptKey, mb: int, grad: torch.Tensor, inc: int = 0) -> None:
+        self._current(mb, inc)
         out, _ = self.stash.pop((key, mb))
-        torch.autograd.backward(out, grad.to(device=out.device, dtype=out.dtype))
-        self.backward_done += 1
+        self._backward_into(mb, out, grad, [])
 
     @torch.no_grad()
     def eval_embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -293,7 +335,7 @@ class StageWorker:
         raw = float(torch.nn.utils.clip_grad_norm_(params, self.clip_norm))
         if not math.isfinite(raw):
             self.module.zero_grad(set_to_none=True)
-            self.backward_done = 0
+            self._reset_accumulation()
             raise NonFiniteGradient(f"non-finite gradient norm at step {key.step}")
         post = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])))
         self.prepared = (key, post, raw)
@@ -368,7 +410,7 @@ class StageWorker:
         self.stash.clear()
         self.module.zero_grad(set_to_none=True)
         self.active = None
-        self.backward_done = 0
+        self._reset_accumulation()
         self.step = int(meta["step"])
         self.grad_norm, self.grad_norm_raw = float(meta["grad_norm"]), float(meta["grad_norm_raw"])
         self._rebase(self.step)
@@ -397,7 +439,7 @@ class StageWorker:
         self.step = key.step + 1
         self.active = None
         self.prepared = None
-        self.backward_done = 0
+        self._reset_accumulation()
         self.donor = True
         self.last_applied = (key, post, raw)
         return post, raw
@@ -420,7 +462,7 @@ class StageWorker:
         self.optimizer = self._make_optimizer(lr)
         self.stash.clear()
         self.active = None
-        self.backward_done = 0
+        self._reset_accumulation()
         self.step = step
         self._rebase(step)
         self.donor = False
@@ -490,7 +532,7 @@ class StageWorker:
         self.stash.clear()
         self.module.zero_grad(set_to_none=True)
         self.active = None
-        self.backward_done = 0
+        self._reset_accumulation()
         self.step = step
         self._rebase(step)
         self.attempt_floor = max(self.attempt_floor, attempt_floor)

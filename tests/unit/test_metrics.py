@@ -39,6 +39,7 @@ NODE_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "cfnode_microbatches_committed_total": ("counter", ()),
     "cfnode_microbatches_processed_total": ("counter", ("direction",)),
     "cfnode_microbatches_dropped_total": ("counter", ("reason",)),
+    "cfnode_microbatches_rerouted_total": ("counter", ()),
     "cfnode_tokens_processed_total": ("counter", ()),
     "cfnode_loss": ("gauge", ()),
     "cfnode_validation_loss": ("gauge", ()),
