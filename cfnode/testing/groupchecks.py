@@ -271,8 +271,44 @@ def check_rebalance(tr: Trace) -> tuple[list[str], list[str]]:
     return proof, missing
 
 
+def check_hop_kill(tr: Trace) -> tuple[list[str], list[str]]:
+    """The member killed as a hop reached it was routed around within the attempt: no abort, no rebuild."""
+    proof, missing = [], []
+    hit = tr.fault("rpc_")
+    if hit is None:
+        return proof, ["the hop fault did not fire"]
+    t, victim, _ = hit
+    stage = tr.online_stage(victim, t)
+    siblings = [m for m in tr.members_at(t).get(stage, ()) if m != victim] if stage is not None else []
+    proof.append(f"killed {victim} (stage {stage}) as a hop reached it at t={t:.3f}; its group: {siblings}")
+    after = tr.steps_after(t)
+    if not after:
+        return proof, [*missing, "no step was committed after the kill"]
+    proof.append(f"{len(after)} step(s) committed after it, up to step {after[-1].fields['step']}")
+    if not siblings:
+        return proof, missing  # its group was not full yet: a rebuild, like any lost stage
+    rerouted = [e for e in tr.of("hop_rerouted") if e.t >= t and e.fields["peer"] == tr.short(victim)]
+    if rerouted:
+        proof.append(f"stage 0 sent microbatch(es) {rerouted[0].fields['microbatches']} of step "
+                     f"{rerouted[0].fields['step']} again through {siblings}")
+    else:
+        missing.append(f"stage 0 did not route around {victim}")
+    aborted = [e for e in tr.of("step_aborted") if t < e.t < after[0].t]
+    if aborted:
+        missing.append(f"the step in flight aborted: {aborted[0].fields['reason']} {aborted[0].fields['detail']}")
+    if tr.rebuilt(stage, t) is not None:
+        missing.append(f"stage {stage} was rebuilt although {siblings} lived")
+    late = [s for tt, s, ms in tr.facts.participants if tt > t and victim in ms.get(stage, ())]
+    if late:
+        missing.append(f"the killed member took part in step {late[0]}")
+    if tr.facts.compared == 0:
+        missing.append("no two members' states were compared")
+    return proof, missing
+
+
 CHECKS: dict[str, Check] = {"join_race": check_join_race, "average_kill": check_average_kill,
-                            "download_kill": check_download_kill, "rebalance": check_rebalance}
+                            "download_kill": check_download_kill, "rebalance": check_rebalance,
+                            "hop_kill": check_hop_kill}
 
 
 def run_group(key: tuple[str, int]) -> GroupSummary:

@@ -7,6 +7,7 @@ commits a given step, so they arrive while training runs), and one family's faul
 | `join_race` | one newcomer per group, all started at the same instant, all want the first group: at most 2 members per group, each newcomer an exact copy or refused cleanly (it then joins another group); sometimes with delayed messages |
 | `average_kill` | a member of a group is killed (or stalled) in the all-reduce: after it submitted, or once the round filled and before its results are delivered (the round fails for everyone); sometimes both members (a spare-less rebuild by the STANDBY newcomer), which may also refill a group |
 | `download_kill` | a newcomer's exact copy (`rpc_get_weights` uid "state") is cut after some parts by killing its source, or the newcomer itself, or by stalling the source; a `--spare` rebuilds a group the kill emptied |
+| `hop_kill` | a member of a full group is killed as a forward hop reaches it, mid-step (or, sometimes, as its backward does): stage 0 sends that member's microbatches again through its sibling, no attempt aborts, no stage is rebuilt, the survivor trains on alone |
 | `rebalance` | the only member of a group is killed and no spare waits: exactly one member of the largest group leaves it and rebuilds the empty stage; with L = 3 sometimes that mover is killed mid-rebuild, and exactly one member of the (new) largest group follows |
 
 `KINDS` names the variant drawn (the family first). Seeds replay like the other scenarios'.
@@ -21,7 +22,7 @@ from cfnode.testing.faults import DHTFaults, MessageFaults
 from cfnode.testing.plan import AtTime, Fault, FaultPlan, OnAverage, OnEvent, OnRpc, Victim
 from cfnode.testing.scenario import Scenario
 
-FAMILIES = ("join_race", "average_kill", "download_kill", "rebalance")
+FAMILIES = ("join_race", "average_kill", "download_kill", "rebalance", "hop_kill")
 REPLICAS = 2
 LATER = math.inf
 """A start time meaning "started by the fault plan"."""
@@ -96,6 +97,17 @@ def generate_group(family: str, seed: int) -> Scenario:
         fault = Fault(action, Victim("src" if who == "newcomer" else "dst"), rng.uniform(1.2, 4.0))
         on_rpc.append(OnRpc("get_weights", "part", fault, nth=rng.randint(1, 8), detail="state"))
         kinds.append(who)
+    elif family == "hop_kill":  # the groups fill at once (one newcomer each); a member dies as a hop reaches it
+        extra = num_stages
+        names = [f"n{i}" for i in range(founders + extra)]
+        start += [round(max(start) + rng.uniform(0.3, 0.8), 3)] * extra
+        steps = rng.randint(11, 13)
+        stage = rng.randint(1, num_stages)
+        method = "forward" if rng.random() < 0.75 else "backward"
+        num_mb = 2  # scenario.py's TrainConfig: the nth hop to the stage falls in step 4..8, when its group is full
+        on_rpc.append(OnRpc(method, "before", Fault("kill", Victim("dst")), nth=rng.randint(4 * num_mb, 8 * num_mb),
+                            to_stage=stage))
+        kinds += [method, f"stage{stage}"]
     else:  # rebalance: groups of 2 except the last stage's, whose only member dies; no spare
         extra = num_stages - 1
         names = [f"n{i}" for i in range(founders + extra)]

@@ -1,6 +1,7 @@
 """Stage groups in the protocol harness (cfnode/testing): the in-memory all-reduce (memaverage.py), the group
 fault hooks, and seeded group scenarios (groupscenarios.py) with their invariants and per-family checks
-(groupchecks.py): concurrent joins, a member lost in the all-reduce, an exact copy cut mid-stream, rebalancing.
+(groupchecks.py): concurrent joins, a member lost in the all-reduce, an exact copy cut mid-stream, rebalancing,
+a member killed as a hop reaches it (routed around within the attempt).
 
 CFNODE_GROUP_SEEDS=N runs seeds 0..N-1 of every family (default 20) in CFNODE_HARNESS_JOBS forked workers; the
 slow sweep (`-m slow`) runs seeds N..CFNODE_GROUP_SWEEP-1 (default 200). CFNODE_GROUP_SEED=K runs only seed K of

@@ -220,3 +220,64 @@ def test_a_prepare_round_stops_waiting_once_a_member_is_unreachable() -> None:
         return await _until_one_unreachable([ok(), ok()])
 
     assert asyncio.run(all_fine()) == [{"grad_norm": 1.0}] * 2
+
+
+def test_a_lost_member_leaves_the_attempt_and_its_microbatches_are_pinned_to_its_sibling() -> None:
+    paths = AttemptPaths()
+    paths.start({1: [("a", 1.0), ("b", 1.0)], 2: [("c", 1.0), ("d", 1.0)]})
+    pinned = {mb: paths.pin("train", mb, (1, 2)) for mb in range(4)}
+    through_c = [mb for mb, p in pinned.items() if p[1] == "c"]
+    assert through_c and paths.can_drop("c") and not paths.can_drop("zz")
+    assert paths.drop("c") == through_c
+    assert paths.group(2) == ["d"] and not paths.can_drop("d")  # the last member cannot be routed around
+    for mb in range(4):
+        assert paths.path("train", mb) == [pinned[mb][0], "d"]  # its other stages stay
+    assert paths.samples_of(2, "d") == 4 and paths.samples_of(2, "c") == 0
+    assert paths.samples_of(1, "a") + paths.samples_of(1, "b") == 4
+
+
+def test_a_microbatch_sent_again_accumulates_once_and_passes_its_gradient_on() -> None:
+    """A member that already accumulated a microbatch's gradients gets it again (an incarnation sent around a
+    lost member elsewhere on its path): the same input gradient comes back, the parameters' gradients stay those
+    of one pass, and a hop of the superseded incarnation is refused (KeyError: dropped)."""
+    cfg = preset("tiny", num_stages=2)
+    key = AttemptKey(0, 1)
+    x = torch.randn(2, 8, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    g = torch.randn(2, 8, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    once, twice = (StageWorker(build_stage(cfg, 1), stage_idx=1, lr=1e-3, clip_norm=1.0) for _ in range(2))
+    once.begin(key)
+    once.forward(key, 0, x)
+    expected = once.backward(key, 0, g)
+    twice.begin(key)
+    twice.forward(key, 0, x)
+    twice.backward(key, 0, g)
+    twice.forward(key, 0, x, 1)
+    with pytest.raises(KeyError):
+        twice.backward(key, 0, g, 0)  # the first incarnation's gradient, late
+    assert torch.equal(twice.backward(key, 0, g, 1), expected)
+    with pytest.raises(KeyError):
+        twice.forward(key, 0, x, 0)
+    assert twice.backward_done == once.backward_done == 1
+    for (name, p), q in zip(once.module.named_parameters(), twice.module.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_stage_0_counts_a_microbatch_sent_again_once_in_its_head_and_embedding() -> None:
+    cfg = preset("tiny", num_stages=2)
+    key = AttemptKey(0, 1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    targets = torch.randint(0, cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(4))
+    grad = torch.randn(2, 8, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    workers = [StageWorker(build_stage(cfg, 0), stage_idx=0, lr=1e-3, clip_norm=1.0) for _ in range(2)]
+    results = []
+    for incarnations, w in zip((1, 2), workers, strict=True):
+        w.begin(key)
+        for inc in range(incarnations):
+            hidden = w.embed(key, 0, ids, inc)
+            results.append(w.head_backward(key, 0, hidden, targets, 1))
+            w.embed_backward(key, 0, grad, inc)
+    assert results[0][0] == results[1][0] == results[2][0]
+    assert torch.equal(results[0][1], results[2][1])
+    assert workers[0].backward_done == workers[1].backward_done == 1
+    for p, q in zip(workers[0].module.parameters(), workers[1].module.parameters(), strict=True):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
