@@ -173,6 +173,7 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--audit-recovery", default=None, help="Write each rebuild's donor and rebuilt tensors to this dir.")
 @click.option("--debug-recovery-stall", type=float, default=0.0, hidden=True)
 @click.option("--debug-hold-at-step", type=int, default=None, hidden=True)
+@click.option("--debug-kill-mid-step", type=int, default=None, hidden=True)
 @click.option("--checkpoint-dir", default=None,
               help="--recovery checkpoint: the checkpoint store, a directory every node of the swarm can reach.")
 @click.option("--checkpoint-every", type=int, default=50, show_default=True,
@@ -236,6 +237,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                           max_in_flight=kw["max_in_flight"], max_steps=kw["max_steps"], val_every=kw["val_every"],
                           val_batches=kw["val_batches"], step_timeout_s=kw["step_timeout"],
                           num_threads=kw["threads"], debug_hold_at_step=kw["debug_hold_at_step"],
+                          debug_kill_mid_step=kw["debug_kill_mid_step"],
                           start_step=start_step, device=kw["device"], compute_dtype=kw["compute_dtype"]),
         network=NetworkConfig(initial_peers=parse_peers(kw["peers"]), host_maddrs=kw["host_maddrs"],
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],

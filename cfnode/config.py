@@ -117,6 +117,9 @@ class TrainConfig:
     (cfnode/device.py). Run-wide (the run's MetaRecord carries it)."""
     debug_hold_at_step: int | None = None
     """Test seam: stage 0 stops driving (and holds, still serving RPCs) before this step."""
+    debug_kill_mid_step: int | None = None
+    """Test seam: a transformer stage SIGKILLs itself when, this many steps after it built or joined its stage
+    (or later), a training hop reaches it while it holds a microbatch's activations (killed mid-step, for sure)."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:

@@ -6,6 +6,8 @@ to stage 0. A mixin of `Node` (process.py), which owns the state it uses.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +142,8 @@ class HopHandling:
             if w.active is not None and tuple(key) < tuple(w.active):
                 raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {tuple(w.active)}",
                                      holds=worker_holds(w))
+        if meta["kind"] == "train":
+            self._debug_kill_mid_step(key)
         self._seen_hops[hop_id] = None
         while len(self._seen_hops) > SEEN_HOPS_LIMIT:
             self._seen_hops.popitem(last=False)
@@ -147,6 +151,15 @@ class HopHandling:
         if meta["kind"] == "train":
             self.metrics.hops_received.labels(direction=method, from_stage=str(meta["from_stage"])).inc()
         self.spawn(self._process_hop(method, meta, tensor), name=f"hop-{method}")
+
+    def _debug_kill_mid_step(self, key: AttemptKey) -> None:
+        """--debug-kill-mid-step (a test seam): a real SIGKILL of this process while it holds a microbatch."""
+        at, worker = self.config.train.debug_kill_mid_step, self.worker
+        if at is not None and self.stage != 0 and worker is not None and key.step >= worker.base_step + at \
+                and worker.active == key and worker.stash:
+            logger.warning("--debug-kill-mid-step %d: SIGKILL at step %d with a microbatch in hand (built or joined "
+                           "at step %d)", at, key.step, worker.base_step)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _process_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
         if self.stage == 0:

@@ -17,10 +17,12 @@ from cfnode.errors import PeerUnavailableError, RecoveryError, RejectedError
 from cfnode.model.stages import build_stage
 from cfnode.net.records import StageState
 from cfnode.recovery import copies
+from cfnode.train.averaging import AveragingError
 from cfnode.train.worker import StageWorker
 
 if TYPE_CHECKING:
     from cfnode.node.routes import RouteTable
+    from cfnode.train.averaging import GroupAverager
 
 logger = logging.getLogger(__name__)
 VISIBILITY_READS = 4
@@ -36,6 +38,7 @@ class JoinHost(copies.CopyHost, Protocol):
 
     def set_state(self, state: StageState, *, stage: int | None) -> None: ...
     async def announce(self) -> None: ...
+    def group_averager(self, size: int | None = None) -> GroupAverager: ...
 
 
 async def join_group(host: JoinHost, stage: int) -> StageWorker:
@@ -57,6 +60,10 @@ async def join_group(host: JoinHost, stage: int) -> StageWorker:
     await _until_visible(host, stage)
     module = await host.compute(build_stage, cfg.model, stage, cfg.model_path)
     worker = StageWorker.for_train(module, stage_idx=stage, train=cfg.train)
+    try:  # before we are admitted: the members' first all-reduce with us must not wait for our averager to start
+        await host.group_averager(worker.num_parameters).warm(len(group) + 1)
+    except AveragingError as e:
+        raise RecoveryError(f"cannot average with stage {stage}'s group: {e}") from e
     logger.info("asking stage 0 to join stage %d's group (%d members, generation %d)", stage, len(group),
                 host.generation)
     try:

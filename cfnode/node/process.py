@@ -287,15 +287,17 @@ class Node(HopHandling):
         return {**meta, "stage": self.stage, "generation": self.generation,
                 "config_hash": self.config.model.config_hash()}, state
 
-    def group_averager(self) -> GroupAverager:
-        """The all-reduce of our stage's group (created on first use; a new stage gets a new one)."""
+    def group_averager(self, size: int | None = None) -> GroupAverager:
+        """The all-reduce of our stage's group (created on first use; a new stage gets a new one) over vectors
+        of `size` values (default: our worker's parameters)."""
         if self._averager is not None and self._averager[0] == self.stage:
             return self._averager[1]
         self.close_averager()
-        worker = self.worker
-        if self._averagers is None or worker is None or self.stage is None:
+        if size is None and self.worker is not None:
+            size = self.worker.num_parameters
+        if self._averagers is None or size is None or self.stage is None:
             raise AveragingError("this node cannot average: no all-reduce (hivemind DHT) or no stage")
-        averager = self._averagers(prefix=averaging_prefix(self.run_id, self.stage), size=worker.num_parameters,
+        averager = self._averagers(prefix=averaging_prefix(self.run_id, self.stage), size=size,
                                    timeout_s=self.config.group.averaging_timeout_s,
                                    matchmaking_s=self.config.group.matchmaking_s, own_peer=self.peer_id)
         self._averager = (self.stage, averager)

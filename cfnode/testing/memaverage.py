@@ -233,6 +233,9 @@ class MemoryAverager:
         check_gathered({p: {"peer": p, "step": tag[0], "attempt": tag[1]} for p in rnd.members}, group, tag)
         return result
 
+    async def warm(self, group_size: int) -> None:
+        return None  # nothing to start in memory
+
     def close(self) -> None:
         """hivemind's shutdown: the averager's process is gone; a round it was in fails (or loses it)."""
         self.closed = True

@@ -38,6 +38,8 @@ class AveragingError(CfnodeError):
 class GroupAverager(Protocol):
     async def average(self, vector: torch.Tensor, *, weight: float, group: Sequence[str],
                       tag: tuple[int, int]) -> torch.Tensor: ...
+    async def warm(self, group_size: int) -> None:
+        """Be ready to average in groups of `group_size` (a newcomer, before its first step)."""
     def close(self) -> None: ...
 
 
@@ -125,6 +127,11 @@ class HivemindAverager:
         averager.start()
         averager.wait_until_ready(START_TIMEOUT_S)
         return averager
+
+    async def warm(self, group_size: int) -> None:
+        """Start the averager for groups of `group_size` now (its process takes seconds to come up): a newcomer
+        does it before it asks to be admitted, so its first all-reduce does not miss the round."""
+        await self._averager(group_size)
 
     async def average(self, vector: torch.Tensor, *, weight: float, group: Sequence[str],
                       tag: tuple[int, int]) -> torch.Tensor:

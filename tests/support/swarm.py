@@ -37,9 +37,10 @@ def wait_until(pred: Callable[[], T], timeout_s: float, what: str, poll_s: float
 
 class Harness:
     def __init__(self, workdir: str, run_id: str, extra: tuple[str, ...] = (), stages: int = 2,
-                 ttl_s: float = 3.0) -> None:
+                 ttl_s: float = 3.0, period_s: float = 0.5) -> None:
         self.stages = stages
         self.ttl_s = ttl_s
+        self.period_s = period_s
         self.workdir = workdir
         self.run_id = run_id
         self.swarm = Swarm(workdir)
@@ -61,7 +62,7 @@ class Harness:
         assert self.bootstrap_maddr
         return ["join", "--peers", self.bootstrap_maddr, "--run-id", self.run_id, "--preset", "tiny",
                 "--stages", str(self.stages), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
-                "--heartbeat-period", "0.5", "--heartbeat-ttl", str(self.ttl_s), "--microbatches", "4",
+                "--heartbeat-period", str(self.period_s), "--heartbeat-ttl", str(self.ttl_s), "--microbatches", "4",
                 "--microbatch-size", "4", "--val-every", "10", "--step-timeout", "15",
                 "--request-timeout", "5", "--metrics-port", "0", "--weights-reader", self.reader_peer_id,
                 *self.extra, *args]
