@@ -64,6 +64,8 @@ from cfnode.model.tokenizer import EOS_TOKEN, tokenizer_hash
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from cfnode.config import NodeConfig
+
 log = logging.getLogger(__name__)
 
 CORPUS_PATH = Path(__file__).resolve().parent / "corpus" / "shakespeare.txt.gz"
@@ -444,3 +446,26 @@ def validation_batches(tokens: Tensor, *, num_batches: int, microbatch_size: int
     starts = torch.arange(count, dtype=torch.int64) * last // max(count - 1, 1)
     windows = tokens[starts[:, None] + torch.arange(seq_len + 1)]
     return windows.view(num_batches, microbatch_size, seq_len + 1).to(torch.int64)
+
+
+def load_run_tokens(cfg: NodeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 0's (train, validation) token ids of a run: its corpus (`--data`) through the shipped tokenizer, or
+    the one in `--model-path` (a pretrained model's ids); ConfigError if an id does not fit the vocabulary."""
+    from tokenizers import Tokenizer as LoadedTokenizer
+
+    from cfnode.model.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    if cfg.model_path:
+        path = os.path.join(cfg.model_path, "tokenizer.json")
+        if os.path.exists(path):
+            tokenizer = LoadedTokenizer.from_file(path)
+        else:
+            log.warning("%s has no tokenizer.json; tokenizing with the shipped Shakespeare tokenizer, whose ids "
+                           "mean nothing to a pretrained model", cfg.model_path)
+    data = TokenData.from_corpus(load_corpus(cfg.data.source), tokenizer)
+    top = int(max(data.train.max(), data.val.max()))
+    if top >= cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer produces id {top} but the model's vocabulary has {cfg.model.vocab_size} "
+                          "entries; use the checkpoint's own tokenizer.json")
+    return data.train, data.val

@@ -20,20 +20,20 @@ import asyncio
 import hashlib
 import logging
 import math
-import os
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from cfnode.deadline import within
-from cfnode.errors import AttemptAborted, ConfigError, InvalidPayload, PeerUnavailableError, RejectedError
+from cfnode.errors import AttemptAborted, InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.net.records import SwarmView
-from cfnode.node.routes import FIRST_GENERATION
-from cfnode.recovery import copies, store
+from cfnode.recovery import copies
+from cfnode.recovery.rollback import CheckpointRollback
 from cfnode.train.admission import Admissions
 from cfnode.train.commit import GroupDiverged, Prepared, StepCommit
 from cfnode.train.paths import AttemptPaths
+from cfnode.train.reroute import Reroutes
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
 from cfnode.train.suspects import Suspects
 
@@ -89,48 +89,21 @@ class Driver:
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
         self.stats = {"issued": 0, "committed": 0, "dropped": 0}
-        self._owners_at_rollback: dict[int, tuple[str, int] | None] | None = None
-        self._rollback_from: int | None = None
         self.history: list[dict[str, Any]] = []
         self.paths = AttemptPaths()
-        self._inc: dict[int, int] = {}
-        """Training microbatch -> its incarnation in the current attempt (sent again around a lost member)."""
         self._batch: torch.Tensor | None = None
-        self._resends: set[asyncio.Task[None]] = set()
-        self._confirming: set[str] = set()
-        self._gone: set[str] = set()
-        """Members lost during the current attempt, routed around."""
-        self._committing = False
-        """The attempt's microbatches are all back and its commit started: a member lost now aborts it."""
         self.admissions = Admissions(host)  # type: ignore[arg-type]
         self.commit = StepCommit(host, self.paths, self.adopt)
         self.suspects = Suspects(host, self.paths, self.commit)
+        self.reroutes = Reroutes(self)
+        self.rollback = CheckpointRollback(host)
 
     async def prepare(self) -> None:
         """Load the corpus and tokenize it (cached on disk) on the compute thread."""
-        from tokenizers import Tokenizer
-
-        from cfnode.model.data import TokenData, load_corpus
-        from cfnode.model.tokenizer import load_tokenizer
-
-        def _load() -> tuple[torch.Tensor, torch.Tensor]:
-            tokenizer = load_tokenizer()
-            if self.cfg.model_path:
-                path = os.path.join(self.cfg.model_path, "tokenizer.json")
-                if os.path.exists(path):
-                    tokenizer = Tokenizer.from_file(path)
-                else:
-                    logger.warning("%s has no tokenizer.json; tokenizing with the shipped Shakespeare tokenizer, "
-                                   "whose ids mean nothing to a pretrained model", self.cfg.model_path)
-            data = TokenData.from_corpus(load_corpus(self.cfg.data.source), tokenizer)
-            top = int(max(data.train.max(), data.val.max()))
-            if top >= self.cfg.model.vocab_size:
-                raise ConfigError(f"the tokenizer produces id {top} but the model's vocabulary has "
-                                  f"{self.cfg.model.vocab_size} entries; use the checkpoint's own tokenizer.json")
-            return data.train, data.val
+        from cfnode.model.data import load_run_tokens
 
         started = time.perf_counter()
-        self.train_tokens, self.val_tokens = await self.host.compute(_load)
+        self.train_tokens, self.val_tokens = await self.host.compute(load_run_tokens, self.cfg)
         logger.info("data ready: %d train / %d validation tokens (%.1fs)", self.train_tokens.numel(),
                     self.val_tokens.numel(), time.perf_counter() - started)
 
@@ -162,7 +135,7 @@ class Driver:
         current = self._val_key if meta["kind"] == "val" else self.attempt
         if current is None or key != current:
             raise InvalidPayload("stale_step", f"attempt {tuple(key)} is not in progress")
-        if meta["kind"] == "train" and meta.get("inc", 0) != self._inc.get(meta["mb"], 0):
+        if meta["kind"] == "train" and not self.reroutes.current(meta):
             return False
         pending = self._val_pending if meta["kind"] == "val" else self._pending
         if meta["mb"] not in pending or pending[meta["mb"]].done():
@@ -170,7 +143,7 @@ class Driver:
         return True
 
     def _current(self, key: AttemptKey, meta: dict[str, Any]) -> bool:
-        return key == self.attempt and meta.get("inc", 0) == self._inc.get(meta["mb"], 0)
+        return key == self.attempt and self.reroutes.current(meta)
 
     async def process(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
         host, worker = self.host, self.host.worker
@@ -207,72 +180,36 @@ class Driver:
 
     def fail_attempt(self, key: AttemptKey, reason: str, detail: str, *, suspect: str | None = None) -> None:
         """A hop or report says the attempt cannot complete. When it points at a member of a stage group that has
-        another one, that member is pinged first: if it is dead the attempt goes on around it (`_reroute`)."""
+        another one, that member is pinged first: if it is dead the attempt goes on around it (train/reroute.py)."""
         if key != self.attempt or self._failure is not None:
             return
-        if suspect is not None and self._pending and not self._committing:
-            if suspect in self._gone:
-                return  # a hop of an incarnation already sent again around it
-            if self.paths.can_drop(suspect):
-                if suspect not in self._confirming:
-                    self._confirming.add(suspect)
-                    self._track(self._confirm_then_reroute(key, suspect, reason, detail))
-                return
+        if suspect is not None and self._pending and self.reroutes.handle(key, suspect, reason, detail):
+            return
         if suspect is not None:
             self.suspects.add(suspect)
-        self._fail(reason, detail)
+        self.fail(reason, detail)
 
-    def _fail(self, reason: str, detail: str) -> None:
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def fail(self, reason: str, detail: str) -> None:
         self._failure = (reason, detail)
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(AttemptAborted(f"{reason}: {detail}"))
 
-    def _track(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._resends.add(task)
-        task.add_done_callback(self._resends.discard)
+    def reopen(self, mb: int) -> None:
+        """A microbatch is sent again: wait for it once more."""
+        if self._pending[mb].done():
+            self._pending[mb] = asyncio.get_running_loop().create_future()
 
-    async def _confirm_then_reroute(self, key: AttemptKey, peer: str, reason: str, detail: str) -> None:
-        try:
-            dead = await self.host.confirm_suspect(peer)  # a ping; bans it if silent
-        finally:
-            self._confirming.discard(peer)
-        if key != self.attempt or self._failure is not None:
-            return
-        if not dead or not self.paths.can_drop(peer) or self._committing:
-            self.suspects.add(peer)
-            self._fail(reason, detail)
-            return
-        self._reroute(key, peer)
-
-    def _reroute(self, key: AttemptKey, peer: str) -> None:
-        """`peer`, a member of a stage group with another member, is dead: it leaves this attempt and each
-        microbatch that went through it is sent again, one incarnation more, through a sibling."""
-        stage = self.paths.stage_of(peer)
-        assert stage is not None
-        moved = self.paths.drop(peer)
-        self._gone.add(peer)
-        self.suspects.note_dead(peer, stage)
-        loop = asyncio.get_running_loop()
-        for mb in moved:
-            self._inc[mb] = self._inc.get(mb, 0) + 1
-            if self._pending[mb].done():
-                self._pending[mb] = loop.create_future()
-            self._track(self._resend(key, mb))
-        self.host.metrics.microbatches_rerouted.inc(len(moved))
-        logger.warning("step %d: stage %d's member %s is lost mid-step; %d microbatch(es) go through %s instead",
-                       key.step, stage, peer[:12], len(moved), ", ".join(p[:12] for p in self.paths.group(stage)))
-        self.host.events.emit("hop_rerouted", step=key.step, attempt=key.attempt, stage=stage, peer=peer[:12],
-                              microbatches=moved)
-
-    async def _resend(self, key: AttemptKey, mb: int) -> None:
+    async def resend(self, key: AttemptKey, mb: int, inc: int) -> None:
         """Send a rerouted microbatch from the start again (stage 0's embedding of it is recomputed)."""
         host, worker = self.host, self.host.worker
         assert worker is not None and self._batch is not None
-        inc = self._inc[mb]
         hidden = await host.compute(worker.embed, key, mb, self._batch[mb, :, :-1], inc)
-        if key != self.attempt or inc != self._inc.get(mb):
+        if key != self.attempt or inc != self.reroutes.of(mb):
             return
         meta = self._meta(key, mb, "train")
         meta["path"] = self.paths.path("train", mb)
@@ -343,7 +280,7 @@ class Driver:
                 self.host.events.emit("held", step=worker.step)
                 await asyncio.Event().wait()
             await self.wait_for_ring()
-            if self.cfg.recovery.mode == "checkpoint" and not await self._rollback_if_needed():
+            if self.cfg.recovery.mode == "checkpoint" and not await self.rollback.if_needed(self._last_attempt_id):
                 continue
             await self.admissions.serve(worker.step)
             step = worker.step
@@ -384,37 +321,6 @@ class Driver:
             self.host.events.emit("step", **record)
         self.host.events.emit("training_finished", step=worker.step, **self.stats)
 
-    def _ring_owners(self) -> dict[int, tuple[str, int] | None]:
-        """Who holds each stage at which generation (a rebuild always bumps the generation, even when the same
-        peer id comes back)."""
-        view = self.host.view
-        return {i: ((o.peer_id, o.record.generation) if (o := view.online_owner(i)) is not None else None)
-                for i in range(1, self.cfg.model.num_stages + 1)}
-
-    async def _rollback_if_needed(self) -> bool:
-        """`checkpoint` baseline: whenever a stage changed hands since the last rollback (a node was lost and
-        replaced), or this stage 0 is itself a replacement, roll every stage back to the newest complete
-        checkpoint. Returns False if the rollback failed (the caller waits for the ring and tries again)."""
-        owners = self._ring_owners()
-        if self._owners_at_rollback is None and self.host.generation <= FIRST_GENERATION:
-            self._owners_at_rollback = owners  # the original stage 0 of a run: nothing was lost yet
-            return True
-        if owners == self._owners_at_rollback:
-            return True
-        assert self.host.worker is not None
-        if self._rollback_from is None:
-            self._rollback_from = self.host.worker.step
-        to_step = store.latest_complete(copies.checkpoint_root(self.host))
-        try:
-            await copies.rollback_swarm(self.host, to_step, self._rollback_from, self._last_attempt_id)
-        except (RejectedError, PeerUnavailableError) as e:
-            logger.warning("rollback to the checkpoint of step %d failed (%s); retrying", to_step, e)
-            await asyncio.sleep(self.cfg.train.retry_backoff_s)
-            await self.host.refresh_view()
-            return False
-        self._owners_at_rollback, self._rollback_from = owners, None
-        return True
-
     async def run_attempt(self, step: int) -> tuple[float, str] | None:
         """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data
         order can be audited), None if the swarm skipped the step (a non-finite gradient), or raises
@@ -436,14 +342,15 @@ class Driver:
             raise AttemptAborted("a stage has no live member")
         self.paths.start({0: self.stage0_group(), **members})
         self.attempt, self._failure, self._losses = key, None, {}
-        self._inc, self._batch, self._gone, self._committing = {}, batch, set(), False
+        self._batch = batch
+        self.reroutes.start()
         self._targets = batch[:, :, 1:]
         self._pending = {mb: loop.create_future() for mb in range(train.num_microbatches)}
         self.stats["issued"] += train.num_microbatches
         host.metrics.microbatches_issued.inc(train.num_microbatches)
         try:
             await within(self._drive(key, batch), train.step_timeout_s)
-            self._committing = True
+            self.reroutes.committing = True
             prepared = await self.commit.prepare_all(key)
         except asyncio.CancelledError:  # the driver stops (fenced, shutting down): the attempt is dropped
             self._account_dropped(key, "cancelled", "the driver stopped during the attempt")
@@ -465,8 +372,7 @@ class Driver:
             raise AttemptAborted(f"{reason}: {e}") from e
         finally:
             self.attempt = None
-            for task in list(self._resends):
-                task.cancel()
+            self.reroutes.stop()
             for fut in self._pending.values():
                 if not fut.done():
                     fut.cancel()
@@ -530,8 +436,8 @@ class Driver:
                 "num_mb": self.cfg.train.num_microbatches, "generation": self.host.generation,
                 "driver": self.host.peer_id,
                 "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
-        if kind == "train" and self._inc.get(mb, 0):
-            meta["inc"] = self._inc[mb]
+        if kind == "train" and self.reroutes.of(mb):
+            meta["inc"] = self.reroutes.of(mb)
         return meta
 
     @property
