@@ -240,8 +240,10 @@ class GroupConfig:
     """How long stage 0 holds the ring at a step boundary for a newcomer to copy a member's state."""
     averaging_timeout_s: float = 5.0
     """A group's all-reduce of one step must finish within this (else the attempt aborts and is retried)."""
-    matchmaking_s: float = 0.5
-    """hivemind's min_matchmaking_time: how long a member waits for the rest of its group to show up."""
+    matchmaking_s: float = 2.0
+    """hivemind's min_matchmaking_time: how long a member waits for the rest of its group to show up (a round
+    starts as soon as the whole group is in); each join request may take half of it. At 0.5 s (0.25 s per
+    request) the rounds of 9 nodes on 2 cores kept failing ("could not find a group")."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.replicas <= 16:
