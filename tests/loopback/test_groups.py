@@ -13,7 +13,7 @@ from cfnode.config import NodeConfig, TrainConfig, preset
 from tests.support.reference import reference_losses
 from tests.support.swarm import Harness, fetch_weights, kill_group, wait_until
 
-pytestmark = [pytest.mark.loopback]
+pytestmark = [pytest.mark.loopback, pytest.mark.timeout(900)]  # 9-10 processes on 2 cores: 20 steps take 100 s
 
 STAGES = 3
 LOSS_TOLERANCE = 1e-5
