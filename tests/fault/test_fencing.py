@@ -49,7 +49,10 @@ def test_stale_owner_steps_down_after_thawing(harness: Harness, tmp_path, old_so
 
     os.kill(old.popen.pid, signal.SIGSTOP)  # the main process freezes: no heartbeats, no RPCs
     rebuilt = wait_until(lambda: h.events(spare, "recovery_finished"), 120, "the spare to rebuild stage 2")[0]
-    assert rebuilt["stage"] == 2 and rebuilt["generation"] == 2  # the initial holders run at generation 1
+    # the initial holders run at generation 1; the rebuild at 2, or one more per refused try (a donor fetched in
+    # the middle of a commit, or one that had not read the claimant's record yet: `recovery_failed`, retried)
+    assert rebuilt["stage"] == 2 and rebuilt["generation"] >= 2
+    assert len(h.events(spare, "recovery_failed")) == rebuilt["generation"] - 2
     spare_id = h.ready_info(spare)["peer_id"]
     assert (infos["node2"]["peer_id"] < spare_id) is old_sorts_first
     resumed_at = len(steps())
@@ -58,7 +61,7 @@ def test_stale_owner_steps_down_after_thawing(harness: Harness, tmp_path, old_so
 
     os.kill(old.popen.pid, signal.SIGCONT)
     fenced = wait_until(lambda: h.events(old, "fenced"), 60, "the thawed owner to fence itself")[0]
-    assert fenced["stage"] == 2 and fenced["generation"] == 2 and fenced["by"] == spare_id[:12]
+    assert fenced["stage"] == 2 and fenced["generation"] == rebuilt["generation"] and fenced["by"] == spare_id[:12]
     wait_until(lambda: h.events(old, "standby"), 60, "the thawed owner to become a spare")
     after_thaw = [e["event"] for e in h.events(old)[events_before_thaw:]]
     assert "online" not in after_thaw, after_thaw  # it never served stage 2 again
@@ -70,5 +73,6 @@ def test_stale_owner_steps_down_after_thawing(harness: Harness, tmp_path, old_so
     assert metric(old_metrics, "cfnode_stage_state", state="standby") == 1
     assert metric(old_metrics, "cfnode_stage_index") == -1
     spare_metrics = scrape(h.ready_info(spare)["metrics_port"])
-    assert metric(spare_metrics, "cfnode_stage_index") == 2 and metric(spare_metrics, "cfnode_stage_generation") == 2
+    assert metric(spare_metrics, "cfnode_stage_index") == 2
+    assert metric(spare_metrics, "cfnode_stage_generation") == rebuilt["generation"]
     assert old.alive() and spare.alive()
