@@ -85,10 +85,9 @@ class HopHandling:
         first), else stage 0's lead."""
         if target == 0:
             return self.stage0_peer(meta)
-        path = meta.get("path")
-        if path is None:
+        peer = self.path_peer(meta, target)
+        if peer is None:
             return self.route(target)
-        peer = path[meta["route"].index(target)]
         if self.routes.is_banned(peer):
             raise PeerUnavailableError(f"stage {target}'s member {peer[:12]} is banned")
         return peer

@@ -181,13 +181,15 @@ class Driver:
     def fail_attempt(self, key: AttemptKey, reason: str, detail: str, *, suspect: str | None = None) -> None:
         """A hop or report says the attempt cannot complete. When it points at a member of a stage group that has
         another one, that member is pinged first: if it is dead the attempt goes on around it (train/reroute.py)."""
-        if key != self.attempt or self._failure is not None:
+        if key != self.attempt:
             return
-        if suspect is not None and self._pending and self.reroutes.handle(key, suspect, reason, detail):
+        if (self._failure is None and suspect is not None and self._pending
+                and self.reroutes.handle(key, suspect, reason, detail)):
             return
-        if suspect is not None:
+        if suspect is not None:  # also once the attempt failed: every member a hop pointed at is pinged
             self.suspects.add(suspect)
-        self.fail(reason, detail)
+        if self._failure is None:
+            self.fail(reason, detail)
 
     @property
     def failed(self) -> bool:
