@@ -121,6 +121,21 @@ class StageClient:
         reply = await self._unary("abort", peer_id, stub.rpc_abort(req, timeout=timeout_s), timeout_s)
         _check_reply(unpack_metadata(reply.metadata))
 
+    async def assign(self, peer_id: str, meta: dict[str, Any]) -> None:
+        """rpc_assign: stage 0's lead hands a training microbatch (a hop's metadata) to a follower of its group."""
+        await self._stage0_call("assign", peer_id, meta)
+
+    async def done(self, peer_id: str, meta: dict[str, Any]) -> None:
+        """rpc_done: a follower of stage 0's group reports a microbatch it was assigned done, with its loss."""
+        await self._stage0_call("done", peer_id, meta)
+
+    async def _stage0_call(self, method: str, peer_id: str, meta: dict[str, Any]) -> None:
+        timeout_s = self.net.request_timeout_s
+        req = runtime_pb2.ExpertRequest(metadata=pack_metadata(meta))
+        call = getattr(self._stub(peer_id), f"rpc_{method}")(req, timeout=timeout_s)
+        reply = await self._unary(method, peer_id, call, timeout_s)
+        _check_reply(unpack_metadata(reply.metadata))
+
     async def info(self, peer_id: str) -> dict[str, Any]:
         """Ping: the peer's {stage, step, state, generation, grad norms, ...} within ping_timeout_s."""
         stub = self._stub(peer_id)

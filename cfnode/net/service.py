@@ -1,5 +1,5 @@
 """StageServicer: the RPC surface of a node (rpc_forward, rpc_backward, rpc_get_weights, rpc_info, rpc_commit,
-rpc_abort, rpc_replica, rpc_restore). Handlers decode, validate and hand over to the node; they never run torch
+rpc_abort, rpc_assign, rpc_done, rpc_replica, rpc_restore, rpc_admit). Handlers decode, validate and hand over to the node; they never run torch
 math on the loop.
 
 Admission first: a banned sender is refused `banned` before any part is read; a method over its concurrency
@@ -46,6 +46,9 @@ HOP_FIELDS: dict[str, type | tuple[type, ...]] = {
     "run": str, "step": int, "attempt": int, "mb": int, "num_mb": int, "generation": int,
     "from_stage": int, "to_stage": int, "kind": str, "route": list,
 }
+DONE_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "run": str, "step": int, "attempt": int, "mb": int, "inc": int, "loss": (int, float), "generation": int,
+}
 REPLICA_FIELDS: dict[str, type | tuple[type, ...]] = {
     "run": str, "stage": int, "step": int, "generation": int, "names": list, "grad_norm": (int, float),
     "grad_norm_raw": (int, float), "config_hash": str,
@@ -73,6 +76,8 @@ class StageHost(Protocol):
     async def accept_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None: ...
     async def accept_commit(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]: ...
     async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None: ...
+    async def accept_assign(self, meta: dict[str, Any], peer_id: str) -> None: ...
+    async def accept_done(self, meta: dict[str, Any], peer_id: str) -> None: ...
     async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None: ...
     async def accept_restore(self, meta: dict[str, Any], peer_id: str) -> dict[str, Any]: ...
     async def weights_snapshot(self, replica: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
@@ -285,6 +290,38 @@ class StageServicer(ServicerBase):
         except InvalidPayload as e:
             return self._reject("abort", e, peer_id)
         self.host.metrics.rpc_requests.labels(method="abort", result="ok").inc()
+        return _ok()
+
+    async def rpc_assign(self, request: runtime_pb2.ExpertRequest,
+                         context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Stage 0's lead hands a training microbatch to a follower of its group (docs/groups.md): the follower
+        embeds it, sends it along the path the hop names, computes the head and the loss, and reports it done."""
+        return await self._stage0_call("assign", request, context, HOP_FIELDS)
+
+    async def rpc_done(self, request: runtime_pb2.ExpertRequest,
+                       context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """A follower of stage 0's group tells the lead that a microbatch it was assigned is done, with its loss."""
+        return await self._stage0_call("done", request, context, DONE_FIELDS)
+
+    async def _stage0_call(self, method: str, request: runtime_pb2.ExpertRequest, context: P2PContext,
+                           fields: dict[str, type | tuple[type, ...]]) -> runtime_pb2.ExpertResponse:
+        """rpc_assign / rpc_done: between members of stage 0's group, each checked as an ONLINE member of it."""
+        peer_id = context.remote_id.to_base58()
+        if (refused := self._refuse_banned(method, peer_id)) is not None:
+            return refused
+        try:
+            meta = unpack_metadata(request.metadata)
+            require_fields(meta, fields)
+            if meta["run"] != self.host.run_id:
+                raise InvalidPayload("wrong_run", f"{method} for run {meta['run']!r}")
+            if self.host.serving_stage() != 0:
+                raise InvalidPayload("wrong_stage", f"{method} goes to a member of stage 0's group")
+            await self.host.check_sender(peer_id, 0, meta["generation"])
+            handler = self.host.accept_assign if method == "assign" else self.host.accept_done
+            await handler(meta, peer_id)
+        except InvalidPayload as e:
+            return self._reject(method, e, peer_id)
+        self.host.metrics.rpc_requests.labels(method=method, result="ok").inc()
         return _ok()
 
     async def rpc_replica(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],

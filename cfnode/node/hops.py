@@ -41,6 +41,7 @@ class HopHandling:
     events: EventLog
     client: StageClient | None
     driver: Any
+    driving: bool
     run_id: str
     peer_id: str
     routes: Any
@@ -56,48 +57,62 @@ class HopHandling:
                                           f"got {meta['route']!r:.80}")
 
     def check_path(self, method: str, meta: dict[str, Any], peer_id: str) -> None:
-        """Stage groups: a hop names the member of each stage on its route (`path`, pinned by stage 0's balancer);
-        we must be our stage's and the sender its stage's (stage 0 is not on the path)."""
+        """Stage groups: a hop names the member of each stage on its route (`path`, pinned by stage 0's balancer)
+        and the member of stage 0's group it starts and ends at (`origin`, default its `driver`); we must be our
+        stage's and the sender its stage's."""
         path = meta.get("path")
         if path is None:
             return
         route = meta["route"]
-        if not isinstance(path, list) or len(path) != len(route) or not all(isinstance(p, str) for p in path):
-            raise InvalidPayload("route", f"path must name one peer per stage of route {route!r:.60}")
+        self.check_path_fields(meta)
         assert self.stage is not None
         if self.stage != 0 and path[route.index(self.stage)] != self.peer_id:
             raise InvalidPayload("route", f"the path gives stage {self.stage} to {path[route.index(self.stage)][:12]}")
         sender = self.expected_sender(method, meta)
         if sender != 0 and path[route.index(sender)] != peer_id:
             raise InvalidPayload("unauthorized", f"the path gives stage {sender} to another member")
+        driver, origin = meta.get("driver"), meta.get("origin")
+        if self.stage == 0 and origin is not None and origin != self.peer_id:
+            raise InvalidPayload("route", f"the hop's origin is stage 0's member {origin[:12]}")
+        ends = origin if origin is not None else driver  # the stage-0 member the microbatch starts and ends at
+        if sender == 0 and ends is not None and ends != peer_id:
+            raise InvalidPayload("unauthorized", "the hop names another member of stage 0 as its origin")
+
+    def check_path_fields(self, meta: dict[str, Any]) -> None:
+        """The shape of a hop's `path`, `inc`, `driver` and `origin` (who they name is checked by the caller)."""
+        path, route = meta.get("path"), meta["route"]
+        if not isinstance(path, list) or len(path) != len(route) or not all(isinstance(p, str) for p in path):
+            raise InvalidPayload("route", f"path must name one peer per stage of route {route!r:.60}")
         inc = meta.get("inc", 0)
         if type(inc) is not int or not 0 <= inc <= MAX_INCARNATION:
             raise InvalidPayload("route", f"inc must be an integer 0..{MAX_INCARNATION}")
-        driver = meta.get("driver")
-        if driver is not None and (not isinstance(driver, str) or len(driver) > 128):
-            raise InvalidPayload("route", "driver must name stage 0's peer")
-        if sender == 0 and driver is not None and driver != peer_id:
-            raise InvalidPayload("unauthorized", "the hop names another peer as stage 0's driver")
+        for name in ("driver", "origin"):
+            value = meta.get(name)
+            if value is not None and (not isinstance(value, str) or len(value) > 128):
+                raise InvalidPayload("route", f"{name} must name a member of stage 0's group")
 
     def hop_peer(self, meta: dict[str, Any], target: int) -> str:
-        """The member of stage `target` a hop goes to: the one its path names; for stage 0 the driver the hop
-        names, while it is a member of stage 0's group (after a takeover our view may still list the dead lead
-        first), else stage 0's lead."""
-        if target == 0:
-            return self.stage0_peer(meta)
+        """The member of stage `target` a hop goes to: the one its path names; for stage 0 its origin (a follower
+        of stage 0's group that was assigned the microbatch), else the driver the hop names, while it is a member
+        of stage 0's group (after a takeover our view may still list the dead lead first), else stage 0's lead."""
         peer = self.path_peer(meta, target)
         if peer is None:
-            return self.route(target)
+            return self.stage0_peer(meta) if target == 0 else self.route(target)
         if self.routes.is_banned(peer):
             raise PeerUnavailableError(f"stage {target}'s member {peer[:12]} is banned")
         return peer
 
     def path_peer(self, meta: dict[str, Any], target: int) -> str | None:
-        """The member of transformer stage `target` the hop's path names (None without a path)."""
+        """The member of stage `target` the hop names: its path's for a transformer stage, its origin for stage 0
+        when that is not the driver (None without them)."""
+        if target == 0:
+            origin = meta.get("origin")
+            return origin if origin is not None and origin != meta.get("driver") else None
         path = meta.get("path")
-        return path[meta["route"].index(target)] if path is not None and target != 0 else None
+        return path[meta["route"].index(target)] if path is not None else None
 
     def stage0_peer(self, meta: dict[str, Any]) -> str:
+        """Stage 0's driver: where results without an origin and failure reports go."""
         driver = meta.get("driver")
         if (isinstance(driver, str) and not self.routes.is_banned(driver)
                 and any(p.peer_id == driver for p in self.view.group(0))):
@@ -131,7 +146,8 @@ class HopHandling:
             return
         if self.stage == 0:
             assert self.driver is not None
-            if not self.driver.accept(method, meta, key):  # raises InvalidPayload("stale_step") for a foreign attempt
+            handler = self.driver.runs if meta["kind"] == "train" else self.driver
+            if not handler.accept(method, meta, key):  # raises InvalidPayload("stale_step") for a foreign attempt
                 logger.debug("%s of %s mb %d is a superseded incarnation; dropped", method, key, meta["mb"])
                 return
         elif meta["kind"] == "train":
@@ -152,9 +168,10 @@ class HopHandling:
         self.spawn(self._process_hop(method, meta, tensor), name=f"hop-{method}")
 
     def _debug_kill_mid_step(self, key: AttemptKey) -> None:
-        """--debug-kill-mid-step (a test seam): a real SIGKILL of this process while it holds a microbatch."""
+        """--debug-kill-mid-step (a test seam): a real SIGKILL of this process while it holds a microbatch (any
+        member but stage 0's lead)."""
         at, worker = self.config.train.debug_kill_mid_step, self.worker
-        if at is not None and self.stage != 0 and worker is not None and key.step >= worker.base_step + at \
+        if at is not None and not self.driving and worker is not None and key.step >= worker.base_step + at \
                 and worker.active == key and worker.stash:
             logger.warning("--debug-kill-mid-step %d: SIGKILL at step %d with a microbatch in hand (built or joined "
                            "at step %d)", at, key.step, worker.base_step)
@@ -162,7 +179,7 @@ class HopHandling:
 
     async def _process_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
         if self.stage == 0:
-            await self.driver.process(method, meta, tensor)
+            await (self.driver.runs if meta["kind"] == "train" else self.driver).process(method, meta, tensor)
             return
         worker = self.worker
         assert worker is not None and self.stage is not None
@@ -251,7 +268,7 @@ class HopHandling:
         stage (and member) we could not reach, so stage 0 can confirm and stop routing to it."""
         if meta.get("kind") != "train":
             return
-        if self.stage == 0:
+        if self.stage == 0 and self.driving:
             self.driver.adopt(holds)
             self.driver.fail_attempt(AttemptKey(meta["step"], meta["attempt"]), "peer_unavailable", reason,
                                      suspect=suspect_peer)
@@ -266,4 +283,62 @@ class HopHandling:
                                             "holds": list(holds) if holds is not None else None})
         except (PeerUnavailableError, RejectedError) as e:
             logger.debug("could not report the failure to stage 0: %s", e)
+
+    # -- stage 0's group: microbatches assigned to a follower (train/origin.py) ------------------------------
+
+    async def accept_assign(self, meta: dict[str, Any], peer_id: str) -> None:
+        """rpc_assign: our lead hands us a training microbatch; we start it (the step must be ours and the
+        attempt not older than the one we hold). A retried assign (a lost reply) starts nothing twice."""
+        worker, driver = self.worker, self.driver
+        if self.stage != 0 or driver is None or worker is None or self.driving:
+            raise InvalidPayload("wrong_stage", "only a follower of stage 0's group is assigned microbatches")
+        num_mb = self.config.train.num_microbatches
+        if meta["kind"] != "train" or meta["num_mb"] != num_mb or not 0 <= meta["mb"] < num_mb:
+            raise InvalidPayload("decode", f"{meta['kind']!r:.20} microbatch {meta['mb']} of {meta['num_mb']} "
+                                           f"(a training one of this run's {num_mb})")
+        self.check_route(meta)
+        if meta["from_stage"] != 0 or meta["to_stage"] != meta["route"][0]:
+            raise InvalidPayload("route", "an assigned microbatch goes from stage 0 to its route's first stage")
+        if meta.get("path") is None:
+            raise InvalidPayload("route", "an assigned microbatch carries its path")
+        self.check_path_fields(meta)
+        if meta.get("driver") != peer_id or meta.get("origin") != self.peer_id:
+            raise InvalidPayload("unauthorized", "an assigned microbatch names its sender as driver and us as origin")
+        key = AttemptKey(meta["step"], meta["attempt"])
+        self.check_step(worker, key)
+        hop_id = ("assign", key.step, key.attempt, meta["mb"], meta.get("inc", 0))
+        if hop_id in self._seen_hops:
+            return
+        await self.compute(worker.begin, key)
+        if worker.active != key:
+            raise InvalidPayload("stale_step", f"attempt {tuple(key)} is older than {worker.active}",
+                                 holds=worker_holds(worker))
+        if not driver.runs.take(key, meta):
+            return  # a superseded incarnation
+        self._seen_hops[hop_id] = None
+        self.spawn(driver.runs.start(meta), name="assigned")
+
+    async def accept_done(self, meta: dict[str, Any], peer_id: str) -> None:
+        """rpc_done: a follower of our group finished a microbatch we assigned it."""
+        if self.stage != 0 or self.driver is None or not self.driving:
+            raise InvalidPayload("wrong_stage", "only stage 0's lead takes microbatch reports")
+        self.driver.done(AttemptKey(meta["step"], meta["attempt"]), meta["mb"], meta["inc"], float(meta["loss"]),
+                         origin=peer_id)
+
+    async def microbatch_done(self, meta: dict[str, Any], loss: float) -> None:
+        """Our stage-0 part of a microbatch is done: tell the driver (ourselves, or our group's lead)."""
+        key = AttemptKey(meta["step"], meta["attempt"])
+        if self.driving:
+            try:
+                self.driver.done(key, meta["mb"], meta.get("inc", 0), loss, origin=self.peer_id)
+            except InvalidPayload as e:
+                logger.debug("microbatch %d of %s is done but no longer awaited: %s", meta["mb"], tuple(key), e)
+            return
+        assert self.client is not None
+        report = {"run": self.run_id, "step": key.step, "attempt": key.attempt, "mb": meta["mb"],
+                  "inc": meta.get("inc", 0), "loss": loss, "generation": self.generation}
+        try:
+            await self.client.done(self.stage0_peer(meta), report)
+        except (PeerUnavailableError, RejectedError) as e:
+            logger.info("could not report microbatch %d of %s done to stage 0's lead: %s", meta["mb"], tuple(key), e)
 

@@ -101,7 +101,10 @@ class Stage0Lead:
         suspect_peer = meta.get("suspect_peer") or None
         if not isinstance(suspect_peer, str) or len(suspect_peer) > 128:
             suspect_peer = None
-        if isinstance(suspect, int) and 0 < suspect <= host.config.model.num_stages:
+        if suspect == 0:  # a follower of stage 0's group a microbatch ended at (never we, the lead)
+            if suspect_peer == host.peer_id:
+                suspect_peer = None
+        elif isinstance(suspect, int) and 0 < suspect <= host.config.model.num_stages:
             if suspect_peer is None:
                 try:
                     suspect_peer = host.routes.route(suspect)

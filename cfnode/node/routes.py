@@ -118,11 +118,12 @@ class RouteTable:
         return self.banned.get(peer_id, 0) > self.clock.time()
 
     def ban(self, peer_id: str, reason: str) -> None:
-        """Stop routing to a peer until its current record would expire (plus one period, so the view has
-        dropped it by then)."""
+        """Stop routing to a peer until its current record would expire, and for at least one ttl from now (a
+        stale cached read can still list a dead peer's last record for a while after its expiry), plus one period,
+        so the view has dropped it by then."""
         expiry = self.heartbeat.period_s + max(
-            (p.expiration_time for ps in self.view.stages.values() for p in ps if p.peer_id == peer_id),
-            default=self.clock.time() + self.heartbeat.ttl_s)
+            [p.expiration_time for ps in self.view.stages.values() for p in ps if p.peer_id == peer_id]
+            + [self.clock.time() + self.heartbeat.ttl_s])
         if self.banned.get(peer_id, 0) < expiry:
             self.banned[peer_id] = expiry
             self.metrics.peer_bans.labels(reason=reason).inc()

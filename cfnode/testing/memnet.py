@@ -339,6 +339,8 @@ class MemoryStub:
     rpc_replica = _unary_rpc("replica", stream_in=True)
     rpc_commit = _unary_rpc("commit", stream_in=False)
     rpc_abort = _unary_rpc("abort", stream_in=False)
+    rpc_assign = _unary_rpc("assign", stream_in=False)
+    rpc_done = _unary_rpc("done", stream_in=False)
     rpc_admit = _unary_rpc("admit", stream_in=False)
     rpc_restore = _unary_rpc("restore", stream_in=False)
     rpc_info = _unary_rpc("info", stream_in=False)

@@ -88,8 +88,9 @@ class StepCommit:
         calls = [(idx, peer) for idx, members in peers.items() for peer in members if peer != host.peer_id]
         num_mb = self.cfg.train.num_microbatches
         group0 = self.paths.group(0)
-        if len(group0) > 1:  # stage 0's group: the lead took every microbatch, its followers average with it
-            own = asyncio.ensure_future(host.prepare_in_group(key, group0, num_mb, self.rounds.get(0, 1)))
+        if len(group0) > 1:  # stage 0's group: each member took its share of the microbatches; they average
+            own = asyncio.ensure_future(host.prepare_in_group(key, group0, self.paths.samples_of(0, host.peer_id),
+                                                              self.rounds.get(0, 1)))
         else:
             own = asyncio.ensure_future(host.compute(worker.prepare, key, num_mb))
         results = await _until_one_unreachable([host.client.commit(peer, self._prepare_meta(key, idx, peer),

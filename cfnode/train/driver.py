@@ -1,11 +1,13 @@
-"""Stage 0's step driver (ARCHITECTURE §6): draws the microbatches of step s from (seed, s), keeps several in
-the ring, pins each microbatch's path over the stage groups' members (train/paths.py, train/balancer.py), computes
-head + loss when activations come back from stage L, runs the embedding backward when gradients come back from
-stage 1, then has every member of every stage commit (train/commit.py: a group averages its gradients, then
+"""Stage 0's step driver (ARCHITECTURE §6): the microbatches of step s are a pure function of (seed, s); it keeps
+several in the ring, pins each microbatch's path over the stage groups' members (train/paths.py,
+train/balancer.py), stage 0's group included: the member of stage 0 a microbatch starts and ends at, its origin,
+embeds it, computes head + loss when activations come back from stage L and runs the embedding backward when
+gradients come back from stage 1 (train/origin.py; the lead's own microbatches run here, a follower's are handed
+to it with rpc_assign and reported with rpc_done). Then it has every member of every stage commit (train/commit.py: a group averages its gradients, then
 clip, norms, Adam step). At a step boundary it lets newcomers into stage groups (train/admission.py).
 
-A member of a stage group lost while its microbatches are in flight (a failed hop pointing at it and a failed
-ping, or its record gone) costs no abort: it leaves the attempt, and every microbatch whose path went through it
+A member of a stage group (a follower of stage 0's too) lost while its microbatches are in flight (a failed hop
+pointing at it and a failed ping, or its record gone) costs no abort: it leaves the attempt, and every microbatch whose path went through it
 is sent again (one incarnation more, `inc`) through another member of its group; the stages that already
 accumulated that microbatch only pass its gradient on (train/worker.py). Any other failed hop, an abort report, a
 missing stage, a member lost during the commit or the step timeout aborts the attempt: every partial result is
@@ -32,6 +34,7 @@ from cfnode.recovery import copies
 from cfnode.recovery.rollback import CheckpointRollback
 from cfnode.train.admission import Admissions
 from cfnode.train.commit import GroupDiverged, Prepared, StepCommit
+from cfnode.train.origin import OriginRuns
 from cfnode.train.paths import AttemptPaths
 from cfnode.train.reroute import Reroutes
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
@@ -66,6 +69,7 @@ class DriverHost(copies.CopyHost, Protocol):
     async def send_hop(self, method: str, meta: dict[str, Any], tensor: torch.Tensor, target: int) -> bool: ...
     def route_target(self, method: str, meta: dict[str, Any]) -> int: ...
     def after_commit(self, norm: float, raw: float) -> None: ...
+    async def microbatch_done(self, meta: dict[str, Any], loss: float) -> None: ...
     async def confirm_suspect(self, peer: str) -> bool: ...
     def heartbeat_soon(self) -> None: ...
     async def prepare_in_group(self, key: AttemptKey, group: list[str], samples: int,
@@ -80,7 +84,6 @@ class Driver:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._val_pending: dict[int, asyncio.Future[float]] = {}
         self._val_key: AttemptKey | None = None
-        self._targets: torch.Tensor | None = None
         self._losses: dict[int, float] = {}
         self._failure: tuple[str, str] | None = None
         self._last_attempt_id = 0
@@ -88,10 +91,10 @@ class Driver:
         self._lost_logged_at: dict[int, float] = {}
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
+        self.runs = OriginRuns(host)
         self.stats = {"issued": 0, "committed": 0, "dropped": 0}
         self.history: list[dict[str, Any]] = []
         self.paths = AttemptPaths()
-        self._batch: torch.Tensor | None = None
         self.admissions = Admissions(host)  # type: ignore[arg-type]
         self.commit = StepCommit(host, self.paths, self.adopt)
         self.suspects = Suspects(host, self.paths, self.commit)
@@ -104,6 +107,7 @@ class Driver:
 
         started = time.perf_counter()
         self.train_tokens, self.val_tokens = await self.host.compute(load_run_tokens, self.cfg)
+        self.runs.tokens = self.train_tokens
         logger.info("data ready: %d train / %d validation tokens (%.1fs)", self.train_tokens.numel(),
                     self.val_tokens.numel(), time.perf_counter() - started)
 
@@ -130,53 +134,58 @@ class Driver:
     # -- incoming ----------------------------------------------------------------------------------------
 
     def accept(self, method: str, meta: dict[str, Any], key: AttemptKey) -> bool:
-        """Synchronous check in the RPC handler: is this hop part of what we are waiting for? False: it belongs
-        to an incarnation of its microbatch that was sent again since (acknowledged and dropped)."""
-        current = self._val_key if meta["kind"] == "val" else self.attempt
-        if current is None or key != current:
+        """Synchronous check in the RPC handler: is this validation hop part of what we are waiting for? (Training
+        hops go to `runs`.)"""
+        if self._val_key is None or key != self._val_key:
             raise InvalidPayload("stale_step", f"attempt {tuple(key)} is not in progress")
-        if meta["kind"] == "train" and not self.reroutes.current(meta):
-            return False
-        pending = self._val_pending if meta["kind"] == "val" else self._pending
-        if meta["mb"] not in pending or pending[meta["mb"]].done():
+        if meta["mb"] not in self._val_pending or self._val_pending[meta["mb"]].done():
             raise InvalidPayload("stale_step", f"microbatch {meta['mb']} is not in flight")
         return True
 
-    def _current(self, key: AttemptKey, meta: dict[str, Any]) -> bool:
-        return key == self.attempt and self.reroutes.current(meta)
-
     async def process(self, method: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
+        """A validation microbatch back from stage L: its loss."""
         host, worker = self.host, self.host.worker
-        assert worker is not None
+        assert worker is not None and self._val_targets is not None
         key, mb = AttemptKey(meta["step"], meta["attempt"]), meta["mb"]
-        if meta["kind"] == "val":
-            assert self._val_targets is not None
-            loss = await host.compute(worker.eval_loss, tensor, self._val_targets[mb])
-            fut = self._val_pending.get(mb)
-            if fut is not None and not fut.done() and key == self._val_key:
-                fut.set_result(loss)
+        loss = await host.compute(worker.eval_loss, tensor, self._val_targets[mb])
+        fut = self._val_pending.get(mb)
+        if fut is not None and not fut.done() and key == self._val_key:
+            fut.set_result(loss)
+
+    def done(self, key: AttemptKey, mb: int, inc: int, loss: float, *, origin: str) -> None:
+        """Stage 0's member `origin` finished incarnation `inc` of microbatch `mb` (its embedding backward ran),
+        with this loss. InvalidPayload if that is not what we wait for; an incarnation sent again since is
+        ignored."""
+        if key != self.attempt:
+            raise InvalidPayload("stale_step", f"attempt {tuple(key)} is not in progress")
+        if not 0 <= mb < self.cfg.train.num_microbatches or self.paths.origin("train", mb) is None:
+            raise InvalidPayload("stale_step", f"microbatch {mb} is not in flight")
+        if self.paths.origin("train", mb) != origin:
+            raise InvalidPayload("unauthorized", f"microbatch {mb} was not given to {origin[:12]}")
+        if inc != self.reroutes.of(mb):
             return
-        if not self._current(key, meta):
-            return
-        if method == "forward":  # activations back from stage L: loss, then gradients into the ring
-            assert self._targets is not None
-            loss, grad = await host.compute(worker.head_backward, key, mb, tensor, self._targets[mb],
-                                            self.cfg.train.num_microbatches)
-            if not self._current(key, meta):
-                return
-            self._losses[mb] = loss
-            await host.send_hop("backward", meta, grad, host.route_target("backward", meta))
-        else:  # gradients back from stage 1: embedding backward completes the microbatch
-            try:
-                await host.compute(worker.embed_backward, key, mb, tensor, meta.get("inc", 0))
-            except KeyError:
-                return
-            if not self._current(key, meta):
-                return
-            self.paths.done("train", mb)
-            fut = self._pending.get(mb)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        self._losses[mb] = loss
+        self.paths.done("train", mb)
+        fut = self._pending.get(mb)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _start(self, key: AttemptKey, meta: dict[str, Any]) -> bool:
+        """Start a training microbatch at its origin: here, or handed to a follower of stage 0's group. False if
+        that failed (the attempt is failed, or goes on around a follower found dead)."""
+        origin = meta["origin"]
+        if origin == self.host.peer_id:
+            return self.runs.take(key, meta) and await self.runs.start(meta)
+        assert self.host.client is not None
+        try:
+            await self.host.client.assign(origin, meta)
+            return True
+        except (PeerUnavailableError, RejectedError) as e:
+            self.adopt(getattr(e, "holds", None))
+            self.fail_attempt(key, "peer_unavailable", f"assigning microbatch {meta['mb']} to stage 0's member "
+                              f"{origin[:12]} failed: {e}",
+                              suspect=origin if isinstance(e, PeerUnavailableError) else None)
+            return False
 
     def fail_attempt(self, key: AttemptKey, reason: str, detail: str, *, suspect: str | None = None) -> None:
         """A hop or report says the attempt cannot complete. When it points at a member of a stage group that has
@@ -207,15 +216,10 @@ class Driver:
             self._pending[mb] = asyncio.get_running_loop().create_future()
 
     async def resend(self, key: AttemptKey, mb: int, inc: int) -> None:
-        """Send a rerouted microbatch from the start again (stage 0's embedding of it is recomputed)."""
-        host, worker = self.host, self.host.worker
-        assert worker is not None and self._batch is not None
-        hidden = await host.compute(worker.embed, key, mb, self._batch[mb, :, :-1], inc)
+        """Send a rerouted microbatch from the start again (its origin embeds it again)."""
         if key != self.attempt or inc != self.reroutes.of(mb):
             return
-        meta = self._meta(key, mb, "train")
-        meta["path"] = self.paths.path("train", mb)
-        await host.send_hop("forward", meta, hidden, meta["to_stage"])
+        await self._start(key, self._train_meta(key, mb))
 
     def on_view(self, view: SwarmView) -> None:
         """Membership changed: an attempt cannot finish while a stage has no live owner; a member of this
@@ -226,10 +230,10 @@ class Driver:
             if view.online_owner(idx) is None:
                 self.fail_attempt(self.attempt, "stage_missing", f"stage {idx} has no live owner")
                 return
-        for idx in range(1, self.cfg.model.num_stages + 1):
+        for idx in range(self.cfg.model.num_stages + 1):
             live = {p.peer_id for p in view.group(idx)}
             for peer in self.paths.group(idx):
-                if peer not in live:
+                if peer not in live and peer != self.host.peer_id:
                     self.fail_attempt(self.attempt, "member_gone", f"stage {idx}'s member {peer[:12]} left the "
                                       "view", suspect=peer)
 
@@ -331,27 +335,22 @@ class Driver:
         train, host = self.cfg.train, self.host
         worker = host.worker
         assert worker is not None
-        from cfnode.model.data import batch_for_step
-
         key = AttemptKey(step, self._new_attempt_id())
-        batch = batch_for_step(self.train_tokens, seed=self.cfg.data.seed, step=step,
-                               num_microbatches=train.num_microbatches, microbatch_size=train.microbatch_size,
-                               seq_len=self.cfg.model.seq_len)
+        batch = self.runs.batch(step)
         loop = asyncio.get_running_loop()
         await host.compute(worker.begin, key)
+        self.runs.open(key)
         members = {i: host.routes.members(i) for i in range(1, self.cfg.model.num_stages + 1)}
         if not all(members.values()):
             raise AttemptAborted("a stage has no live member")
         self.paths.start({0: self.stage0_group(), **members})
         self.attempt, self._failure, self._losses = key, None, {}
-        self._batch = batch
         self.reroutes.start()
-        self._targets = batch[:, :, 1:]
         self._pending = {mb: loop.create_future() for mb in range(train.num_microbatches)}
         self.stats["issued"] += train.num_microbatches
         host.metrics.microbatches_issued.inc(train.num_microbatches)
         try:
-            await within(self._drive(key, batch), train.step_timeout_s)
+            await within(self._drive(key), train.step_timeout_s)
             self.reroutes.committing = True
             prepared = await self.commit.prepare_all(key)
         except asyncio.CancelledError:  # the driver stops (fenced, shutting down): the attempt is dropped
@@ -374,6 +373,7 @@ class Driver:
             raise AttemptAborted(f"{reason}: {e}") from e
         finally:
             self.attempt = None
+            self.runs.close()
             self.reroutes.stop()
             for fut in self._pending.values():
                 if not fut.done():
@@ -398,21 +398,16 @@ class Driver:
         self.stats["committed"] += num_mb
         self.host.metrics.microbatches_committed.inc(num_mb)
 
-    async def _drive(self, key: AttemptKey, batch: torch.Tensor) -> None:
+    async def _drive(self, key: AttemptKey) -> None:
         """Launch microbatches as slots free up (launch_order) and wait for all of them."""
-        host, worker = self.host, self.host.worker
-        assert worker is not None
         num_mb = self.cfg.train.num_microbatches
         for mb, after in launch_order(num_mb, self.cfg.train.max_in_flight):
             if after is not None:
                 await self._pending[after]
             if self._failure is not None:
                 raise AttemptAborted(f"{self._failure[0]}: {self._failure[1]}")
-            hidden = await host.compute(worker.embed, key, mb, batch[mb, :, :-1])
-            await host.compute(worker.shadow_forward, hidden)  # `redundant` only: stage 1's forward, again
-            meta = self._meta(key, mb, "train")
-            meta["path"] = self.paths.pin("train", mb, meta["route"])
-            if not await host.send_hop("forward", meta, hidden, meta["to_stage"]) and self._failure is not None:
+            self.paths.pin("train", mb, route_for(mb, self.cfg.model.num_stages, swaps=self.cfg.swaps))
+            if not await self._start(key, self._train_meta(key, mb)) and self._failure is not None:
                 raise AttemptAborted(self._failure[1])  # else it is being sent again around a lost member
         while True:  # until every microbatch is back, also those sent again meanwhile
             waited = dict(self._pending)
@@ -421,8 +416,8 @@ class Driver:
                 return
 
     def stage0_group(self) -> list[tuple[str, float]]:
-        """Stage 0's group for an attempt: us (the lead: every microbatch's embedding and head run here), then
-        its followers, which average with us and apply the same step, each ready to take over."""
+        """Stage 0's group for an attempt: us (the lead), then its followers; each is the origin of the microbatches
+        the balancer gives it, all average and apply the same step, each follower ready to take over."""
         own = self.host.peer_id
         return [(own, 0.0)] + [m for m in self.host.routes.members(0) if m[0] != own]
 
@@ -440,6 +435,13 @@ class Driver:
                 "from_stage": 0, "to_stage": route[0], "kind": kind, "route": list(route)}
         if kind == "train" and self.reroutes.of(mb):
             meta["inc"] = self.reroutes.of(mb)
+        return meta
+
+    def _train_meta(self, key: AttemptKey, mb: int) -> dict[str, Any]:
+        """A training microbatch's first hop, with the members its attempt pinned: its path and its origin."""
+        meta = self._meta(key, mb, "train")
+        meta["path"] = self.paths.path("train", mb)
+        meta["origin"] = self.paths.origin("train", mb)
         return meta
 
     @property

@@ -11,7 +11,7 @@ import torch
 
 from cfnode.config import NodeConfig, TrainConfig, preset
 from tests.support.reference import reference_losses
-from tests.support.swarm import Harness, fetch_weights, kill_group, wait_until
+from tests.support.swarm import Harness, fetch_weights, kill_group, metric, scrape, wait_until
 
 pytestmark = [pytest.mark.loopback, pytest.mark.timeout(900)]  # 9-10 processes on 2 cores: 20 steps take 100 s
 
@@ -34,8 +34,8 @@ def _form_groups(h: Harness, *args: str, member_args: dict[str, tuple[str, ...]]
     """Two members for every stage in `doubled` (default: all), one for the others: the transformer stages'
     founders, then their newcomers and the stage-0 nodes (with `args`) at once: one claims stage 0 and leads,
     the other joins its group; the newcomers join at the first step boundaries. groups[i] is (founder,
-    newcomer); groups[0] (lead, follower). `member_args`: more flags of a transformer stage's node, by name
-    (s2a: stage 2's founder, s2b: its newcomer)."""
+    newcomer); groups[0] (lead, follower). `member_args`: more flags of a node, by name (s2a: stage
+    2's founder, s2b: its newcomer; s0 and s0b: the two stage-0 nodes, either of which may lead)."""
     more = member_args or {}
     h.start_bootstrap()
     founders = [h.start_node(f"s{i}a", "--stage", str(i), *more.get(f"s{i}a", ())) for i in range(1, STAGES + 1)]
@@ -43,7 +43,7 @@ def _form_groups(h: Harness, *args: str, member_args: dict[str, tuple[str, ...]]
         h.ready_info(p)
     joiners = {i: h.start_node(f"s{i}b", "--stage", str(i), *more.get(f"s{i}b", ()))
                for i in range(1, STAGES + 1) if i in doubled}
-    heads = [h.start_node(name, "--stage", "0", *args) for name in ("s0", "s0b")[:1 + (0 in doubled)]]
+    heads = [h.start_node(name, "--stage", "0", *args, *more.get(name, ())) for name in ("s0", "s0b")[:1 + (0 in doubled)]]
     for p in [*joiners.values(), *heads]:
         h.ready_info(p)
     lead, *follower = sorted(heads, key=lambda p: bool(h.events(p, "joined_group")))
@@ -86,6 +86,10 @@ def test_groups_train_bit_identical_members_and_match_one_peer_per_stage(harness
         assert at == steps
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), f"stage {i} members differ"
     assert not h.events(groups[0][1], "stage0_takeover"), "the follower drove while its lead lived"
+    # stage 0's follower took its share of the microbatches: activations came back to it from the last stage
+    follower_hops = metric(scrape(h.ready_info(groups[0][1])["metrics_port"]), "cfnode_hops_received_total",
+                           direction="forward", from_stage=str(STAGES))
+    assert follower_hops >= steps, follower_hops
     losses = [e["loss"] for e in steps_done()]
     assert len(losses) == steps
     # the newcomers' first hops may reach a stage that has not read their records yet (retried)
@@ -154,6 +158,37 @@ def test_a_member_killed_mid_step_is_routed_around_and_a_newcomer_joins_exactly(
     committed = [e["step"] for e in steps()]
     assert committed == list(range(1, len(committed) + 1))
     # each microbatch counted once at every stage, also the ones sent again: the loss curve is the one-peer one
+    cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
+    losses = [e["loss"] for e in steps()][:kill_at + 3]
+    reference = reference_losses(cfg, len(losses))
+    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
+    assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
+
+
+@pytest.mark.slow
+def test_a_follower_of_stage_0_killed_mid_step_is_routed_around(harness: Harness) -> None:
+    h = harness
+    kill_after = 8  # steps after it joined
+    # only stage 0 is a group (5 processes); the flag is given to both stage-0 nodes: the lead never kills itself
+    flag = ("--debug-kill-mid-step", str(kill_after))
+    groups, _ = _form_groups(h, "--max-steps", "400", member_args={"s0": flag, "s0b": flag}, doubled=(0,))
+    lead, victim = groups[0]
+    steps = lambda: h.events(lead, "step")  # noqa: E731
+    victim_id = h.events(victim, "joined")[0]["peer_id"][:12]
+    kill_at = h.events(victim, "joined_group")[0]["step"] + kill_after
+    assert victim.popen.wait(timeout=240) == -signal.SIGKILL  # it killed itself holding a microbatch of step kill_at
+    rerouted = wait_until(lambda: [e for e in h.events(lead, "hop_rerouted") if e["peer"] == victim_id],
+                          60, "the lead to take the killed follower's microbatches")[0]
+    # the victim was the origin of some of step kill_at's microbatches, which the lead ran again
+    assert rerouted["stage"] == 0 and rerouted["step"] == kill_at and rerouted["microbatches"], rerouted
+    wait_until(lambda: len(steps()) >= kill_at + 5, 120, "5 more steps after the kill")
+    after_kill = [a for a in h.events(lead, "step_aborted") if a["step"] >= kill_at]
+    assert not [a for a in after_kill if a["reason"] != "group_diverged"], after_kill
+    assert not [a for a in after_kill if a["step"] == kill_at], after_kill
+    for p in [lead, *(m for ms in groups.values() for m in ms if m is not victim)]:
+        assert not h.events(p, "recovery_started") and not h.events(p, "unrecoverable"), p.name
+    committed = [e["step"] for e in steps()]
+    assert committed == list(range(1, len(committed) + 1))
     cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
     losses = [e["loss"] for e in steps()][:kill_at + 3]
     reference = reference_losses(cfg, len(losses))

@@ -282,3 +282,20 @@ def test_a_generation_a_reader_missed_is_accepted_when_another_owner_remembers_i
     self_vouched = view({3: [rec("stale", generation=1), rec("forger", generation=9, generations=(9, 9, 9, 9))],
                          2: [rec("n2", generation=1, generations=(1, 1, 1, 1))]})
     assert [p.peer_id for p in bound_generations(self_vouched, {2: 1, 3: 1})[1]] == ["forger"]
+
+
+def test_a_ban_lasts_until_the_record_expires_and_at_least_one_ttl() -> None:
+    """A peer banned just before its record expires stays banned a ttl (a stale cached read may still list its
+    last record), and one whose record lives on stays banned until it expires; plus one period each."""
+    table = routes_over(FakeSwarm([]))
+    table.clock = clock = SimpleNamespace(now=NOW, time=lambda: clock.now)  # type: ignore[assignment]
+    now = NOW
+    table.view = view({1: [rec("soon", expires=now + 0.1), rec("later", expires=now + 10)]})
+    table.ban("soon", "confirmed_dead")
+    table.ban("later", "confirmed_dead")
+    table.ban("unknown", "rpc_failure")
+    assert table.banned == {"soon": now + 3.5, "later": now + 10.5, "unknown": now + 3.5}
+    clock.now += 3.4
+    assert table.is_banned("soon") and table.is_banned("later")
+    clock.now += 0.2
+    assert not table.is_banned("soon") and table.is_banned("later")

@@ -114,6 +114,12 @@ class FakeHost:
     async def accept_abort(self, meta: dict[str, Any], peer_id: str) -> None:
         return None
 
+    async def accept_assign(self, meta: dict[str, Any], peer_id: str) -> None:
+        self.accepted.append(("assign", meta))
+
+    async def accept_done(self, meta: dict[str, Any], peer_id: str) -> None:
+        self.accepted.append(("done", meta))
+
     async def accept_replica(self, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
         self.replicas.append(meta)
 
@@ -722,3 +728,22 @@ def test_limits_from_config() -> None:
     assert (limits.ban.threshold, limits.ban.window_s, limits.ban.ban_s) == (20, 60.0, 300.0)
     big = ServiceLimits.from_config(NodeConfig(train=TrainConfig(num_microbatches=32, max_in_flight=8)))
     assert big.ban.threshold == 128 and big.hop_slots == 36
+
+
+def test_assign_and_done_are_taken_only_by_stage_0s_group_from_its_members() -> None:
+    svc, host = servicer()
+    assign = {**hop_meta(), "path": ["me", "stage2"], "driver": STAGE0, "origin": "me"}
+    done = {"run": RUN, "step": 5, "attempt": 1, "mb": 0, "inc": 0, "loss": 4.5, "generation": 0}
+
+    def call(method: str, meta: dict[str, Any], peer: str) -> dict[str, Any]:
+        rpc = svc.rpc_assign if method == "assign" else svc.rpc_done
+        return unpack_metadata(run(rpc(Request(metadata=pack_metadata(meta)), ctx(peer))).metadata)
+
+    assert call("assign", assign, STAGE0)["reason"] == "wrong_stage"  # this host serves stage 1
+    host.serving_stage = lambda: 0  # type: ignore[method-assign]
+    assert call("assign", assign, STAGE2)["reason"] == "unauthorized"  # not a member of stage 0's group
+    assert call("done", {k: v for k, v in done.items() if k != "loss"}, STAGE0)["reason"] == "decode"
+    assert call("done", {**done, "run": "other"}, STAGE0)["reason"] == "wrong_run"
+    assert call("assign", assign, STAGE0)["ok"] and call("done", done, STAGE0)["ok"]
+    assert [m for m, _ in host.accepted] == ["assign", "done"]
+    assert rejected(svc, "unauthorized", "assign") == 1 and rejected(svc, "decode", "done") == 1
