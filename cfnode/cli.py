@@ -19,6 +19,7 @@ import click
 from cfnode.config import (
     PRESETS,
     RECOVERY_MODES,
+    WIRE_DTYPES,
     DataConfig,
     GroupConfig,
     HeartbeatConfig,
@@ -156,6 +157,9 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="float32",
               help="Run-wide: autocast forward passes to this dtype over float32 weights and Adam state "
                    "(float16: a static loss scale, see docs/operations.md).")
+@click.option("--wire-dtype", type=click.Choice(list(WIRE_DTYPES)), default="float32",
+              help="Run-wide: how activations and gradients travel between stages (float16, bfloat16 and uint8 "
+                   "compress them; weights always travel exactly).")
 @click.option("--identity-path", default=None, help="Persistent identity file (created if absent).")
 @click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/0",))
 @click.option("--announce-maddrs", multiple=True)
@@ -243,7 +247,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
                               request_timeout_s=kw["request_timeout"],
                               max_message_bytes=kw["max_message_bytes"],
-                              weights_readers=tuple(kw["weights_readers"])),
+                              weights_readers=tuple(kw["weights_readers"]), wire_dtype=kw["wire_dtype"]),
         heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
                                   claim_jitter_s=min(1.0, kw["heartbeat_period"])),
         recovery=RecoveryConfig(mode=kw["recovery"], rule=kw["recovery_rule"], lr_scale=kw["lr_scale"],
@@ -463,6 +467,8 @@ def generate(log_level: str, log_format: str, **kw: Any) -> None:
 @click.option("--device", default="cpu", help="`join --device` of every node: auto, cpu, cuda, cuda:N or mps.")
 @click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="float32",
               help="`join --compute-dtype` of every node.")
+@click.option("--wire-dtype", type=click.Choice(list(WIRE_DTYPES)), default="float32",
+              help="`join --wire-dtype` of every node.")
 @_with(logging_options)
 def demo(**kw: Any) -> None:
     """Start a bootstrap, L+1 stage nodes (with --replicas K: K members for each of stages 1..L) and a spare on
@@ -514,12 +520,18 @@ def demo(**kw: Any) -> None:
               help="Members (1..16) of every stage's group (`join --replicas` on every node). Each member fails "
                    "on its own; a stage is lost only when all of its members fail in one step (p^K); killed "
                    "members are replaced by exact copies.")
+@click.option("--device", default="cpu", help="`join --device` of every node: auto, cpu, cuda, cuda:N or mps.")
+@click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="float32",
+              help="`join --compute-dtype` of every node.")
+@click.option("--wire-dtype", type=click.Choice(list(WIRE_DTYPES)), default="float32",
+              help="`join --wire-dtype` of every node.")
 @_with(logging_options)
 def experiment(**kw: Any) -> None:
     """Run recovery strategies on fresh local swarms under one seeded failure schedule; write a report."""
     from cfnode.experiment.runner import ExperimentOptions, parse_floats, run_experiment, split_csv
 
     setup_logging(kw.pop("log_level"), kw.pop("log_format"))
+    kw["device"] = _checked_device(kw["device"])
     try:
         kw["strategies"] = split_csv(kw["strategies"])
         kw["probabilities"] = parse_floats(kw["probabilities"], "--probabilities")

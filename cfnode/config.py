@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from cfnode.device import check_compute_dtype, parse_device
 from cfnode.errors import ConfigError
 
+WIRE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
+"""`--wire-dtype` choices (cfnode/net/wire.py)."""
+
 PROTOCOL_VERSION = 2
 
 
@@ -158,6 +161,9 @@ class NetworkConfig:
     weights_readers: tuple[str, ...] = ()
     """Peer ids (base58) outside the run that may fetch weights (`rpc_get_weights`): an operator's exporter or
     auditor. Ring members and spares always may; nobody else."""
+    wire_dtype: str = "float32"
+    """`--wire-dtype`: how activations and gradients travel (float32 exact; float16, bfloat16, uint8 compressed,
+    net/wire.py). Run-wide (the run's MetaRecord carries it); weights always travel exactly."""
 
     def __post_init__(self) -> None:
         for maddr in self.announce_maddrs:
@@ -167,6 +173,8 @@ class NetworkConfig:
             raise ConfigError("network.chunk_bytes must be <= 1 MiB")
         if self.part_timeout_s <= 0:
             raise ConfigError(f"network.part_timeout_s must be > 0, got {self.part_timeout_s}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"network.wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

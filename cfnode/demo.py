@@ -18,7 +18,7 @@ from typing import Any
 import click
 from tqdm import tqdm
 
-from cfnode.config import PRESETS, GroupConfig
+from cfnode.config import PRESETS, WIRE_DTYPES, GroupConfig
 from cfnode.demo_report import summarize, write_loss_plot
 from cfnode.device import check_compute_dtype, parse_device
 from cfnode.errors import EXIT_UNRECOVERABLE, ConfigError
@@ -48,8 +48,8 @@ class DemoOptions:
     """STAGE@STEP: SIGKILL every member of STAGE's group at once, so a spare rebuilds it with CheckFree
     (repeatable). With `replicas` 1 the same as `kill`."""
     replicas: int = 1
-    """Members started for every stage (`join --replicas`, run-wide); stage 0's lead drives, its other members
-    are hot copies that take over when it dies."""
+    """Members started for every stage (`join --replicas`, run-wide); stage 0's lead drives, all its members run a
+    share of its microbatches, and a follower takes over when the lead dies."""
     recovery_rule: str = "grad-avg"
     recovery: str = "checkfree"
     """checkfree or checkfree+ (every stage, stage 0 included, survives a kill; needs --stages >= 4), or the
@@ -63,6 +63,8 @@ class DemoOptions:
     """`join --device` of every node (the CLI resolves `auto` once, on this machine)."""
     compute_dtype: str = "float32"
     """`join --compute-dtype` of every node (run-wide)."""
+    wire_dtype: str = "float32"
+    """`join --wire-dtype` of every node (run-wide)."""
 
     def kill_plan(self) -> list[Kill]:
         """Every --kill and --kill-group, in the order they are due (the order given among equal steps)."""
@@ -83,6 +85,8 @@ class DemoOptions:
         GroupConfig(replicas=self.replicas)  # --replicas must be 1..16
         parse_device(self.device)
         check_compute_dtype(self.compute_dtype)
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise ConfigError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
         if self.kill_group and self.spares < 1:
             raise ConfigError(f"--kill-group needs a spare to rebuild the stage: --spares must be >= 1, "
                               f"got {self.spares}")
@@ -148,7 +152,7 @@ class Starter:
             wait_for_event(proc, "online", 180)
         members = [self.member(idx) for idx in range(1, num_stages + 1) for _ in range(self.replicas - 1)]
         head = self.node("stage0", 0)
-        members += [self.member(0) for _ in range(self.replicas - 1)]  # hot copies of the driver: they join it
+        members += [self.member(0) for _ in range(self.replicas - 1)]  # stage 0's followers: they join the lead
         wait_for_event(head, "claimed", 180)
         for _ in range(spares):
             self.spare()
@@ -182,7 +186,8 @@ def run_demo(options: DemoOptions) -> int:
         common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
         common += ["--export-dir", export_dir]  # ... and exports at --max-steps, before it leaves
         common += ["--replicas", str(options.replicas)]  # run-wide: every node sizes the groups alike
-        common += ["--device", options.device, "--compute-dtype", options.compute_dtype]
+        common += ["--device", options.device, "--compute-dtype", options.compute_dtype,
+                   "--wire-dtype", options.wire_dtype]
         starter = Starter(swarm, common, options.replicas)
         starter.start(options.stages, options.spares)
         code = _follow(options, swarm, starter)

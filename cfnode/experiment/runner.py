@@ -136,6 +136,12 @@ class ExperimentOptions:
     replicas: int = 1
     """K: members of the group of every stage (`join --replicas K` on every node). Each member fails on its own;
     a stage is lost only when all K are (docs/experiments.md)."""
+    device: str = "cpu"
+    """`join --device` of every node of every run."""
+    compute_dtype: str = "float32"
+    """`join --compute-dtype` of every node of every run."""
+    wire_dtype: str = "float32"
+    """`join --wire-dtype` of every node of every run."""
 
     def __post_init__(self) -> None:
         if not self.strategies:

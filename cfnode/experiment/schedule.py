@@ -99,7 +99,7 @@ def _check_replicas(replicas: int) -> None:
 
 def group_size(stage: int, replicas: int) -> int:
     """Members of stage `stage`'s group: K for every stage (`cfnode demo --replicas K` starts K members of
-    stage 0 too: its lead drives, the others are hot copies). One function, so that a stage with another size
+    stage 0 too: its lead drives, all of them run a share of its microbatches). One function, so that a stage with another size
     changes here only."""
     return replicas
 

@@ -137,7 +137,8 @@ def run_swarm(options: ExperimentOptions, plan: StrategyPlan, level: FailureLeve
                        val_every=options.val_every, heartbeat_period=options.heartbeat_period,
                        heartbeat_ttl=options.heartbeat_ttl, kill=kills.kill, kill_group=kills.kill_group,
                        replicas=options.replicas, recovery_rule=plan.recovery_rule, recovery=plan.recovery,
-                       checkpoint_every=options.checkpoint_every)
+                       checkpoint_every=options.checkpoint_every, device=options.device,
+                       compute_dtype=options.compute_dtype, wire_dtype=options.wire_dtype)
     planned = [*(f"--kill {k}" for k in kills.kill), *(f"--kill-group {k}" for k in kills.kill_group)]
     logger.info("run %s: %d steps, %d member(s) per stage 1..%d%s; logs in %s", name, steps, options.replicas,
                 options.stages, f", {' '.join(planned)}" if planned else ", no failures injected", workdir)

@@ -70,7 +70,7 @@ class StageClient:
 
     async def push(self, method: str, peer_id: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
         """rpc_forward / rpc_backward: stream one tensor, wait for the ack."""
-        parts = list(self.iter_parts(meta, [tensor]))
+        parts = list(self.iter_parts(meta, [tensor], self.net.wire_dtype))
         stub = self._stub(peer_id)
         rpc = stub.rpc_forward if method == "forward" else stub.rpc_backward
         timeout_s = self.net.request_timeout_s
@@ -80,10 +80,13 @@ class StageClient:
         except InvalidPayload as e:
             raise PeerUnavailableError(f"{method} to {peer_id[:12]}: unreadable reply") from e
         kind = "activations" if method == "forward" else "gradients"
-        self.metrics.transfer_bytes.labels(direction="sent", kind=kind).inc(tensor.numel() * tensor.element_size())
+        sent = sum(len(t.buffer) for part in parts for t in part.tensors)  # in the wire dtype
+        self.metrics.transfer_bytes.labels(direction="sent", kind=kind).inc(sent)
 
-    def iter_parts(self, meta: dict[str, Any], tensors: list[torch.Tensor]) -> Iterator[runtime_pb2.ExpertRequest]:
-        return iter_message_parts(runtime_pb2.ExpertRequest, meta, tensors, self.net.chunk_bytes)
+    def iter_parts(self, meta: dict[str, Any], tensors: list[torch.Tensor],
+                   wire_dtype: str = "float32") -> Iterator[runtime_pb2.ExpertRequest]:
+        """A message's parts; its tensors exact (float32) unless a hop's `wire_dtype` says otherwise."""
+        return iter_message_parts(runtime_pb2.ExpertRequest, meta, tensors, self.net.chunk_bytes, wire_dtype)
 
     async def push_raw(self, method: str, peer_id: str, parts: list[runtime_pb2.ExpertRequest]) -> dict[str, Any]:
         """Send pre-built parts (used by tests that craft malformed messages); returns the reply metadata."""

@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import msgpack
 import torch
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from cfnode.errors import InvalidPayload
+from cfnode.net import wire
 
 Message = TypeVar("Message", runtime_pb2.ExpertRequest, runtime_pb2.ExpertResponse)
 
@@ -47,12 +47,14 @@ def unpack_metadata(blob: bytes) -> dict[str, Any]:
 
 
 def iter_message_parts(
-    message_type: type[Message], meta: dict[str, Any], tensors: Iterable[torch.Tensor], chunk_bytes: int
+    message_type: type[Message], meta: dict[str, Any], tensors: Iterable[torch.Tensor], chunk_bytes: int,
+    wire_dtype: str = "float32",
 ) -> Iterator[Message]:
-    """Yield the stream parts of one message: metadata first, then every tensor in <= chunk_bytes parts."""
+    """Yield the stream parts of one message: metadata first, then every tensor in <= chunk_bytes parts, in the
+    wire dtype (net/wire.py; float32 is exact)."""
     parts: list[runtime_pb2.Tensor] = []
     for tensor in tensors:
-        serialized = serialize_torch_tensor(tensor.detach().cpu().contiguous())
+        serialized = wire.encode(tensor, wire_dtype)
         parts.extend(split_for_streaming(serialized, chunk_bytes))
     if not parts:
         yield message_type(metadata=pack_metadata(meta))
@@ -76,7 +78,7 @@ OnFirstPart = Callable[[dict[str, Any], list[torch.Tensor]], Awaitable[None]]
 async def read_message(
     stream: AsyncIterator[Message], *, max_bytes: int, on_meta: OnMeta | None = None,
     on_header: OnHeader | None = None, on_first_part: OnFirstPart | None = None,
-    part_timeout_s: float | None = None, deadline_s: float | None = None,
+    part_timeout_s: float | None = None, deadline_s: float | None = None, stats: dict[str, int] | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Consume a message stream: (metadata, tensors). Raises InvalidPayload; stops reading at the byte cap.
 
@@ -85,7 +87,8 @@ async def read_message(
     tighter byte cap for the rest; `on_header(index, part)` sees each tensor's first part before its bytes are
     counted; `on_first_part(meta, tensors)` is awaited once the first part is consumed, with the tensors it
     completed (a tensor of up to one chunk travels whole in the first part). Each part must arrive within
-    `part_timeout_s` and the whole stream within `deadline_s` (loop time), else `timeout`.
+    `part_timeout_s` and the whole stream within `deadline_s` (loop time), else `timeout`. `stats["bytes"]`
+    gets the tensor bytes read.
     Exceptions other than InvalidPayload raised by a hook propagate unchanged."""
     loop = asyncio.get_running_loop()
     deadline = None if deadline_s is None else loop.time() + deadline_s
@@ -123,6 +126,8 @@ async def read_message(
             else:
                 raise InvalidPayload("decode", "tensor continuation part before any tensor header")
             received += len(part.buffer)
+            if stats is not None:
+                stats["bytes"] = received
             if received > max_bytes:
                 raise InvalidPayload("too_large", f"stream exceeds the {max_bytes}-byte cap")
             group = groups[-1]
@@ -170,20 +175,24 @@ async def _next_part(it: AsyncIterator[Message], loop: asyncio.AbstractEventLoop
 
 def _decode(group: list[runtime_pb2.Tensor]) -> torch.Tensor:
     try:
-        return deserialize_torch_tensor(combine_from_streaming(group))
+        return wire.decode(combine_from_streaming(group))
     except Exception as e:  # RuntimeError / ValueError / TypeError from torch or numpy
         raise InvalidPayload("decode", f"cannot decode tensor: {type(e).__name__}: {e}") from e
 
 
-def validate_header(part: runtime_pb2.Tensor, *, shape: tuple[int, ...], dtype: str, name: str) -> None:
+def validate_header(part: runtime_pb2.Tensor, *, shape: tuple[int, ...], dtype: str, name: str,
+                    compression: int = runtime_pb2.NONE) -> None:
     """A tensor's first stream part, before its bytes: a dtype cfnode knows (else `decode`), the exact shape,
-    the dtype; the same reasons `validate_tensor` gives for the decoded tensor."""
+    the dtype and its compression; the same reasons `validate_tensor` gives for the decoded tensor."""
     if part.dtype not in _DTYPE_BYTES:
         raise InvalidPayload("decode", f"{name}: unknown dtype {part.dtype[:40]!r}")
     if tuple(int(s) for s in part.size) != tuple(shape):
         raise InvalidPayload("shape", f"{name}: expected shape {list(shape)}, got {list(part.size)[:8]}")
     if part.dtype != dtype:
         raise InvalidPayload("dtype", f"{name}: expected {dtype}, got {part.dtype}")
+    if part.compression != compression:
+        raise InvalidPayload("dtype", f"{name}: expected compression {runtime_pb2.CompressionType.Name(compression)}, "
+                                      f"got {part.compression}")
 
 
 def validate_tensor(tensor: torch.Tensor, *, shape: tuple[int, ...], dtype: torch.dtype, name: str) -> None:

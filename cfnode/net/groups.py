@@ -22,8 +22,8 @@ def group_to_join(view: SwarmView, num_stages: int, replicas: int, wanted: int |
     """The live group a newcomer joins when no stage is empty, or None when every group has `replicas` members
     (or `wanted`'s group is full or empty). Among the transformer stages Petals' rule: the group with the least
     measured throughput, then the smaller group, then the lower index. Stage 0's group only when every
-    transformer group is full (or `wanted` is 0): its lead runs the whole of stage 0's work, so another member
-    of it adds no throughput, only a hot copy of the driver."""
+    transformer group is full (or `wanted` is 0): its members share the embeddings and heads, but stage 0's
+    throughput is not measured, so it cannot be compared with the others'."""
     if replicas <= 1:
         return None
     candidates = range(1, num_stages + 1) if wanted is None else [wanted]

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cfnode.config import PROTOCOL_VERSION
+from cfnode.config import PROTOCOL_VERSION, WIRE_DTYPES
 from cfnode.device import COMPUTE_DTYPES
 
 
@@ -158,6 +158,8 @@ class MetaRecord:
     """The most members a stage group may have (1: one peer per stage, the others wait as spares)."""
     compute_dtype: str = "float32"
     """`--compute-dtype`: every stage autocasts alike (and float16 stages share the static loss scale)."""
+    wire_dtype: str = "float32"
+    """`--wire-dtype`: every stage encodes and expects hops alike (net/wire.py)."""
     version: int = PROTOCOL_VERSION
 
     def to_wire(self) -> dict[str, Any]:
@@ -166,8 +168,9 @@ class MetaRecord:
                                 "microbatch_size": self.microbatch_size, "num_microbatches": self.num_microbatches,
                                 "clip_norm": self.clip_norm, "start_step": self.start_step,
                                 "replicas": self.replicas, "version": self.version}
-        if self.compute_dtype != "float32":  # absent means float32: a float32 run's meta is what it always was
-            wire["compute_dtype"] = self.compute_dtype
+        for name in ("compute_dtype", "wire_dtype"):  # absent means float32: such a run's meta is what it always was
+            if getattr(self, name) != "float32":
+                wire[name] = getattr(self, name)
         return wire
 
     @classmethod
@@ -185,6 +188,7 @@ class MetaRecord:
                        num_microbatches=int(value.get("num_microbatches", 4)), clip_norm=clip_norm,
                        start_step=int(value.get("start_step", 0)), replicas=int(value.get("replicas", 1)),
                        compute_dtype=_compute_dtype(value.get("compute_dtype", "float32")),
+                       wire_dtype=_wire_dtype(value.get("wire_dtype", "float32")),
                        version=int(value.get("version", 0)))
         except (KeyError, ValueError, TypeError, OverflowError):
             return None
@@ -193,6 +197,12 @@ class MetaRecord:
 def _compute_dtype(value: object) -> str:
     if value not in COMPUTE_DTYPES:
         raise ValueError(f"unknown compute dtype {value!r}")
+    return str(value)
+
+
+def _wire_dtype(value: object) -> str:
+    if value not in WIRE_DTYPES:
+        raise ValueError(f"unknown wire dtype {value!r}")
     return str(value)
 
 

@@ -28,6 +28,7 @@ from cfnode.clock import Clock
 from cfnode.config import NodeConfig
 from cfnode.errors import InvalidPayload
 from cfnode.metrics import NodeMetrics
+from cfnode.net import wire
 from cfnode.net.codec import (
     declared_bytes,
     iter_message_parts,
@@ -169,8 +170,9 @@ class StageServicer(ServicerBase):
         refused = self._admit(method, peer_id, self.hop_slots)
         if refused is not None:
             return self._reject(method, refused, peer_id)
+        stats: dict[str, int] = {}
         try:
-            meta, tensor = await self._read_hop(method, requests, peer_id)
+            meta, tensor = await self._read_hop(method, requests, peer_id, stats)
             await host.accept_hop(method, meta, tensor)
         except InvalidPayload as e:
             return self._reject(method, e, peer_id)
@@ -179,15 +181,18 @@ class StageServicer(ServicerBase):
         host.metrics.rpc_requests.labels(method=method, result="ok").inc()
         host.metrics.transfer_bytes.labels(direction="received",
                                            kind="activations" if method == "forward" else "gradients"
-                                           ).inc(tensor.numel() * tensor.element_size())
+                                           ).inc(stats.get("bytes", 0))
         host.metrics.rpc_duration.labels(method=method, side="server").observe(time.perf_counter() - started)
         return _ok()
 
     async def _read_hop(self, method: str, requests: AsyncIterator[runtime_pb2.ExpertRequest],
-                        peer_id: str) -> tuple[dict[str, Any], torch.Tensor]:
-        """Read and validate a hop in the documented order; the sender is checked once the first part is in."""
+                        peer_id: str, stats: dict[str, int]) -> tuple[dict[str, Any], torch.Tensor]:
+        """Read and validate a hop in the documented order; the sender is checked once the first part is in. The
+        tensor arrives in the run's wire dtype (net/wire.py) and is handed on as float32."""
         host = self.host
         shape = host.hidden_shape()
+        wire_dtype = host.config.network.wire_dtype
+        header_dtype, compression = wire.header(wire_dtype)
         cap = min(host.max_message_bytes, 4 * math.prod(shape) + self.limits.framing_slack_bytes)
         checked: list[torch.Tensor] = []
 
@@ -209,12 +214,13 @@ class StageServicer(ServicerBase):
             if declared_bytes(part) > host.max_message_bytes:
                 raise InvalidPayload("too_large", f"declared tensor {list(part.size)[:8]} {part.dtype[:40]} "
                                                   f"exceeds {host.max_message_bytes} bytes")
-            validate_header(part, shape=shape, dtype="float32", name=method)
+            validate_header(part, shape=shape, dtype=header_dtype, name=method, compression=compression)
 
         async def on_first_part(meta: dict[str, Any], tensors: list[torch.Tensor]) -> None:
             for t in tensors:  # a tensor of up to one chunk came whole with the first part
+                t = wire.to_float32(t, wire_dtype)
                 validate_tensor(t, shape=shape, dtype=torch.float32, name=method)
-            checked.extend(tensors)
+                checked.append(t)
             host.check_route(meta)
             expected = host.expected_sender(method, meta)
             if meta["from_stage"] != expected:
@@ -224,12 +230,14 @@ class StageServicer(ServicerBase):
 
         meta, tensors = await read_message(
             requests, max_bytes=cap, on_meta=on_meta, on_header=on_header, on_first_part=on_first_part,
-            part_timeout_s=self.limits.part_timeout_s, deadline_s=self.limits.hop_deadline_s)
+            part_timeout_s=self.limits.part_timeout_s, deadline_s=self.limits.hop_deadline_s, stats=stats)
         if len(tensors) != 1:
             raise InvalidPayload("decode", f"expected 1 tensor, got {len(tensors)}")
-        if not checked:
-            validate_tensor(tensors[0], shape=shape, dtype=torch.float32, name=method)
-        return meta, tensors[0]
+        if checked:
+            return meta, checked[0]
+        tensor = wire.to_float32(tensors[0], wire_dtype)
+        validate_tensor(tensor, shape=shape, dtype=torch.float32, name=method)
+        return meta, tensor
 
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> runtime_pb2.ExpertResponse:

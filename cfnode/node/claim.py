@@ -78,6 +78,7 @@ _RUN_WIDE = (  # (MetaRecord field, how a user sets it, why every node must agre
     ("start_step", "a start step (--model-path of an export)", "every stage must count steps from the run's start"),
     ("replicas", "--replicas", "every node must size the stage groups alike"),
     ("compute_dtype", "--compute-dtype", "every stage must compute (and scale float16 losses) alike"),
+    ("wire_dtype", "--wire-dtype", "every stage must encode and decode the hops alike"),
 )
 
 
@@ -105,7 +106,8 @@ def _meta_record(host: ClaimHost) -> MetaRecord:
                       recovery_mode=recovery.mode, recovery_rule=recovery.rule,
                       microbatch_size=train.microbatch_size, num_microbatches=train.num_microbatches,
                       clip_norm=float(train.clip_norm), start_step=train.start_step,
-                      replicas=host.config.group.replicas, compute_dtype=train.compute_dtype)
+                      replicas=host.config.group.replicas, compute_dtype=train.compute_dtype,
+                      wire_dtype=host.config.network.wire_dtype)
 
 
 async def store_meta(host: ClaimHost) -> None:

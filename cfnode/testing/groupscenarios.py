@@ -7,7 +7,7 @@ commits a given step, so they arrive while training runs), and one family's faul
 | `join_race` | one newcomer per group, all started at the same instant, all want the first group: at most 2 members per group, each newcomer an exact copy or refused cleanly (it then joins another group); sometimes with delayed messages |
 | `average_kill` | a member of a group is killed (or stalled) in the all-reduce: after it submitted, or once the round filled and before its results are delivered (the round fails for everyone); sometimes both members (a spare-less rebuild by the STANDBY newcomer), which may also refill a group |
 | `download_kill` | a newcomer's exact copy (`rpc_get_weights` uid "state") is cut after some parts by killing its source, or the newcomer itself, or by stalling the source; a `--spare` rebuilds a group the kill emptied |
-| `hop_kill` | a member of a full group is killed as a forward hop reaches it, mid-step (or, sometimes, as its backward does): stage 0 sends that member's microbatches again through its sibling, no attempt aborts, no stage is rebuilt, the survivor trains on alone |
+| `hop_kill` | a member of a full group is killed as a forward hop reaches it, mid-step (or, sometimes, as its backward does), or a follower of stage 0's group as its lead assigns it a microbatch: stage 0 sends that member's microbatches again through its sibling (a follower's: from the lead), no attempt aborts, no stage is rebuilt, the survivor trains on alone |
 | `rebalance` | the only member of a group is killed and no spare waits: exactly one member of the largest group leaves it and rebuilds the empty stage; with L = 3 sometimes that mover is killed mid-rebuild, and exactly one member of the (new) largest group follows |
 
 `KINDS` names the variant drawn (the family first). Seeds replay like the other scenarios'.
@@ -105,9 +105,18 @@ def generate_group(family: str, seed: int) -> Scenario:
         stage = rng.randint(1, num_stages)
         method = "forward" if rng.random() < 0.75 else "backward"
         num_mb = 2  # scenario.py's TrainConfig: the nth hop to the stage falls in step 4..8, when its group is full
-        on_rpc.append(OnRpc(method, "before", Fault("kill", Victim("dst")), nth=rng.randint(4 * num_mb, 8 * num_mb),
-                            to_stage=stage))
-        kinds += [method, f"stage{stage}"]
+        variant = random.Random(f"{seed}:groups:hop_kill:stage0")  # its own stream: the other draws stay as they were
+        if variant.random() < 1 / 3:  # one newcomer more joins stage 0's group; it dies as its lead assigns it one
+            names.append(f"n{len(names)}")
+            start.append(start[-1])
+            extra += 1
+            phase = variant.choice(("before", "after"))  # after: it started the microbatch, its reply is lost
+            on_rpc.append(OnRpc("assign", phase, Fault("kill", Victim("dst")), nth=variant.randint(2, 4)))
+            kinds += [f"assign_{phase}", "stage0"]
+        else:
+            on_rpc.append(OnRpc(method, "before", Fault("kill", Victim("dst")),
+                                nth=rng.randint(4 * num_mb, 8 * num_mb), to_stage=stage))
+            kinds += [method, f"stage{stage}"]
     else:  # rebalance: groups of 2 except the last stage's, whose only member dies; no spare
         extra = num_stages - 1
         names = [f"n{i}" for i in range(founders + extra)]

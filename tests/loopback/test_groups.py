@@ -97,6 +97,7 @@ def test_groups_train_bit_identical_members_and_match_one_peer_per_stage(harness
     cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
     reference = reference_losses(cfg, steps)
     worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
+    print(f"LOSSDIFF {worst:.2e} over {len(losses)} steps")
     assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
 
 
@@ -162,6 +163,7 @@ def test_a_member_killed_mid_step_is_routed_around_and_a_newcomer_joins_exactly(
     losses = [e["loss"] for e in steps()][:kill_at + 3]
     reference = reference_losses(cfg, len(losses))
     worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
+    print(f"LOSSDIFF {worst:.2e} over {len(losses)} steps")
     assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
 
 
@@ -193,6 +195,7 @@ def test_a_follower_of_stage_0_killed_mid_step_is_routed_around(harness: Harness
     losses = [e["loss"] for e in steps()][:kill_at + 3]
     reference = reference_losses(cfg, len(losses))
     worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
+    print(f"LOSSDIFF {worst:.2e} over {len(losses)} steps")
     assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
 
 

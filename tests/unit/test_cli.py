@@ -281,6 +281,29 @@ def test_demo_passes_device_and_compute_dtype_on(monkeypatch: pytest.MonkeyPatch
     assert bad.exit_code == 2 and bad.stderr.startswith("error: --device must be one of"), output(bad)
 
 
+def test_the_wire_dtype_reaches_every_node_of_join_demo_and_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cfnode.demo
+    import cfnode.experiment.runner
+
+    seen: list = []
+    monkeypatch.setattr(cli, "_run_join", seen.append)
+    assert invoke("join", "--peers", PEER, "--preset", "tiny", "--wire-dtype", "uint8").exit_code == 0
+    assert seen.pop().network.wire_dtype == "uint8"
+    assert invoke("join", "--peers", PEER, "--preset", "tiny").exit_code == 0
+    assert seen.pop().network.wire_dtype == "float32"  # the default
+    assert_usage_error(invoke("join", "--peers", PEER, "--wire-dtype", "int4"), "--wire-dtype", "int4")
+    monkeypatch.setattr(cfnode.demo, "run_demo", lambda options: seen.append(options) or 0)
+    assert invoke("demo", "--wire-dtype", "bfloat16", "--steps", "3").exit_code == 0
+    assert seen.pop().wire_dtype == "bfloat16"
+    monkeypatch.setattr(cfnode.experiment.runner, "run_experiment", lambda options: seen.append(options) or 0)
+    result = invoke("experiment", "--wire-dtype", "float16", "--compute-dtype", "bfloat16", "--device", "cpu")
+    assert result.exit_code == 0, output(result)
+    options = seen.pop()
+    assert (options.wire_dtype, options.compute_dtype, options.device) == ("float16", "bfloat16", "cpu")
+    bad = invoke("experiment", "--device", "gpu")
+    assert bad.exit_code == 2 and bad.stderr.startswith("error: --device must be one of"), output(bad)
+
+
 def test_join_device_cuda_as_a_process_prints_one_line() -> None:
     """The real entry point on this machine: `--device cuda:N` past the GPUs it has (any machine has fewer than
     10**6) exits 2 with one line naming --device."""
