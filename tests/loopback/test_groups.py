@@ -53,6 +53,16 @@ def _form_groups(h: Harness, *args: str, member_args: dict[str, tuple[str, ...]]
     return groups, {"proc": lead, "info": h.ready_info(lead)}
 
 
+def _assert_matches_one_process(losses: list[float]) -> None:
+    """The swarm's first losses equal one process training the same stages on the same data, within
+    LOSS_TOLERANCE (each microbatch counted once at every stage)."""
+    cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
+    reference = reference_losses(cfg, len(losses))
+    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
+    print(f"LOSSDIFF {worst:.2e} over {len(losses)} steps")
+    assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
+
+
 def _same_step_weights(h: Harness, a: dict, b: dict) -> tuple[dict, dict, int]:
     """Weights of two members at the same committed step (fetched again while a commit raced the fetches)."""
     def fetch() -> tuple[dict, dict, int] | None:
@@ -94,11 +104,7 @@ def test_groups_train_bit_identical_members_and_match_one_peer_per_stage(harness
     assert len(losses) == steps
     # the newcomers' first hops may reach a stage that has not read their records yet (retried)
     assert len(h.events(head["proc"], "step_aborted")) <= 2
-    cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
-    reference = reference_losses(cfg, steps)
-    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
-    print(f"LOSSDIFF {worst:.2e} over {len(losses)} steps")
-    assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
+    _assert_matches_one_process(losses)
 
 
 @pytest.mark.slow
@@ -159,12 +165,7 @@ def test_a_member_killed_mid_step_is_routed_around_and_a_newcomer_joins_exactly(
     committed = [e["step"] for e in steps()]
     assert committed == list(range(1, len(committed) + 1))
     # each microbatch counted once at every stage, also the ones sent again: the loss curve is the one-peer one
-    cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
-    losses = [e["loss"] for e in steps()][:kill_at + 3]
-    reference = reference_losses(cfg, len(losses))
-    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
-    print(f"LOSSDIFF {worst:.2e} over {len(losses)} steps")
-    assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
+    _assert_matches_one_process([e["loss"] for e in steps()][:kill_at + 3])
 
 
 @pytest.mark.slow
@@ -191,12 +192,7 @@ def test_a_follower_of_stage_0_killed_mid_step_is_routed_around(harness: Harness
         assert not h.events(p, "recovery_started") and not h.events(p, "unrecoverable"), p.name
     committed = [e["step"] for e in steps()]
     assert committed == list(range(1, len(committed) + 1))
-    cfg = NodeConfig(model=preset("tiny", num_stages=STAGES), train=TrainConfig(num_microbatches=4, microbatch_size=4))
-    losses = [e["loss"] for e in steps()][:kill_at + 3]
-    reference = reference_losses(cfg, len(losses))
-    worst = max(abs(a - b) for a, b in zip(losses, reference, strict=True))
-    print(f"LOSSDIFF {worst:.2e} over {len(losses)} steps")
-    assert worst <= LOSS_TOLERANCE, (worst, losses, reference)
+    _assert_matches_one_process([e["loss"] for e in steps()][:kill_at + 3])
 
 
 @pytest.mark.slow
