@@ -6,7 +6,8 @@ This module owns everything that turns a `ModelConfig` into `nn.Module`s:
   weights that are a pure function of `ModelConfig.init_seed` (or read from a local checkpoint, never the hub).
 * `HeadStage` (stage 0: embedding, final norm, LM head and loss) and `BlockStage` (stages 1..L: `k` decoder layers
   with stage-local names `layers.0 .. layers.{k-1}`, so every transformer stage has the same state_dict keys).
-* `split_llama` (stages sharing parameters with the full model) and `build_stage` (a standalone copy of one stage).
+* `split_llama` (stages sharing parameters with the full model) and `build_stage` (a standalone copy of one stage;
+  from a checkpoint it reads only that stage's tensors, see `checkpoint.py`).
 * `model_config_from_pretrained`: a `ModelConfig` describing a local checkpoint.
 
 The blocks come from `transformers` (no hand-written attention). `BlockStage` always passes an explicit additive
@@ -214,11 +215,12 @@ def _check_matches(cfg: ModelConfig, found: ModelConfig, model_path: str) -> Non
 
 def build_stage(cfg: ModelConfig, stage_idx: int, model_path: str | None = None, *,
                 device: str | torch.device | None = None) -> nn.Module:
-    """A standalone (deep-copied) stage `stage_idx` of the full model; the rest of the model can be freed.
+    """A standalone stage `stage_idx` of the model.
 
-    Without `model_path` the full model is `build_llama(cfg)`, so every node derives the same weights from the
-    seed. With `model_path` (a local checkpoint directory) the weights are loaded from it; `cfg` must describe
-    the checkpoint (see `model_config_from_pretrained`) or a `ConfigError` is raised.
+    Without `model_path` the full model is `build_llama(cfg)` and the stage is cut from it, so every node derives
+    the same weights from the seed. With `model_path` (a local checkpoint directory) only the stage's own tensors
+    are read from its safetensors (`checkpoint.read_stage`; a `.bin` checkpoint is loaded whole); `cfg` must
+    describe the checkpoint (see `model_config_from_pretrained`) or a `ConfigError` is raised.
 
     The weights are always made on the CPU in float32 (the same bits on every machine), then the stage is
     moved to `device` (`place_stage`); they stay float32 whatever the compute dtype (StageWorker autocasts).
@@ -226,13 +228,20 @@ def build_stage(cfg: ModelConfig, stage_idx: int, model_path: str | None = None,
     if not 0 <= stage_idx <= cfg.num_stages:
         raise ConfigError(f"stage index must be in 0..{cfg.num_stages}, got {stage_idx}")
     if model_path is None:
-        model = build_llama(cfg)
+        stage = cut_stage(build_llama(cfg), cfg.num_stages, stage_idx)
     else:
+        from cfnode.model.checkpoint import read_stage  # it builds on this module's stage classes
+
         _check_matches(cfg, model_config_from_pretrained(model_path, cfg.num_stages), model_path)
-        model = load_pretrained(model_path)
-    stage = copy.deepcopy(split_llama(model, cfg.num_stages)[stage_idx])
-    del model
+        stage = read_stage(model_path, stage_idx, cfg.num_stages)
+        if stage is None:  # no safetensors: a .bin checkpoint is read whole
+            stage = cut_stage(load_pretrained(model_path), cfg.num_stages, stage_idx)
     return stage if device is None else place_stage(stage, device)
+
+
+def cut_stage(model: LlamaForCausalLM, num_stages: int, stage_idx: int) -> nn.Module:
+    """A standalone (deep-copied) stage of a full model; the model can be freed afterwards."""
+    return copy.deepcopy(split_llama(model, num_stages)[stage_idx])
 
 
 def place_stage(stage: nn.Module, device: str | torch.device) -> nn.Module:

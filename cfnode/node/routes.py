@@ -8,6 +8,7 @@ and the driver see it through its methods.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -30,7 +31,7 @@ logger = logging.getLogger(__name__)
 FIRST_GENERATION = 1
 """The generation of a stage's first holder: `next_generation` of a stage nobody ever held."""
 SENDER_RECHECK_S = 0.3
-"""An unknown sender triggers a fresh read at most this often (a new owner may have come online)."""
+"""An unknown sender waits for a fresh read at most this long (a new member may have come online)."""
 
 
 class RouteTable:
@@ -137,8 +138,8 @@ class RouteTable:
         """The sender must be an ONLINE member of `stage_idx`'s group (its owner, with one peer per stage) with
         the generation it claims."""
         member = _member(self.view, stage_idx, peer_id)
-        if member is None and self.clock.monotonic() - self.refreshed_at > SENDER_RECHECK_S:
-            await self.refresh_or_keep()
+        if member is None:
+            await self._recheck()
             member = _member(self.view, stage_idx, peer_id)
         if member is None:
             raise InvalidPayload("unauthorized", f"sender is not the ONLINE owner of stage {stage_idx}")
@@ -148,9 +149,21 @@ class RouteTable:
 
     async def is_member(self, peer_id: str) -> bool:
         """`knows`, re-reading the DHT (rate-limited) for a peer we have not seen yet (a fresh claimant)."""
-        if not self.knows(peer_id) and self.clock.monotonic() - self.refreshed_at > SENDER_RECHECK_S:
-            await self.refresh_or_keep()
+        if not self.knows(peer_id):
+            await self._recheck()
         return self.knows(peer_id)
+
+    async def _recheck(self) -> None:
+        """One fresh read for an unknown sender, after at most SENDER_RECHECK_S: a member that has just come
+        online (an exact join, a claimant) sends before our last read could list it, so rejecting it at once
+        would abort the step it is in; a read that is already due or in flight serves every waiting sender."""
+        wait = SENDER_RECHECK_S - (self.clock.monotonic() - self.refreshed_at)
+        if wait > 0:
+            asked = self.refreshed_at
+            await asyncio.sleep(wait)
+            if self.refreshed_at != asked:
+                return  # someone else read while we waited
+        await self.refresh_or_keep()
 
 
 def _member(view: SwarmView, stage_idx: int, peer_id: str) -> PeerRecord | None:

@@ -113,6 +113,7 @@ def generate_group(family: str, seed: int) -> Scenario:
             phase = variant.choice(("before", "after"))  # after: it started the microbatch, its reply is lost
             on_rpc.append(OnRpc("assign", phase, Fault("kill", Victim("dst")), nth=variant.randint(2, 4)))
             kinds += [f"assign_{phase}", "stage0"]
+            steps += 6  # the groups fill one admission at a time: its newcomer may be the last, at step ~11
         else:
             on_rpc.append(OnRpc(method, "before", Fault("kill", Victim("dst")),
                                 nth=rng.randint(4 * num_mb, 8 * num_mb), to_stage=stage))

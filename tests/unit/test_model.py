@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaForCausalLM
 
@@ -19,10 +20,12 @@ from cfnode.model import (
     build_llama,
     build_stage,
     llama_config,
+    load_pretrained,
     model_config_from_pretrained,
     split_llama,
     stage_param_count,
 )
+from cfnode.model.checkpoint import read_stage
 
 TINY = PRESETS["tiny"]
 
@@ -255,6 +258,64 @@ def test_pretrained_tied_embeddings_are_untied(tmp_path) -> None:
     assert head.lm_head.weight is not head.embed_tokens.weight
     torch.testing.assert_close(head.lm_head.weight, head.embed_tokens.weight)
     assert sorted(head.state_dict()) == ["embed_tokens.weight", "lm_head.weight", "norm.weight"]
+
+
+def _stage_outputs_equal(cfg: ModelConfig, lean: nn.Module, whole: nn.Module, stage_idx: int) -> None:
+    sd, ref = lean.state_dict(), whole.state_dict()
+    assert sd.keys() == ref.keys()
+    for k in sd:
+        assert sd[k].dtype == torch.float32 and torch.equal(sd[k], ref[k]), (stage_idx, k)
+    ids, _ = batch(cfg)
+    with torch.no_grad():
+        if stage_idx == 0:
+            hidden = whole.embed(ids)
+            assert torch.equal(lean.embed(ids), hidden) and torch.equal(lean.head(hidden), whole.head(hidden))
+        else:
+            hidden = torch.randn(2, cfg.seq_len, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+            assert torch.equal(lean(hidden), whole(hidden))
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "bfloat16"])
+def test_stage_read_from_safetensors_equals_the_whole_model_cut(tmp_path, layout: str) -> None:
+    """The lean build (only the stage's tensors, from one file or shards) gives the tensors and outputs of
+    loading the whole checkpoint and cutting the stage out."""
+    model = build_llama(tiny(num_stages=2, layers_per_stage=2, init_seed=5))
+    if layout == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="200KB" if layout == "sharded" else "10GB")
+    assert (tmp_path / "model.safetensors.index.json").exists() == (layout == "sharded")
+    cfg = model_config_from_pretrained(str(tmp_path), num_stages=2)
+    whole = split_llama(load_pretrained(str(tmp_path)), cfg.num_stages)
+    for i in range(cfg.num_stages + 1):
+        lean = read_stage(str(tmp_path), i, cfg.num_stages)
+        assert lean is not None
+        _stage_outputs_equal(cfg, lean, whole[i], i)
+
+
+def test_stage_read_touches_only_its_own_tensors(tmp_path) -> None:
+    """A checkpoint that holds nothing but stage 2's tensors still builds stage 2 (and only stage 2)."""
+    cfg0 = tiny(num_stages=2, layers_per_stage=1, init_seed=9)
+    model = build_llama(cfg0)
+    model.save_pretrained(tmp_path)
+    keep = {k: v for k, v in model.state_dict().items() if k.startswith("model.layers.1.")}
+    save_file({k: v.contiguous() for k, v in keep.items()}, str(tmp_path / "model.safetensors"))
+    cfg = model_config_from_pretrained(str(tmp_path), num_stages=2)
+    stage = build_stage(cfg, 2, model_path=str(tmp_path))
+    _stage_outputs_equal(cfg, stage, split_llama(model, 2)[2], 2)
+    with pytest.raises(ConfigError, match="lacks stage 1's tensors"):
+        build_stage(cfg, 1, model_path=str(tmp_path))
+
+
+def test_a_bin_checkpoint_is_loaded_whole(tmp_path) -> None:
+    model = build_llama(tiny(num_stages=2, layers_per_stage=1, init_seed=4))
+    model.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    assert read_stage(str(tmp_path), 1, 2) is None
+    cfg = model_config_from_pretrained(str(tmp_path), num_stages=2)
+    for i in range(3):
+        _stage_outputs_equal(cfg, build_stage(cfg, i, model_path=str(tmp_path)), split_llama(model, 2)[i], i)
 
 
 def test_param_counts() -> None:
