@@ -156,7 +156,7 @@ class RouteTable:
     async def _recheck(self) -> None:
         """One fresh read for an unknown sender, after at most SENDER_RECHECK_S: a member that has just come
         online (an exact join, a claimant) sends before our last read could list it, so rejecting it at once
-        would abort the step it is in; a read that is already due or in flight serves every waiting sender."""
+        would abort the step it is in; senders that wait together share the read the first of them makes."""
         wait = SENDER_RECHECK_S - (self.clock.monotonic() - self.refreshed_at)
         if wait > 0:
             asked = self.refreshed_at
