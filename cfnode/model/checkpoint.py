@@ -92,19 +92,14 @@ def read_stage(model_path: str, stage_idx: int, num_stages: int) -> nn.Module | 
     if missing:
         raise ConfigError(f"the checkpoint at {model_path} lacks stage {stage_idx}'s tensors {missing[:3]}")
     state: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
     for name, key in keys.items():
-        by_file.setdefault(files[key], []).append(name)
-    for path, names in sorted(by_file.items()):
-        for name in names:
-            tensor = _read_tensor(path, keys[name])
-            if tuple(tensor.shape) != wanted[name]:
-                raise ConfigError(f"the checkpoint at {model_path}: {keys[name]} has shape "
-                                  f"{tuple(tensor.shape)}, stage {stage_idx} expects {wanted[name]}")
-            state[name] = tensor
+        tensor = _read_tensor(files[key], key)
+        if tuple(tensor.shape) != wanted[name]:
+            raise ConfigError(f"the checkpoint at {model_path}: {key} has shape {tuple(tensor.shape)}, "
+                              f"stage {stage_idx} expects {wanted[name]}")
+        state[name] = tensor
     if tied:
         state["lm_head.weight"] = state["embed_tokens.weight"].clone()
     module.load_state_dict(state, strict=True, assign=True)
-    logger.debug("read stage %d from %s: %d tensors from %d file(s)", stage_idx, model_path, len(state),
-                 len(by_file))
+    logger.debug("read stage %d from %s: %d tensors", stage_idx, model_path, len(state))
     return module
