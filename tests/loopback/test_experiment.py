@@ -54,7 +54,7 @@ def test_none_and_checkfree_with_one_failure(tmp_path) -> None:
         none, cf = runs["none"], runs["checkfree"]
         assert none["steps"][-1]["step"] == cf["steps"][-1]["step"] == 15
         assert not none["events"]
-        assert none["meta"]["recorded_schedules"][0]["events"] == [{"step": 6, "stage": 2}]
+        assert none["meta"]["recorded_schedules"][0]["events"] == [{"step": 6, "stage": 2, "kind": "group"}]
         fails = [e for e in cf["events"] if e["kind"] == "failure"]
         recs = [e for e in cf["events"] if e["kind"] == "recovery"]
         assert [(f["stage"], f["planned_step"]) for f in fails] == [(2, 6)]
