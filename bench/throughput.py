@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -230,7 +231,9 @@ def _bytes_sent(ready_files: list[str]) -> dict[str, float]:
 
 
 def run_swarm(cfg: ModelConfig, train: TrainConfig, total_steps: int, warmup: int, workdir: str,
-              timeout_s: float, recovery: str = "checkfree") -> Result:
+              timeout_s: float, recovery: str = "checkfree", extra_join: tuple[str, ...] = ()) -> Result:
+    """`extra_join`: more `cfnode join` flags for every node (bench/wire.py: `--wire-dtype`). The run validates
+    every `train.val_every` steps (0: never); stage 0's validation losses land in `extra["val_losses"]`."""
     num_procs = cfg.num_stages + 1
     label = "(b) cfnode swarm" if recovery == "checkfree" else "(b+) swarm checkfree+"
     result = Result(label, f"{num_procs} x 1 thread + bootstrap")
@@ -245,7 +248,7 @@ def run_swarm(cfg: ModelConfig, train: TrainConfig, total_steps: int, warmup: in
                   "--microbatches", str(train.num_microbatches),
                   "--microbatch-size", str(train.microbatch_size),
                   "--max-in-flight", str(train.max_in_flight), "--lr", str(train.lr), "--seed", str(DATA_SEED),
-                  "--val-every", "0", "--recovery", recovery]
+                  "--val-every", str(train.val_every), "--recovery", recovery, *extra_join]
         stages: list[Proc] = []
         ready_files = [os.path.join(workdir, f"stage{idx}.ready.json") for idx in range(num_procs)]
         bytes_at_warmup: dict[str, float] = {}
@@ -308,6 +311,7 @@ def run_swarm(cfg: ModelConfig, train: TrainConfig, total_steps: int, warmup: in
         raise RuntimeError(f"stage 0 logged steps {sorted(by_step)}, expected 1..{total_steps}")
     end_times = [by_step[s]["time"] for s in range(1, total_steps + 1)]
     result.losses = [by_step[s]["loss"] for s in range(1, total_steps + 1)]
+    result.extra["val_losses"] = {s: e["val_loss"] for s, e in sorted(by_step.items()) if e.get("val_loss") is not None}
     set_rates(result, end_times, warmup, tokens_per_step(train.num_microbatches, train.microbatch_size, cfg.seq_len))
     step_s = result.step_s
     timed = [by_step[s] for s in range(warmup + 1, total_steps + 1)]
@@ -505,12 +509,14 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them (>= 1)")
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--microbatch-size", type=int, default=8)
-    parser.add_argument("--max-in-flight", type=int, default=3)
+    parser.add_argument("--max-in-flight", type=int, default=TrainConfig.max_in_flight)
     parser.add_argument("--threads", type=int, default=2,
                         help="thread budget of (a): the cores the multi-process setups share")
     parser.add_argument("--setups", default="single,swarm,pipelining",
                         help="comma-separated subset of single,swarm,swarm+,pipelining (swarm+: the swarm with "
                              "--recovery checkfree+, needs --stages >= 4)")
+    parser.add_argument("--join-flags", default="",
+                        help="more `cfnode join` flags for every swarm node, e.g. '--event-loop asyncio'")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds allowed for (b) and for (c)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="rounds of all setups; the table shows each setup's best round")
@@ -565,7 +571,8 @@ def main() -> int:
                     res = run_single(cfg, train, tokens, total, args.warmup, args.threads)
                 elif name in ("swarm", "swarm+"):
                     res = run_swarm(cfg, train, total, args.warmup, rundir, args.timeout,
-                                    recovery="checkfree+" if name == "swarm+" else "checkfree")
+                                    recovery="checkfree+" if name == "swarm+" else "checkfree",
+                                    extra_join=tuple(shlex.split(args.join_flags)))
                 else:
                     res = run_pipelining(cfg, train, tokens, total, args.warmup, rundir, args.timeout)
             except Exception as e:  # noqa: BLE001 - one failed setup must not sink the others
@@ -617,7 +624,7 @@ def main() -> int:
             "train": {"num_microbatches": train.num_microbatches, "microbatch_size": train.microbatch_size,
                       "max_in_flight": train.max_in_flight, "lr": train.lr, "clip_norm": train.clip_norm},
             "warmup_steps": args.warmup, "timed_steps": args.steps, "tokens_per_step": tokens_step,
-            "threads_single": args.threads, "rounds": args.repeat,
+            "threads_single": args.threads, "rounds": args.repeat, "join_flags": args.join_flags,
             "checkfree_plus_cost": checkfree_plus_cost(plain, plus) if plain and plus else None,
             "results": [{**asdict(r),
                          "ratio_vs_single": (r.tokens_per_s / base.tokens_per_s

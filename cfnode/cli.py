@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from cfnode.config import (
+    EVENT_LOOPS,
     PRESETS,
     RECOVERY_MODES,
     WIRE_DTYPES,
@@ -32,6 +33,7 @@ from cfnode.config import (
 )
 from cfnode.device import COMPUTE_DTYPES
 from cfnode.errors import CfnodeError, ConfigError
+from cfnode.eventloop import run_loop
 from cfnode.logs import setup_logging
 from cfnode.net.peers import parse_peers
 
@@ -160,6 +162,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--wire-dtype", type=click.Choice(list(WIRE_DTYPES)), default="float32",
               help="Run-wide: how activations and gradients travel between stages (float16, bfloat16 and uint8 "
                    "compress them; weights always travel exactly).")
+@click.option("--event-loop", type=click.Choice(list(EVENT_LOOPS)), default=_N.event_loop,
+              help="This node's asyncio event loop: uvloop (libuv) or the standard library's.")
 @click.option("--identity-path", default=None, help="Persistent identity file (created if absent).")
 @click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/0",))
 @click.option("--announce-maddrs", multiple=True)
@@ -247,7 +251,8 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
                               announce_maddrs=kw["announce_maddrs"], identity_path=kw["identity_path"],
                               request_timeout_s=kw["request_timeout"],
                               max_message_bytes=kw["max_message_bytes"],
-                              weights_readers=tuple(kw["weights_readers"]), wire_dtype=kw["wire_dtype"]),
+                              weights_readers=tuple(kw["weights_readers"]), wire_dtype=kw["wire_dtype"],
+                              event_loop=kw["event_loop"]),
         heartbeat=HeartbeatConfig(period_s=kw["heartbeat_period"], ttl_s=kw["heartbeat_ttl"],
                                   claim_jitter_s=min(1.0, kw["heartbeat_period"])),
         recovery=RecoveryConfig(mode=kw["recovery"], rule=kw["recovery_rule"], lr_scale=kw["lr_scale"],
@@ -304,7 +309,7 @@ def _run_join(config: NodeConfig) -> None:
             mirror.cancel()
 
     try:
-        asyncio.run(_main())
+        run_loop(_main(), config.network.event_loop)
     except (asyncio.CancelledError, KeyboardInterrupt):
         logger.info("stopped")
     finally:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from cfnode.device import check_compute_dtype, parse_device
 from cfnode.errors import ConfigError
 
+EVENT_LOOPS = ("uvloop", "asyncio")
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 """`--wire-dtype` choices (cfnode/net/wire.py)."""
 
@@ -96,7 +97,7 @@ class TrainConfig:
     num_microbatches: int = 4
     """M, microbatches per optimizer step."""
     microbatch_size: int = 8
-    max_in_flight: int = 3
+    max_in_flight: int = 4
     """How many microbatches stage 0 keeps in the ring at once."""
     clip_norm: float = 1.0
     max_steps: int | None = None
@@ -164,6 +165,8 @@ class NetworkConfig:
     wire_dtype: str = "float32"
     """`--wire-dtype`: how activations and gradients travel (float32 exact; float16, bfloat16, uint8 compressed,
     net/wire.py). Run-wide (the run's MetaRecord carries it); weights always travel exactly."""
+    event_loop: str = "uvloop"
+    """`--event-loop`: the node process's asyncio loop, uvloop (libuv) or the standard library's."""
 
     def __post_init__(self) -> None:
         for maddr in self.announce_maddrs:
@@ -175,6 +178,8 @@ class NetworkConfig:
             raise ConfigError(f"network.part_timeout_s must be > 0, got {self.part_timeout_s}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise ConfigError(f"network.wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"network.event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,7 @@ from cfnode.config import NetworkConfig
 from cfnode.deadline import within
 from cfnode.errors import InvalidPayload, PeerUnavailableError, RejectedError
 from cfnode.metrics import NodeMetrics
-from cfnode.net.codec import iter_message_parts, pack_metadata, read_message, unpack_metadata
+from cfnode.net.codec import OFFLOAD_BYTES, iter_message_parts, pack_metadata, read_message, unpack_metadata
 from cfnode.net.service import StageServicer
 
 _TRANSPORT_ERRORS = (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, EOFError,
@@ -69,8 +69,13 @@ class StageClient:
         return reply
 
     async def push(self, method: str, peer_id: str, meta: dict[str, Any], tensor: torch.Tensor) -> None:
-        """rpc_forward / rpc_backward: stream one tensor, wait for the ack."""
-        parts = list(self.iter_parts(meta, [tensor], self.net.wire_dtype))
+        """rpc_forward / rpc_backward: stream one tensor, wait for the ack. A large tensor is serialized off the
+        event loop (codec.OFFLOAD_BYTES), like the receiver decodes it."""
+        def serialize() -> list[runtime_pb2.ExpertRequest]:
+            return list(self.iter_parts(meta, [tensor], self.net.wire_dtype))
+
+        big = tensor.numel() * tensor.element_size() >= OFFLOAD_BYTES
+        parts = await asyncio.to_thread(serialize) if big else serialize()
         stub = self._stub(peer_id)
         rpc = stub.rpc_forward if method == "forward" else stub.rpc_backward
         timeout_s = self.net.request_timeout_s

@@ -79,6 +79,7 @@ async def read_message(
     stream: AsyncIterator[Message], *, max_bytes: int, on_meta: OnMeta | None = None,
     on_header: OnHeader | None = None, on_first_part: OnFirstPart | None = None,
     part_timeout_s: float | None = None, deadline_s: float | None = None, stats: dict[str, int] | None = None,
+    check: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Consume a message stream: (metadata, tensors). Raises InvalidPayload; stops reading at the byte cap.
 
@@ -88,7 +89,10 @@ async def read_message(
     counted; `on_first_part(meta, tensors)` is awaited once the first part is consumed, with the tensors it
     completed (a tensor of up to one chunk travels whole in the first part). Each part must arrive within
     `part_timeout_s` and the whole stream within `deadline_s` (loop time), else `timeout`. `stats["bytes"]`
-    gets the tensor bytes read.
+    gets the tensor bytes read. `check(tensor)` (validation: it returns the tensor to keep or raises
+    InvalidPayload) sees every decoded tensor, in the same worker call as its decoding: a tensor of at least
+    `OFFLOAD_BYTES` is decoded and checked in the loop's default executor, off the event loop, so the loop keeps
+    serving other streams meanwhile.
     Exceptions other than InvalidPayload raised by a hook propagate unchanged."""
     loop = asyncio.get_running_loop()
     deadline = None if deadline_s is None else loop.time() + deadline_s
@@ -116,7 +120,7 @@ async def read_message(
                     raise InvalidPayload("too_large", f"declared tensor {list(part.size)[:8]} {part.dtype[:40]} "
                                                       f"exceeds {max_bytes} bytes")
                 if len(tensors) < len(groups):  # the previous tensor is still open: it ends here
-                    tensors.append(_finish(groups[-1]))
+                    tensors.append(await _decoded(groups[-1], check, complete=False))
                 groups.append([part])
             elif groups and len(tensors) < len(groups):
                 groups[-1].append(part)
@@ -132,21 +136,36 @@ async def read_message(
                 raise InvalidPayload("too_large", f"stream exceeds the {max_bytes}-byte cap")
             group = groups[-1]
             if group[0].chunks and len(group) == group[0].chunks:
-                tensors.append(_decode(group))
+                tensors.append(await _decoded(group, check, complete=True))
         if first and on_first_part is not None:
             await on_first_part(meta, list(tensors))
     if meta is None:
         raise InvalidPayload("decode", "empty stream")
     if len(tensors) < len(groups):
-        tensors.append(_finish(groups[-1]))
+        tensors.append(await _decoded(groups[-1], check, complete=False))
     return meta, tensors
 
 
-def _finish(group: list[runtime_pb2.Tensor]) -> torch.Tensor:
-    """Decode a tensor whose parts ended without completing it: fine without a chunk count, else truncated."""
-    if group[0].chunks:
+OFFLOAD_BYTES = 64 * 1024
+"""Tensors at least this large are decoded (and checked) off the event loop; below it a worker thread costs more
+than the work."""
+
+
+async def _decoded(group: list[runtime_pb2.Tensor], check: Callable[[torch.Tensor], torch.Tensor] | None, *,
+                   complete: bool) -> torch.Tensor:
+    """One tensor from its parts, checked. `complete=False`: its parts ended without the count it declared,
+    which is fine without a count and a truncated stream with one."""
+    if not complete and group[0].chunks:
         raise InvalidPayload("decode", f"tensor stream truncated: {len(group)} of {group[0].chunks} parts")
-    return _decode(group)
+    if sum(len(part.buffer) for part in group) >= OFFLOAD_BYTES:
+        return await asyncio.to_thread(_decode_checked, group, check)
+    return _decode_checked(group, check)
+
+
+def _decode_checked(group: list[runtime_pb2.Tensor],
+                    check: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    tensor = _decode(group)
+    return tensor if check is None else check(tensor)
 
 
 async def _next_part(it: AsyncIterator[Message], loop: asyncio.AbstractEventLoop, part_timeout_s: float | None,

@@ -194,7 +194,6 @@ class StageServicer(ServicerBase):
         wire_dtype = host.config.network.wire_dtype
         header_dtype, compression = wire.header(wire_dtype)
         cap = min(host.max_message_bytes, 4 * math.prod(shape) + self.limits.framing_slack_bytes)
-        checked: list[torch.Tensor] = []
 
         async def on_meta(meta: dict[str, Any]) -> None:
             require_fields(meta, HOP_FIELDS)
@@ -216,11 +215,12 @@ class StageServicer(ServicerBase):
                                                   f"exceeds {host.max_message_bytes} bytes")
             validate_header(part, shape=shape, dtype=header_dtype, name=method, compression=compression)
 
+        def check(tensor: torch.Tensor) -> torch.Tensor:  # with the decoding, off the loop (codec.read_message)
+            tensor = wire.to_float32(tensor, wire_dtype)
+            validate_tensor(tensor, shape=shape, dtype=torch.float32, name=method)
+            return tensor
+
         async def on_first_part(meta: dict[str, Any], tensors: list[torch.Tensor]) -> None:
-            for t in tensors:  # a tensor of up to one chunk came whole with the first part
-                t = wire.to_float32(t, wire_dtype)
-                validate_tensor(t, shape=shape, dtype=torch.float32, name=method)
-                checked.append(t)
             host.check_route(meta)
             expected = host.expected_sender(method, meta)
             if meta["from_stage"] != expected:
@@ -230,14 +230,11 @@ class StageServicer(ServicerBase):
 
         meta, tensors = await read_message(
             requests, max_bytes=cap, on_meta=on_meta, on_header=on_header, on_first_part=on_first_part,
-            part_timeout_s=self.limits.part_timeout_s, deadline_s=self.limits.hop_deadline_s, stats=stats)
+            part_timeout_s=self.limits.part_timeout_s, deadline_s=self.limits.hop_deadline_s, stats=stats,
+            check=check)
         if len(tensors) != 1:
             raise InvalidPayload("decode", f"expected 1 tensor, got {len(tensors)}")
-        if checked:
-            return meta, checked[0]
-        tensor = wire.to_float32(tensors[0], wire_dtype)
-        validate_tensor(tensor, shape=shape, dtype=torch.float32, name=method)
-        return meta, tensor
+        return meta, tensors[0]
 
     async def rpc_forward(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> runtime_pb2.ExpertResponse:

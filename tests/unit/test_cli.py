@@ -265,6 +265,15 @@ def test_join_device_and_compute_dtype_reach_the_config(monkeypatch: pytest.Monk
     assert (seen[0].train.device, seen[0].train.compute_dtype) == ("cpu", "float32")  # the defaults
 
 
+def test_join_event_loop_reaches_the_config_and_a_bad_one_is_a_usage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr(cli, "_run_join", seen.append)
+    assert invoke("join", "--peers", PEER, "--preset", "tiny").exit_code == 0
+    assert invoke("join", "--peers", PEER, "--preset", "tiny", "--event-loop", "asyncio").exit_code == 0
+    assert [c.network.event_loop for c in seen] == ["uvloop", "asyncio"]  # the default, then the flag
+    assert_usage_error(invoke("join", "--peers", PEER, "--event-loop", "trio"), "--event-loop", "trio")
+
+
 def test_join_unknown_compute_dtype() -> None:
     assert_usage_error(invoke("join", "--peers", PEER, "--compute-dtype", "int8"), "--compute-dtype", "int8")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -15,6 +16,7 @@ from hivemind.proto import runtime_pb2
 from cfnode.errors import InvalidPayload
 from cfnode.net.codec import (
     MAX_METADATA_BYTES,
+    OFFLOAD_BYTES,
     iter_message_parts,
     pack_metadata,
     read_message,
@@ -389,3 +391,47 @@ def test_validate_header() -> None:
     odd.CopyFrom(part)
     odd.dtype = "float99"
     assert _reason(validate_header, odd, shape=(9,), dtype="float32", name="x") == "decode"
+
+
+# -- decoding off the event loop ------------------------------------------------------------------------------
+
+
+def test_check_sees_every_tensor_and_large_ones_are_decoded_off_the_loop() -> None:
+    small, big = torch.arange(4.0), torch.randn(OFFLOAD_BYTES // 4)  # 16 bytes; exactly the offload size
+    parts = list(iter_message_parts(Request, {"k": 1}, [small, big], 2**20))
+    seen: list[tuple[int, bool]] = []
+
+    def check(t: torch.Tensor) -> torch.Tensor:
+        seen.append((t.numel(), threading.current_thread() is threading.main_thread()))
+        return t * 2
+
+    _, tensors = asyncio.run(read_message(_agen(parts), max_bytes=BIG_CAP, check=check))
+    assert seen == [(4, True), (big.numel(), False)]  # the small one on the loop's thread, the big one not
+    assert torch.equal(tensors[0], small * 2) and torch.equal(tensors[1], big * 2)  # what check returned
+
+
+def test_a_check_rejection_off_the_loop_is_the_streams_rejection() -> None:
+    bad = torch.zeros(OFFLOAD_BYTES)
+    bad[7] = float("nan")
+
+    def check(t: torch.Tensor) -> torch.Tensor:
+        validate_tensor(t, shape=tuple(bad.shape), dtype=torch.float32, name="forward")
+        return t
+
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(read_message(_agen(iter_message_parts(Request, {}, [bad], 2**20)), max_bytes=BIG_CAP,
+                                 check=check))
+    assert exc.value.reason == "nonfinite"
+
+
+def test_a_truncated_large_tensor_is_decode_before_any_decoding() -> None:
+    parts = list(iter_message_parts(Request, {}, [torch.zeros(OFFLOAD_BYTES)], OFFLOAD_BYTES))  # 4 parts
+    calls: list[int] = []
+
+    def check(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.numel())
+        return t
+
+    with pytest.raises(InvalidPayload) as exc:
+        asyncio.run(read_message(_agen(parts[:2]), max_bytes=BIG_CAP, check=check))
+    assert exc.value.reason == "decode" and "truncated" in str(exc.value) and calls == []

@@ -721,7 +721,7 @@ def test_caller_buckets_refill() -> None:
 
 def test_limits_from_config() -> None:
     limits = ServiceLimits.from_config(NodeConfig())
-    assert (limits.hop_slots, limits.hop_slots_per_sender) == (20, 10)  # window = max(3 in flight, 4 val batches)
+    assert (limits.hop_slots, limits.hop_slots_per_sender) == (20, 10)  # window = max(4 in flight, 4 val batches)
     assert (limits.replica_slots, limits.weights_slots) == (2, 2)
     assert limits.part_timeout_s == 10.0 and limits.hop_deadline_s == 40.0 == limits.replica_deadline_s
     assert limits.weights_refill_s == 8.0 and limits.weights_burst == 4
