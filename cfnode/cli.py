@@ -163,7 +163,7 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
               help="Run-wide: how activations and gradients travel between stages (float16, bfloat16 and uint8 "
                    "compress them; weights always travel exactly).")
 @click.option("--event-loop", type=click.Choice(list(EVENT_LOOPS)), default=_N.event_loop,
-              help="This node's asyncio event loop: uvloop (libuv) or the standard library's.")
+              help="This node's asyncio event loop: the standard library's or uvloop (libuv).")
 @click.option("--identity-path", default=None, help="Persistent identity file (created if absent).")
 @click.option("--host-maddrs", multiple=True, default=("/ip4/0.0.0.0/tcp/0",))
 @click.option("--announce-maddrs", multiple=True)
@@ -205,6 +205,21 @@ def join(**kw: Any) -> None:
         _run_join(config)
     except CfnodeError as e:
         _fail(e)
+
+
+def join_config_from_argv(argv: list[str]) -> NodeConfig:
+    """The NodeConfig `cfnode join ARGV` would run with (environment variables aside): what the local engine of
+    `cfnode experiment` gives each in-process node, so that it is configured exactly like a swarm node."""
+    try:
+        ctx = join.make_context("join", list(argv))
+    except click.ClickException as e:
+        raise ConfigError(f"join {' '.join(argv)}: {e.format_message()}") from e
+    from cfnode.device import probe_device
+
+    kw = dict(ctx.params)
+    kw["peers"] = parse_peers(kw["peers"])
+    kw["device"] = probe_device(kw["device"])
+    return _join_config(kw)
 
 
 def _join_config(kw: dict[str, Any]) -> NodeConfig:
@@ -530,6 +545,9 @@ def demo(**kw: Any) -> None:
               help="`join --compute-dtype` of every node.")
 @click.option("--wire-dtype", type=click.Choice(list(WIRE_DTYPES)), default="float32",
               help="`join --wire-dtype` of every node.")
+@click.option("--engine", type=click.Choice(["swarm", "local"]), default="swarm",
+              help="swarm: each run a fresh swarm of processes on 127.0.0.1; local: the same nodes in one process "
+                   "on virtual time (loss curves only: its step times are not measured).")
 @_with(logging_options)
 def experiment(**kw: Any) -> None:
     """Run recovery strategies on fresh local swarms under one seeded failure schedule; write a report."""

@@ -165,8 +165,9 @@ class NetworkConfig:
     wire_dtype: str = "float32"
     """`--wire-dtype`: how activations and gradients travel (float32 exact; float16, bfloat16, uint8 compressed,
     net/wire.py). Run-wide (the run's MetaRecord carries it); weights always travel exactly."""
-    event_loop: str = "uvloop"
-    """`--event-loop`: the node process's asyncio loop, uvloop (libuv) or the standard library's."""
+    event_loop: str = "asyncio"
+    """`--event-loop`: the node process's asyncio loop, the standard library's or uvloop (libuv; not the default until
+    measured against it and run through the fault tests)."""
 
     def __post_init__(self) -> None:
         for maddr in self.announce_maddrs:

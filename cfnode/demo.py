@@ -160,6 +160,24 @@ class Starter:
             wait_for_event(proc, "online", 180)
 
 
+def run_flags(options: DemoOptions, workdir: str) -> list[str]:
+    """The `cfnode join` flags every node of the demo's run gets, apart from the network and the export: what the
+    local engine of `cfnode experiment` configures its in-process nodes with too."""
+    flags = ["--preset", options.preset_name, "--stages", str(options.stages), "--run-id", "demo", "--threads", "1",
+             "--microbatches", str(options.microbatches), "--microbatch-size", str(options.microbatch_size),
+             "--lr", str(options.lr), "--val-every", str(options.val_every),
+             "--heartbeat-period", str(options.heartbeat_period),
+             "--heartbeat-ttl", str(options.heartbeat_ttl), "--recovery-rule", options.recovery_rule,
+             "--recovery", options.recovery]
+    if options.recovery == "checkpoint":
+        flags += ["--checkpoint-dir", os.path.join(workdir, "checkpoints"),
+                  "--checkpoint-every", str(options.checkpoint_every)]
+    flags += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
+    flags += ["--replicas", str(options.replicas)]  # run-wide: every node sizes the groups alike
+    flags += ["--device", options.device, "--compute-dtype", options.compute_dtype, "--wire-dtype", options.wire_dtype]
+    return flags
+
+
 def run_demo(options: DemoOptions) -> int:
     workdir = options.workdir or tempfile.mkdtemp(prefix="cfnode-demo-")
     os.makedirs(workdir, exist_ok=True)
@@ -173,21 +191,8 @@ def run_demo(options: DemoOptions) -> int:
         boot = swarm.spawn("bootstrap", ["bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
                                          "--identity-path", os.path.join(workdir, "bootstrap.id")])
         peer = wait_for_line(boot, JOIN_LINE, 60).group(1)
-        common = ["--peers", peer, "--preset", options.preset_name, "--stages", str(options.stages),
-                  "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--run-id", "demo", "--threads", "1",
-                  "--microbatches", str(options.microbatches), "--microbatch-size", str(options.microbatch_size),
-                  "--lr", str(options.lr), "--val-every", str(options.val_every),
-                  "--heartbeat-period", str(options.heartbeat_period),
-                  "--heartbeat-ttl", str(options.heartbeat_ttl), "--recovery-rule", options.recovery_rule,
-                  "--recovery", options.recovery]
-        if options.recovery == "checkpoint":
-            common += ["--checkpoint-dir", os.path.join(workdir, "checkpoints"),
-                       "--checkpoint-every", str(options.checkpoint_every)]
-        common += ["--max-steps", str(options.steps)]  # only the stage-0 holder drives, whoever it is
-        common += ["--export-dir", export_dir]  # ... and exports at --max-steps, before it leaves
-        common += ["--replicas", str(options.replicas)]  # run-wide: every node sizes the groups alike
-        common += ["--device", options.device, "--compute-dtype", options.compute_dtype,
-                   "--wire-dtype", options.wire_dtype]
+        common = ["--peers", peer, "--host-maddrs", "/ip4/127.0.0.1/tcp/0", *run_flags(options, workdir),
+                  "--export-dir", export_dir]  # the stage-0 holder exports at --max-steps, before it leaves
         starter = Starter(swarm, common, options.replicas)
         starter.start(options.stages, options.spares)
         code = _follow(options, swarm, starter)

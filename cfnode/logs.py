@@ -6,11 +6,13 @@ is configured, to a JSON-lines file that `cfnode demo` and operators read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 events_logger = logging.getLogger("cfnode.events")
@@ -27,6 +29,18 @@ def set_log_context(**fields: Any) -> None:
     if unknown:
         raise TypeError(f"unknown log context fields {sorted(unknown)}")
     _context.update(fields)
+
+
+@contextlib.contextmanager
+def kept_log_context() -> Iterator[None]:
+    """Restore this process's log context after the block (in-process nodes, as the local experiment engine
+    runs them, set it as they go)."""
+    saved = dict(_context)
+    try:
+        yield
+    finally:
+        _context.clear()
+        _context.update(saved)
 
 
 def log_context() -> dict[str, Any]:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cfnode.config import PRESETS, GroupConfig
 from cfnode.errors import ConfigError
+from cfnode.experiment.localrun import run_local_record
 from cfnode.experiment.report import RunRecord, write_report
 from cfnode.experiment.schedule import (
     DEFAULT_MAX_PER_STEP,
@@ -38,7 +39,8 @@ from cfnode.experiment.schedule import (
     level_label,
     step_probability,
 )
-from cfnode.experiment.swarmrun import EXIT_RUN_FAILED, mean_step_s, run_swarm
+from cfnode.experiment.swarmrun import EXIT_RUN_FAILED, mean_step_s
+from cfnode.experiment.swarmrun import run_swarm as run_swarm_record
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ IMPLEMENTED = ("none", "checkfree", "checkfree+", "uniform-avg", "copy", "random
 REFERENCE_STEP_S = 90.0
 """Default c * T: one step of the local swarm stands for ~90 s, a step of the paper's 500M model (§3.4)."""
 EXIT_INTERRUPTED = 130
+ENGINES = ("swarm", "local")
 GROUP_STRATEGIES = ("none", "checkfree", "uniform-avg", "copy", "random")
 """Strategies that run with stage groups (K > 1). CheckFree+ replicas and the checkpoint and redundant
 baselines copy to each group's lead only (docs/groups.md, "Not yet"), so they run with K = 1 only."""
@@ -142,6 +145,9 @@ class ExperimentOptions:
     """`join --compute-dtype` of every node of every run."""
     wire_dtype: str = "float32"
     """`join --wire-dtype` of every node of every run."""
+    engine: str = "swarm"
+    """`swarm`: every run a fresh swarm of processes on 127.0.0.1 (a `cfnode demo`); `local`: the same nodes in
+    one process on virtual time (experiment/localrun.py), for loss curves at depth."""
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -184,6 +190,13 @@ class ExperimentOptions:
             raise ConfigError(f"--replay {self.replay}: no such file")
         GroupConfig(replicas=self.replicas)  # --replicas must be 1..16
         other = [s for s in self.strategies if s not in GROUP_STRATEGIES]
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.engine == "local" and self.replicas > 1:
+            raise ConfigError("--engine local runs one node per stage: use --replicas 1 (or --engine swarm)")
+        if self.engine == "local" and self.needs_measured_step_time():
+            raise ConfigError("--engine local measures no step time (its clock is virtual): with --compression "
+                              "give --step-time too, or --probabilities")
         if self.replicas > 1 and other:
             raise ConfigError(f"--replicas {self.replicas} runs only {', '.join(GROUP_STRATEGIES)}; "
                               f"{', '.join(other)} with stage groups is not built (docs/groups.md)")
@@ -319,20 +332,22 @@ def run_experiment(options: ExperimentOptions) -> int:
     warmup: RunRecord | None = None
     schedules: dict[tuple[str, tuple[int, ...]], FailureSchedule] = {}
     started = time.time()
+    run_one = run_local_record if options.engine == "local" else run_swarm_record
+    timed = options.engine == "swarm"  # the local engine's clock is virtual: its step times mean nothing
     bar = tqdm(total=total, desc="experiment", unit="run", dynamic_ncols=True)
     code = 0
     try:
         if any(not p.injects for p in plans):
             bar.set_postfix_str("none")
-            run = run_swarm(options, strategy_plan("none"), None, None, options.steps, "none")
+            run = run_one(options, strategy_plan("none"), None, None, options.steps, "none")
             runs.append(run)
             bar.update(1)
-            measured = mean_step_s(run)
+            measured = mean_step_s(run) if timed else None
             if run.exit_code == EXIT_INTERRUPTED:
                 return EXIT_INTERRUPTED
         elif options.needs_measured_step_time():
             bar.set_postfix_str("warm-up")
-            warmup = run_swarm(options, strategy_plan("none"), None, None, options.warmup_steps, "warmup")
+            warmup = run_one(options, strategy_plan("none"), None, None, options.warmup_steps, "warmup")
             measured = mean_step_s(warmup)
             bar.update(1)
             if warmup.exit_code == EXIT_INTERRUPTED:
@@ -352,7 +367,7 @@ def run_experiment(options: ExperimentOptions) -> int:
                             "failures at %s", plan.name, level.label, level.p, sched.replicas, list(sched.at_risk),
                             describe_events(sched))
                 bar.set_postfix_str(f"{plan.name} {level.label}")
-                run = run_swarm(options, plan, level, sched, options.steps, f"{plan.name}-{level.slug}")
+                run = run_one(options, plan, level, sched, options.steps, f"{plan.name}-{level.slug}")
                 run.meta["schedule"] = sched.to_dict()
                 runs.append(run)
                 bar.update(1)

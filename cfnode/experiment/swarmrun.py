@@ -18,6 +18,7 @@ from cfnode.experiment.report import RunRecord
 from cfnode.experiment.schedule import MEMBER, FailureSchedule
 
 if TYPE_CHECKING:
+    from cfnode.demo import DemoOptions
     from cfnode.experiment.runner import ExperimentOptions, FailureLevel, StrategyPlan
 
 logger = logging.getLogger(__name__)
@@ -118,27 +119,41 @@ def collect_events(workdir: str) -> list[dict[str, Any]]:
     return out
 
 
-def run_swarm(options: ExperimentOptions, plan: StrategyPlan, level: FailureLevel | None,
-              schedule: FailureSchedule | None, steps: int, name: str) -> RunRecord:
-    """One fresh swarm (a `cfnode demo` run, K members per transformer stage) for one strategy; returns its
-    record (exit code 130 on Ctrl-C)."""
-    from cfnode.demo import DemoOptions, run_demo
-
+def fresh_workdir(options: ExperimentOptions, name: str) -> str:
+    """OUT/runs/NAME, emptied: a run always starts from nothing."""
     workdir = os.path.join(options.out, "runs", name)
     if os.path.exists(workdir):
         logger.info("removing the previous run's directory %s", workdir)
         shutil.rmtree(workdir)
     os.makedirs(workdir)
-    kills = kill_args(schedule) if schedule is not None and plan.injects else KillArgs((), ())
-    summary_path = os.path.join(workdir, "summary.json")
-    demo = DemoOptions(stages=options.stages, steps=steps, preset_name=options.preset_name, workdir=workdir,
-                       json_summary=summary_path, spares=max(options.spares, options.max_per_step),
+    return workdir
+
+
+def demo_options(options: ExperimentOptions, plan: StrategyPlan, steps: int, workdir: str, kills: KillArgs, *,
+                 json_summary: str | None = None) -> DemoOptions:
+    """The `cfnode demo` a run of the swarm engine is; the local engine gives its nodes the same join flags."""
+    from cfnode.demo import DemoOptions
+
+    return DemoOptions(stages=options.stages, steps=steps, preset_name=options.preset_name, workdir=workdir,
+                       json_summary=json_summary, spares=max(options.spares, options.max_per_step),
                        microbatches=options.microbatches, microbatch_size=options.microbatch_size, lr=options.lr,
                        val_every=options.val_every, heartbeat_period=options.heartbeat_period,
                        heartbeat_ttl=options.heartbeat_ttl, kill=kills.kill, kill_group=kills.kill_group,
                        replicas=options.replicas, recovery_rule=plan.recovery_rule, recovery=plan.recovery,
                        checkpoint_every=options.checkpoint_every, device=options.device,
                        compute_dtype=options.compute_dtype, wire_dtype=options.wire_dtype)
+
+
+def run_swarm(options: ExperimentOptions, plan: StrategyPlan, level: FailureLevel | None,
+              schedule: FailureSchedule | None, steps: int, name: str) -> RunRecord:
+    """One fresh swarm (a `cfnode demo` run, K members per transformer stage) for one strategy; returns its
+    record (exit code 130 on Ctrl-C)."""
+    from cfnode.demo import run_demo
+
+    workdir = fresh_workdir(options, name)
+    kills = kill_args(schedule) if schedule is not None and plan.injects else KillArgs((), ())
+    summary_path = os.path.join(workdir, "summary.json")
+    demo = demo_options(options, plan, steps, workdir, kills, json_summary=summary_path)
     planned = [*(f"--kill {k}" for k in kills.kill), *(f"--kill-group {k}" for k in kills.kill_group)]
     logger.info("run %s: %d steps, %d member(s) per stage 1..%d%s; logs in %s", name, steps, options.replicas,
                 options.stages, f", {' '.join(planned)}" if planned else ", no failures injected", workdir)

@@ -60,12 +60,16 @@ class Harness:
 
     def join_args(self, *args: str) -> list[str]:
         assert self.bootstrap_maddr
-        return ["join", "--peers", self.bootstrap_maddr, "--run-id", self.run_id, "--preset", "tiny",
-                "--stages", str(self.stages), "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--threads", "1",
+        return ["join", "--peers", self.bootstrap_maddr, "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+                "--metrics-port", "0", "--weights-reader", self.reader_peer_id, *self.run_args(*args)]
+
+    def run_args(self, *args: str) -> list[str]:
+        """The `cfnode join` flags of this swarm's nodes that are not about the network (what the local engine of
+        `cfnode experiment` needs to configure its in-process nodes alike)."""
+        return ["--run-id", self.run_id, "--preset", "tiny", "--stages", str(self.stages), "--threads", "1",
                 "--heartbeat-period", str(self.period_s), "--heartbeat-ttl", str(self.ttl_s), "--microbatches", "4",
                 "--microbatch-size", "4", "--val-every", "10", "--step-timeout", "15",
-                "--request-timeout", "5", "--metrics-port", "0", "--weights-reader", self.reader_peer_id,
-                *self.extra, *args]
+                "--request-timeout", "5", *self.extra, *args]
 
     def start_node(self, name: str, *args: str) -> Proc:
         ready = os.path.join(self.workdir, f"{name}.ready.json")

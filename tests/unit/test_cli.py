@@ -269,8 +269,8 @@ def test_join_event_loop_reaches_the_config_and_a_bad_one_is_a_usage_error(monke
     seen = []
     monkeypatch.setattr(cli, "_run_join", seen.append)
     assert invoke("join", "--peers", PEER, "--preset", "tiny").exit_code == 0
-    assert invoke("join", "--peers", PEER, "--preset", "tiny", "--event-loop", "asyncio").exit_code == 0
-    assert [c.network.event_loop for c in seen] == ["uvloop", "asyncio"]  # the default, then the flag
+    assert invoke("join", "--peers", PEER, "--preset", "tiny", "--event-loop", "uvloop").exit_code == 0
+    assert [c.network.event_loop for c in seen] == ["asyncio", "uvloop"]  # the default, then the flag
     assert_usage_error(invoke("join", "--peers", PEER, "--event-loop", "trio"), "--event-loop", "trio")
 
 

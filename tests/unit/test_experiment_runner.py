@@ -269,3 +269,23 @@ def test_run_record_of_a_group_run() -> None:
          "node": "stage1m2"},
     ]  # an exact join is a join, never a recovery; stage 0's member_admitted is the same join, not another
     assert rec.meta == {"steps_aborted": 0, "member_admissions_timed_out": 1}
+
+
+def test_engine_option() -> None:
+    assert ExperimentOptions().engine == "swarm"  # the default: real processes, as before
+    assert ExperimentOptions(engine="local", compression=10.0, step_time_s=2.0).engine == "local"
+    with pytest.raises(ConfigError, match="--engine must be one of swarm, local"):
+        ExperimentOptions(engine="gpu")
+    with pytest.raises(ConfigError, match="--engine local runs one node per stage"):
+        ExperimentOptions(engine="local", replicas=2, strategies=("none", "checkfree"))
+    with pytest.raises(ConfigError, match="--engine local measures no step time"):
+        ExperimentOptions(engine="local", compression=10.0)  # T would have to come from a run
+
+
+@pytest.mark.parametrize("args", [("--engine", "gpu"), ("--engine", "local", "--compression", "10")])
+def test_experiment_engine_errors_are_one_line(tmp_path, args) -> None:
+    result = CliRunner().invoke(main, ["experiment", "--out", str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "engine" in errors[0], result.output
+    assert not (tmp_path / "out").exists()
