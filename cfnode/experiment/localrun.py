@@ -8,7 +8,7 @@ the processes, sockets and wall clock are gone. A kill is the harness's kill -9 
 once), made at the instant stage 0 logs the step after which the schedule puts it, so the step in flight is
 the next one, as in a swarm whose victim dies holding a microbatch of it (`join --debug-kill-mid-step`). Compute
 runs inline and costs no virtual time: a run's `time_s` are virtual seconds of the protocol (heartbeats, ttls,
-timeouts), not a measure of speed; the time model (docs/experiments.md) takes its costs from real swarms.
+timeouts), not a measure of speed: costs in time must be measured on real swarms.
 """
 
 from __future__ import annotations
