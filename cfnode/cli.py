@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from cfnode.config import (
+    ENGINES,
     EVENT_LOOPS,
     PRESETS,
     RECOVERY_MODES,
@@ -132,7 +133,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
 @click.option("--replicas", type=int, default=1, show_default=True,
               help="Most members per stage group (run-wide): with more than 1, a node that finds no empty stage "
                    "joins the group with the least throughput and trains with it data-parallel.")
-@click.option("--spare", is_flag=True, help="Wait as STANDBY rather than join a live stage group.")
+@click.option("--spare", is_flag=True, help="Wait as STANDBY to replace a lost stage: never join a live stage group, "
+              "never claim a stage before the swarm has trained.")
 @click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)),
               envvar="CFNODE_JOIN_PRESET")
 @click.option("--stages", type=int, default=None, help="Override the preset's number of transformer stages.")
@@ -545,7 +547,7 @@ def demo(**kw: Any) -> None:
               help="`join --compute-dtype` of every node.")
 @click.option("--wire-dtype", type=click.Choice(list(WIRE_DTYPES)), default="float32",
               help="`join --wire-dtype` of every node.")
-@click.option("--engine", type=click.Choice(["swarm", "local"]), default="swarm",
+@click.option("--engine", type=click.Choice(ENGINES), default="swarm",
               help="swarm: each run a fresh swarm of processes on 127.0.0.1; local: the same nodes in one process "
                    "on virtual time (loss curves only: its step times are not measured).")
 @_with(logging_options)

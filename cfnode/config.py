@@ -17,6 +17,8 @@ from cfnode.errors import ConfigError
 EVENT_LOOPS = ("uvloop", "asyncio")
 WIRE_DTYPES = ("float32", "float16", "bfloat16", "uint8")
 """`--wire-dtype` choices (cfnode/net/wire.py)."""
+ENGINES = ("swarm", "local")
+"""`cfnode experiment --engine`: real processes on 127.0.0.1, or the same nodes in one process (experiment/localrun.py)."""
 
 PROTOCOL_VERSION = 2
 
@@ -249,7 +251,8 @@ class GroupConfig:
     replicas: int = 1
     """The most members a stage group may have; run-wide. 1: one peer per stage (every other node is a spare)."""
     spare: bool = False
-    """Wait as STANDBY instead of joining a live group (a spare rebuilds a stage whose group is empty)."""
+    """Wait as STANDBY instead of joining a live group or claiming a stage before the swarm has trained (a spare
+    rebuilds a stage whose group is empty)."""
     join_timeout_s: float = 30.0
     """How long stage 0 holds the ring at a step boundary for a newcomer to copy a member's state."""
     averaging_timeout_s: float = 5.0

@@ -13,13 +13,12 @@ timeouts), not a measure of speed: costs in time must be measured on real swarms
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +29,11 @@ if TYPE_CHECKING:
     from cfnode.experiment.report import RunRecord
     from cfnode.experiment.runner import ExperimentOptions, FailureLevel, StrategyPlan
     from cfnode.experiment.schedule import FailureSchedule
+    from cfnode.testing.cluster import Cluster, HarnessNode
 
 logger = logging.getLogger(__name__)
+
+Observer = Callable[["Cluster", "HarnessNode", str, dict[str, Any]], None]
 
 PLACEHOLDER_PEER = "/ip4/127.0.0.1/tcp/1/p2p/QmXoypizjW3WknFiJnKLwHCnL72vedxjQkDDP1mXWo6uco"
 """`--peers` of every local node: required by `cfnode join`, never dialled (the transport is in memory)."""
@@ -62,11 +64,13 @@ class LocalRun:
 
 
 def run_local(common: Sequence[str], *, num_stages: int, spares: int, kills: Sequence[LocalKill] = (),
-              seed: int = 0, limit_s: float = 1e6, wall_budget_s: float = 86400.0) -> LocalRun:
+              seed: int = 0, limit_s: float = 1e6, wall_budget_s: float = 86400.0,
+              observers: Sequence[Observer] = ()) -> LocalRun:
     """Run stages 0..L (`join *common --stage i`, named stage{i}) and `spares` spares (`join *common`, started
     once every stage is ONLINE, named spare{n}; one more after each rebuild, as the demo does) until stage 0
     reaches `--max-steps` (exit 0) or the swarm cannot go on (EXIT_UNRECOVERABLE: stage 0 lost without a copy,
-    or no node left for a stage; 1: a node crashed or the virtual time limit passed)."""
+    or no node left for a stage; 1: a node crashed or the virtual time limit passed). Each of `observers` sees
+    every event as it is emitted, with the cluster (tests read the nodes' state there)."""
     from cfnode.cli import join_config_from_argv
     from cfnode.logs import kept_log_context
     from cfnode.testing.clock import CURRENT_NODE, ClockRegistry
@@ -87,7 +91,7 @@ def run_local(common: Sequence[str], *, num_stages: int, spares: int, kills: Seq
         with patched(clocks, Ledger()), quiet(), kept_log_context():
             loop.run_until_complete(_run(box, clocks, configs, spare_config, num_stages=num_stages,
                                          spares=spares, kills=sorted(kills, key=lambda k: k.step), seed=seed,
-                                         limit_s=limit_s))
+                                         limit_s=limit_s, observers=observers))
     finally:
         CURRENT_NODE.reset(token)
         loop.close()
@@ -101,10 +105,11 @@ def run_local(common: Sequence[str], *, num_stages: int, spares: int, kills: Seq
 
 
 async def _run(box: dict[str, Any], clocks: Any, configs: dict[int, NodeConfig], spare_config: NodeConfig, *,
-               num_stages: int, spares: int, kills: list[LocalKill], seed: int, limit_s: float) -> None:
-    from cfnode.testing import invariants as inv
+               num_stages: int, spares: int, kills: list[LocalKill], seed: int, limit_s: float,
+               observers: Sequence[Observer]) -> None:
     from cfnode.testing.clock import virtual_now
-    from cfnode.testing.cluster import Cluster, HarnessNode, peer_ids
+    from cfnode.testing.cluster import Cluster, peer_ids
+    from cfnode.testing.drive import FINISHED, UNRECOVERABLE, run_until_done
     from cfnode.testing.faults import FaultDice
 
     cluster = Cluster(seed=seed, dice=FaultDice(seed), clocks=clocks)
@@ -143,26 +148,14 @@ async def _run(box: dict[str, Any], clocks: Any, configs: dict[int, NodeConfig],
             start_spare()
 
     cluster.event_hooks.append(on_event)
+    for observe in observers:
+        cluster.event_hooks.append(lambda h, event, fields, observe=observe: observe(cluster, h, event, fields))
     for i in range(num_stages + 1):
         cluster.add(f"stage{i}", configs[i], peer_id=next(ids))
         cluster.start(f"stage{i}")
-    code, since = 0, None
-    while virtual_now() < limit_s:
-        await asyncio.sleep(POLL_S)
-        if any(h.finished for h in cluster.nodes.values()):
-            break
-        if any(h.crash for h in cluster.nodes.values()):
-            code = 1
-            break
-        if inv.why_unrecoverable(cluster, num_stages) is None:
-            since = None
-        elif since is None:
-            since = virtual_now()
-        elif virtual_now() - since > SETTLE_S:
-            code = EXIT_UNRECOVERABLE
-            break
-    else:
-        code = 1
+    how = await run_until_done(cluster, num_stages, limit_s=limit_s, poll_s=POLL_S, settle_s=SETTLE_S,
+                               stop_on_crash=True)
+    code = {FINISHED: 0, UNRECOVERABLE: EXIT_UNRECOVERABLE}.get(how, 1)
     box["code"], box["end"] = code, virtual_now()
     await cluster.teardown()
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from cfnode.config import PRESETS, GroupConfig
+from cfnode.config import ENGINES, PRESETS, GroupConfig
 from cfnode.errors import ConfigError
 from cfnode.experiment.localrun import run_local_record
 from cfnode.experiment.report import RunRecord, write_report
@@ -48,7 +48,6 @@ IMPLEMENTED = ("none", "checkfree", "checkfree+", "uniform-avg", "copy", "random
 REFERENCE_STEP_S = 90.0
 """Default c * T: one step of the local swarm stands for ~90 s, a step of the paper's 500M model (§3.4)."""
 EXIT_INTERRUPTED = 130
-ENGINES = ("swarm", "local")
 GROUP_STRATEGIES = ("none", "checkfree", "uniform-avg", "copy", "random")
 """Strategies that run with stage groups (K > 1). CheckFree+ replicas and the checkpoint and redundant
 baselines copy to each group's lead only (docs/groups.md, "Not yet"), so they run with K = 1 only."""

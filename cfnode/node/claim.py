@@ -115,12 +115,16 @@ async def store_meta(host: ClaimHost) -> None:
 
 
 def claimable_stages(view: SwarmView, num_stages: int, wanted: int | None, *, mode: str = "checkfree",
-                     start_step: int = 0) -> list[int]:
+                     start_step: int = 0, spare: bool = False) -> list[int]:
     """Empty stages this node may take, lowest first. Once the swarm has trained, stage 0 is taken only to
     rebuild it (from a live copy or the checkpoint store): otherwise its embedding and head exist nowhere
-    else, and a fresh one would be garbage."""
+    else, and a fresh one would be garbage. A `spare` (`--spare`) takes none before the swarm has trained: it
+    only ever replaces a lost stage, so it can start together with the nodes that make the first ring."""
+    trained = swarm_has_trained(view, num_stages, start_step)
+    if spare and not trained:
+        return []
     candidates = range(num_stages + 1) if wanted is None else [wanted]
-    stage0_ok = not swarm_has_trained(view, num_stages, start_step) or stage0_recoverable(view, num_stages, mode)
+    stage0_ok = not trained or stage0_recoverable(view, num_stages, mode)
     return [i for i in candidates if not is_occupied(view.members(i), view.now) and (i != 0 or stage0_ok)]
 
 
@@ -147,7 +151,7 @@ async def claim_stage(host: ClaimHost) -> Claim:
             continue
         await host.watch.confirm_unrecoverable(view)
         targets = claimable_stages(view, cfg.model.num_stages, cfg.stage, mode=cfg.recovery.mode,
-                                   start_step=cfg.train.start_step)
+                                   start_step=cfg.train.start_step, spare=cfg.group.spare)
         joinable = None if targets or cfg.group.spare else group_to_join(view, cfg.model.num_stages,
                                                                          cfg.group.replicas, cfg.stage)
         if joinable is not None:

@@ -59,7 +59,7 @@ async def join_group(host: JoinHost, stage: int) -> StageWorker:
     await host.announce()
     await _until_visible(host, stage)
     module = await host.compute(build_stage, cfg.model, stage, cfg.model_path)
-    worker = StageWorker.for_train(module, stage_idx=stage, train=cfg.train)
+    worker = StageWorker.for_train(module, stage_idx=stage, train=cfg.train, every_microbatch=False)
     try:  # before we are admitted: the members' first all-reduce with us must not wait for our averager to start
         await host.group_averager(worker.num_parameters).warm(len(group) + 1)
     except AveragingError as e:

@@ -49,7 +49,8 @@ async def acquire_stage(host: RebuildHost, stage: int) -> StageWorker:
     cfg = host.config
     num = cfg.model.num_stages
     module = await host.compute(build_stage, cfg.model, stage, cfg.model_path)
-    worker = StageWorker.for_train(module, stage_idx=stage, train=cfg.train)
+    worker = StageWorker.for_train(module, stage_idx=stage, train=cfg.train,
+                                    every_microbatch=cfg.group.replicas == 1)
     successor = replica_of(stage, num, cfg.recovery.mode)
     if cfg.recovery.mode == "redundant" and successor not in (None, 0):  # runs its successor's forward too
         worker.shadow_module = await host.compute(empty_stage, cfg.model, successor)

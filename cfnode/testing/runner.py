@@ -18,6 +18,7 @@ from typing import Any
 from cfnode.testing import invariants as inv
 from cfnode.testing.clock import CURRENT_NODE, ClockRegistry, virtual_now
 from cfnode.testing.cluster import Cluster, HarnessNode, peer_ids
+from cfnode.testing.drive import run_until_done
 from cfnode.testing.faults import FaultDice, PeerGone
 from cfnode.testing.logs import log_trace, quiet, verbose
 from cfnode.testing.memberstate import GroupFacts, GroupSizes, StateRecorder
@@ -104,19 +105,13 @@ async def _scenario(sc: Scenario, box: dict[str, Any], clocks: ClockRegistry) ->
     armed = ArmedPlan(sc.plan, cluster)
     box["armed"] = armed
     armed.arm()
-    unrecoverable_since: float | None = None
-    while virtual_now() < sc.limit_s:
-        await asyncio.sleep(POLL_S)
-        if sizes is not None:
-            sizes.sample_view(cluster.dht.true_view(run_id, sc.num_stages), sc.num_stages, cluster.name_of)
-        if any(h.finished for h in cluster.nodes.values()):
-            break
-        if inv.why_unrecoverable(cluster, sc.num_stages) is None:
-            unrecoverable_since = None
-        elif unrecoverable_since is None:
-            unrecoverable_since = virtual_now()
-        elif virtual_now() - unrecoverable_since > SETTLE_S:
-            break
+
+    def sample_sizes() -> None:
+        assert sizes is not None
+        sizes.sample_view(cluster.dht.true_view(run_id, sc.num_stages), sc.num_stages, cluster.name_of)
+
+    await run_until_done(cluster, sc.num_stages, limit_s=sc.limit_s, poll_s=POLL_S, settle_s=SETTLE_S,
+                         on_poll=sample_sizes if sizes is not None else None)
     box["end"] = virtual_now()
     box["pending"] = await cluster.teardown()
 

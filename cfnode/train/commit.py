@@ -73,6 +73,22 @@ class StepCommit:
         self.commit_norms: dict[int, tuple[int, float, float]] = {}
         """Per transformer stage: (steps committed, post-clip norm, raw norm) as it reported them when preparing
         its last committed step. A rebuild weights its donors by these, not by what the donors claim."""
+        self._replica_push: asyncio.Future[Any] | None = None
+        """checkfree+: the stream of stage 0's weights at its last committed step to the replica holders, off the
+        step's critical path (the next step trains meanwhile); at most one in flight."""
+
+    async def replicas_delivered(self) -> None:
+        """Wait until the copies of stage 0's last committed step have reached the replica holders (or failed,
+        logged as `replica_failed`): every later push waits for it, so a holder never gets steps out of order."""
+        push, self._replica_push = self._replica_push, None
+        if push is not None:
+            await push
+
+    def drop_replicas(self) -> None:
+        """The driver stops: cancel a push still in flight."""
+        push, self._replica_push = self._replica_push, None
+        if push is not None and not push.done():
+            push.cancel()
 
     def commit_meta(self, key: AttemptKey, phase: str, *, skip: bool = False) -> dict[str, Any]:
         return {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "phase": phase, "skip": skip,
@@ -152,33 +168,32 @@ class StepCommit:
         return self.cfg.network.request_timeout_s + 2 * self.cfg.group.averaging_timeout_s
 
     async def apply_all(self, key: AttemptKey, prepared: Prepared) -> None:
-        """Phase 2: stage 0 applies first (so a replica it pushes is never behind the stages it would be resumed
-        with), then every stage, each retried until it confirmed or is no longer its stage's owner (then it is
-        lost, and its rebuild starts from its neighbours, which applied). A stage that could not apply while
-        staying owner is `behind` at the next step and steps down (node/commits.py): never a skipped update."""
+        """Phase 2: stage 0 applies first, then every stage, each retried until it confirmed or is no longer its
+        stage's owner (then it is lost, and its rebuild starts from its neighbours, which applied). A stage that
+        could not apply while staying owner is `behind` at the next step and steps down (node/commits.py): never
+        a skipped update. Under checkfree+ stage 0 then streams its new weights to the replica holders in the
+        background (`replicas_delivered`): a holder's copy is of the last committed step or the one before."""
         host, worker = self.host, self.host.worker
         assert worker is not None and host.client is not None
         norm, raw = await host.compute(worker.apply, key, skip=prepared.skip)
         host.after_commit(worker.grad_norm, worker.grad_norm_raw)
         meta = self.commit_meta(key, "apply", skip=prepared.skip)
-        pushes = None
-        if replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode) and not prepared.skip:
-            state = await host.compute(worker.snapshot)
-            pushes = copies.push_copies(host, state, copies.replica_meta(
-                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.leads)
+        replicate = replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode) and not prepared.skip
+        snapshot = asyncio.ensure_future(host.compute(worker.snapshot)) if replicate else None
         calls = [(idx, peer) for idx, members in prepared.peers.items() for peer in members if peer != host.peer_id]
         meta0 = meta  # stage 0's followers keep the norms too, to take over as the lead
         if prepared.peers.get(0, ())[1:]:
             meta0 = {**meta, "norms": {str(i): [key.step + 1, *n] for i, n in prepared.norms.items()}}
-        applies = asyncio.gather(*(self._apply_on(idx, peer, key, meta0 if idx == 0 else meta)
-                                   for idx, peer in calls))
-        if pushes is not None:
-            results, _ = await asyncio.gather(applies, pushes)
-        else:
-            results = await applies
+        results = await asyncio.gather(*(self._apply_on(idx, peer, key, meta0 if idx == 0 else meta)
+                                         for idx, peer in calls))
         for (idx, _), result in zip(calls, results, strict=True):
             if result is not None and idx in prepared.norms:
                 self.commit_norms[idx] = (key.step + 1, *prepared.norms[idx])
+        if snapshot is not None:
+            state = await snapshot
+            await self.replicas_delivered()  # the previous step's copies: in long ago, unless a holder is slow
+            self._replica_push = asyncio.ensure_future(copies.push_copies(host, state, copies.replica_meta(
+                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.leads))
         await self._checkpoint(failed=any(r is None for r in results), results=list(results))
 
     async def _apply_on(self, idx: int, peer: str, key: AttemptKey, meta: dict[str, Any]) -> dict[str, Any] | None:

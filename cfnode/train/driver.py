@@ -276,12 +276,22 @@ class Driver:
             await self.host.refresh_view()
 
     async def run(self) -> None:
-        train = self.cfg.train
         worker = self.host.worker
         assert worker is not None
         self.host.events.emit("training_started", step=worker.step)
+        try:
+            await self._train()
+        finally:  # stopped (fenced, shutting down): a replica push still in flight is dropped
+            self.commit.drop_replicas()
+        self.host.events.emit("training_finished", step=worker.step, **self.stats)
+
+    async def _train(self) -> None:
+        train = self.cfg.train
+        worker = self.host.worker
+        assert worker is not None
         while train.max_steps is None or worker.step < train.max_steps:
             if train.debug_hold_at_step is not None and worker.step >= train.debug_hold_at_step:
+                await self.commit.replicas_delivered()  # what a holder keeps is then this very step
                 logger.warning("holding before step %d (--debug-hold-at-step); still serving RPCs", worker.step)
                 self.host.events.emit("held", step=worker.step)
                 await asyncio.Event().wait()
@@ -325,7 +335,7 @@ class Driver:
                 record["val_loss"] = await self.validate()
             self.history.append(record)
             self.host.events.emit("step", **record)
-        self.host.events.emit("training_finished", step=worker.step, **self.stats)
+        await self.commit.replicas_delivered()  # the last step's copies too, before the run counts as finished
 
     async def run_attempt(self, step: int) -> tuple[float, str] | None:
         """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data

@@ -19,12 +19,14 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from cfnode.device import loss_scale, torch_dtype
+from cfnode.train.accumulate import OrderedGrads, param_grads
 from cfnode.train.schedule import AttemptKey, is_newer
 
 if TYPE_CHECKING:
@@ -92,9 +94,13 @@ def worker_holds(worker: StageWorker) -> tuple[int, int]:
 
 class StageWorker:
     def __init__(self, module: nn.Module, *, stage_idx: int, lr: float, clip_norm: float,
-                 device: str | torch.device | None = None, compute_dtype: str | torch.dtype = "float32") -> None:
+                 device: str | torch.device | None = None, compute_dtype: str | torch.dtype = "float32",
+                 every_microbatch: bool = True) -> None:
         """`device`: where the module (moved there if it is elsewhere), its gradients and Adam state live;
-        default: where the module already is. `compute_dtype`: what the forward passes autocast to."""
+        default: where the module already is. `compute_dtype`: what the forward passes autocast to.
+        `every_microbatch`: every microbatch of an attempt passes this stage (one peer per stage), so each
+        gradient is added after all smaller microbatches' (False, a stage group's member, which gets only
+        some: after the smaller ones whose forward it has seen; see train/accumulate.py)."""
         self.device = torch.device(device) if device is not None else _module_device(module)
         if any(t.device != self.device for t in (*module.parameters(), *module.buffers())):
             module.to(self.device)
@@ -115,6 +121,10 @@ class StageWorker:
         """Microbatches whose gradients this attempt accumulated here (each at most once)."""
         self._accumulated: set[int] = set()
         self._head_accumulated: set[int] = set()
+        self.every_microbatch = every_microbatch
+        self._grads = OrderedGrads()
+        self._head_grads = OrderedGrads()
+        """Each microbatch's parameter gradients, added in microbatch order (train/accumulate.py)."""
         self._incarnation: dict[int, int] = {}
         """Microbatch -> the newest incarnation seen: stage 0 sends a microbatch again (one more incarnation) when
         a member on its path was lost; a member that already accumulated it then only passes the gradient on."""
@@ -142,10 +152,11 @@ class StageWorker:
         self._shadow: nn.Module | None = None
 
     @classmethod
-    def for_train(cls, module: nn.Module, *, stage_idx: int, train: TrainConfig) -> StageWorker:
+    def for_train(cls, module: nn.Module, *, stage_idx: int, train: TrainConfig,
+                  every_microbatch: bool = True) -> StageWorker:
         """The worker a node runs for `stage_idx`: lr, clipping, device and compute dtype from its TrainConfig."""
         return cls(module, stage_idx=stage_idx, lr=train.lr, clip_norm=train.clip_norm, device=train.device,
-                   compute_dtype=train.compute_dtype)
+                   compute_dtype=train.compute_dtype, every_microbatch=every_microbatch)
 
     def _make_optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.module.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -197,6 +208,8 @@ class StageWorker:
         self.backward_done = 0
         self._accumulated.clear()
         self._head_accumulated.clear()
+        self._grads.clear()
+        self._head_grads.clear()
         self._incarnation.clear()
 
     def accepts(self, key: AttemptKey) -> bool:
@@ -216,16 +229,22 @@ class StageWorker:
             raise KeyError((mb, inc))
 
     def _backward_into(self, mb: int, out: torch.Tensor, grad: torch.Tensor, inputs: list[torch.Tensor]) -> bool:
-        """Backward of one microbatch: into the parameters the first time this attempt sees it, else (an
-        incarnation sent again around a lost member) into `inputs` only. Returns whether it accumulated."""
+        """Backward of one microbatch: into the parameters (in microbatch order, `OrderedGrads`) and `inputs` the
+        first time this attempt sees it, else (an incarnation sent again around a lost member) into `inputs`
+        only. Returns whether it accumulated."""
         first = mb not in self._accumulated
-        if first or inputs:
-            torch.autograd.backward(out, grad.to(device=out.device, dtype=out.dtype),
-                                    inputs=None if first else inputs)
+        grad = grad.to(device=out.device, dtype=out.dtype)
         if first:
+            self._grads.add(mb, *param_grads(self.module, out, grad, inputs), seen=self._waits_for())
             self._accumulated.add(mb)
             self.backward_done += 1
+        elif inputs:
+            torch.autograd.backward(out, grad, inputs=inputs)
         return first
+
+    def _waits_for(self) -> Collection[int] | None:
+        """What a microbatch's gradient waits for (`OrderedGrads.add`): None, every smaller microbatch."""
+        return None if self.every_microbatch else self._incarnation.keys()
 
     def forward(self, key: AttemptKey, mb: int, hidden: torch.Tensor, inc: int = 0) -> torch.Tensor:
         started = time.perf_counter()
@@ -285,7 +304,7 @@ class StageWorker:
         if mb in self._head_accumulated:
             scaled.backward(inputs=[h])
         else:
-            scaled.backward()
+            self._head_grads.add(mb, *param_grads(self.module, scaled, None, [h]), seen=self._waits_for())
             self._head_accumulated.add(mb)
         assert h.grad is not None
         return float(loss.detach()), _to_host(h.grad)
@@ -328,6 +347,8 @@ class StageWorker:
             raise ValueError(f"commit of {tuple(key)} but the active attempt is {self.active}")
         if self.backward_done != num_microbatches:
             raise ValueError(f"commit of {tuple(key)} after {self.backward_done}/{num_microbatches} backward passes")
+        self._grads.flush()
+        self._head_grads.flush()
 
     def _clip(self, key: AttemptKey, params: list[nn.Parameter]) -> tuple[float, float]:
         """Clip `params`' gradients and record the attempt as prepared with (post-clip, raw) norms; a non-finite

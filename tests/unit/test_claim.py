@@ -84,6 +84,17 @@ def test_stage_zero_not_claimable_once_trained(trained_stage: int) -> None:
     assert claimable_stages(v, L, 0) == []
 
 
+def test_a_spare_takes_no_stage_before_the_swarm_has_trained() -> None:
+    """`--spare` only replaces a lost stage: in a forming ring (even with every stage empty) it waits as STANDBY,
+    so it can start together with the nodes meant to hold the stages; once trained, it takes a lost one."""
+    assert claimable_stages(view({}), L, None, spare=True) == []
+    assert claimable_stages(view({1: [peer("p1", ONLINE)]}), L, 3, spare=True) == []
+    trained = full(step=5)
+    del trained[3]
+    assert claimable_stages(view(trained), L, None, spare=True) == [3]
+    assert claimable_stages(view(trained), L, None) == [3]
+
+
 def test_a_run_resumed_at_a_step_has_trained_only_past_it() -> None:
     """A swarm resumed from an export at step 10: stages reporting step 10 are still the export's initial
     weights (stage 0 may be built from it); one commit later the swarm has trained."""

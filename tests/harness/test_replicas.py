@@ -1,0 +1,45 @@
+"""CheckFree+'s stage-0 replicas are streamed off the step's critical path (train/commit.py, `apply_all`): the
+next step trains while they travel. What a holder keeps is then stage 0's last committed step or the one before
+(never older, never out of order), and at a hold and at the end of a run exactly the last step. Run on the
+local engine (the real nodes in one process, virtual time), so the interleaving is replayable."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cfnode.experiment.localrun import run_local
+from tests.support.swarm import Harness
+
+L, STEPS = 4, 8
+HOLDERS = (1, L)
+
+
+def test_replica_holders_lag_stage0_by_at_most_one_step_and_end_on_its_last(tmp_path) -> None:
+    seen: list[tuple[int, dict[int, int]]] = []
+    final: dict[str, Any] = {}
+
+    def observe(cluster: Any, h: Any, event: str, fields: dict[str, Any]) -> None:
+        if h.node.driver is None or event not in ("step", "training_finished"):
+            return
+        holders = {i: cluster.serving(i).node.worker for i in HOLDERS}
+        if event == "step":
+            seen.append((int(fields["step"]), {i: w.replica_step for i, w in holders.items()}))
+        else:
+            final.update(step=int(fields["step"]), weights=h.node.worker.snapshot(),
+                         held={i: (w.replica_step, dict(w.held[0])) for i, w in holders.items()})
+
+    h = Harness(str(tmp_path), "replicas", stages=L, extra=("--recovery", "checkfree+"))
+    run = run_local(h.run_args("--max-steps", str(STEPS), "--val-every", "0"), num_stages=L, spares=0,
+                    observers=[observe])
+    assert run.exit_code == 0 and not run.crashes, (run.exit_code, run.crashes)
+    assert [s for s, _ in seen] == list(range(1, STEPS + 1))
+    for step, held in seen:  # as stage 0 reports step s, its copies of s are on their way, s - 1 is in
+        assert held == {i: step - 1 if step > 1 else -1 for i in HOLDERS}, (step, held)
+    assert final["step"] == STEPS
+    for i, (step, weights) in final["held"].items():  # the run's end waited for the last copies
+        assert step == STEPS, i
+        assert weights.keys() == final["weights"].keys()
+        for name, t in final["weights"].items():
+            assert torch.equal(weights[name], t), (i, name)
