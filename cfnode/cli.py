@@ -550,6 +550,9 @@ def demo(**kw: Any) -> None:
 @click.option("--engine", type=click.Choice(ENGINES), default="swarm",
               help="swarm: each run a fresh swarm of processes on 127.0.0.1; local: the same nodes in one process "
                    "on virtual time (loss curves only: its step times are not measured).")
+@click.option("--jobs", type=int, default=1,
+              help="Runs at once, each in its own process (--engine local only). An experiment run again into the "
+                   "same --out reuses every run whose result file matches its settings (runs/NAME/record.json).")
 @_with(logging_options)
 def experiment(**kw: Any) -> None:
     """Run recovery strategies on fresh local swarms under one seeded failure schedule; write a report."""

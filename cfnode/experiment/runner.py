@@ -25,6 +25,7 @@ from cfnode.config import ENGINES, PRESETS, GroupConfig
 from cfnode.errors import ConfigError
 from cfnode.experiment.localrun import run_local_record
 from cfnode.experiment.report import RunRecord, write_report
+from cfnode.experiment.resume import EXIT_INTERRUPTED, RunSpec, run_specs
 from cfnode.experiment.schedule import (
     DEFAULT_MAX_PER_STEP,
     DEFAULT_MIN_GAP,
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 IMPLEMENTED = ("none", "checkfree", "checkfree+", "uniform-avg", "copy", "random", "checkpoint", "redundant")
 REFERENCE_STEP_S = 90.0
 """Default c * T: one step of the local swarm stands for ~90 s, a step of the paper's 500M model (§3.4)."""
-EXIT_INTERRUPTED = 130
 GROUP_STRATEGIES = ("none", "checkfree", "uniform-avg", "copy", "random")
 """Strategies that run with stage groups (K > 1). CheckFree+ replicas and the checkpoint and redundant
 baselines copy to each group's lead only (docs/groups.md, "Not yet"), so they run with K = 1 only."""
@@ -147,6 +147,8 @@ class ExperimentOptions:
     engine: str = "swarm"
     """`swarm`: every run a fresh swarm of processes on 127.0.0.1 (a `cfnode demo`); `local`: the same nodes in
     one process on virtual time (experiment/localrun.py), for loss curves at depth."""
+    jobs: int = 1
+    """Runs at once, each in its own process (local engine only; experiment/resume.py)."""
 
     def __post_init__(self) -> None:
         if not self.strategies:
@@ -191,6 +193,11 @@ class ExperimentOptions:
         other = [s for s in self.strategies if s not in GROUP_STRATEGIES]
         if self.engine not in ENGINES:
             raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {self.jobs}")
+        if self.jobs > 1 and self.engine != "local":
+            raise ConfigError("--jobs > 1 needs --engine local: swarm runs measure time, and runs side by side "
+                              "would slow each other down")
         if self.engine == "local" and self.replicas > 1:
             raise ConfigError("--engine local runs one node per stage: use --replicas 1 (or --engine swarm)")
         if self.engine == "local" and self.needs_measured_step_time():
@@ -335,12 +342,16 @@ def run_experiment(options: ExperimentOptions) -> int:
     timed = options.engine == "swarm"  # the local engine's clock is virtual: its step times mean nothing
     bar = tqdm(total=total, desc="experiment", unit="run", dynamic_ncols=True)
     code = 0
+
+    def done(spec: RunSpec, run: RunRecord) -> None:
+        bar.set_postfix_str(spec.name)
+        bar.update(1)
+
     try:
         if any(not p.injects for p in plans):
             bar.set_postfix_str("none")
-            run = run_one(options, strategy_plan("none"), None, None, options.steps, "none")
+            [run] = run_specs(options, [RunSpec("none", None, None, options.steps, "none")], done)
             runs.append(run)
-            bar.update(1)
             measured = mean_step_s(run) if timed else None
             if run.exit_code == EXIT_INTERRUPTED:
                 return EXIT_INTERRUPTED
@@ -359,19 +370,18 @@ def run_experiment(options: ExperimentOptions) -> int:
             return EXIT_RUN_FAILED
         schedules = plan_schedules(options, levels, step_s, replayed)
         _write_schedules(os.path.join(options.out, "schedules.json"), options, schedules)
+        specs = []
         for level in levels:
             for plan in failing:
                 sched = schedules[(level.label, at_risk_stages(plan.name, options.stages))]
                 logger.info("%s at %s: p=%.5f per node and step, %d member(s) per stage, stages %s at risk, "
                             "failures at %s", plan.name, level.label, level.p, sched.replicas, list(sched.at_risk),
                             describe_events(sched))
-                bar.set_postfix_str(f"{plan.name} {level.label}")
-                run = run_one(options, plan, level, sched, options.steps, f"{plan.name}-{level.slug}")
-                run.meta["schedule"] = sched.to_dict()
-                runs.append(run)
-                bar.update(1)
-                if run.exit_code == EXIT_INTERRUPTED:
-                    return EXIT_INTERRUPTED
+                specs.append(RunSpec(plan.name, level, sched, options.steps, f"{plan.name}-{level.slug}"))
+        failed = run_specs(options, specs, done)
+        runs.extend(failed)
+        if any(r.exit_code == EXIT_INTERRUPTED for r in failed):
+            return EXIT_INTERRUPTED
         code = 0 if all(r.status == "ok" for r in runs) else EXIT_RUN_FAILED
         return code
     finally:
