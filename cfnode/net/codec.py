@@ -146,9 +146,12 @@ async def read_message(
     return meta, tensors
 
 
-OFFLOAD_BYTES = 64 * 1024
-"""Tensors at least this large are decoded (and checked) off the event loop; below it a worker thread costs more
-than the work."""
+OFFLOAD_BYTES = 8 * 1024 * 1024
+"""Tensors at least this large are decoded (and checked) off the event loop. Measured (bench/README.md,
+2026-12-03, small, L = 4, 1 MiB hops): offloading every hop tensor of 64 KiB or more made the swarm 11 % slower
+(1496 against 1679 tokens/s), since a worker thread contends for the GIL with the loop and the compute thread,
+so hops of that size are decoded inline; only tensors whose decoding would hold the loop for tens of ms go to
+a thread."""
 
 
 async def _decoded(group: list[runtime_pb2.Tensor], check: Callable[[torch.Tensor], torch.Tensor] | None, *,

@@ -411,7 +411,7 @@ def test_check_sees_every_tensor_and_large_ones_are_decoded_off_the_loop() -> No
 
 
 def test_a_check_rejection_off_the_loop_is_the_streams_rejection() -> None:
-    bad = torch.zeros(OFFLOAD_BYTES)
+    bad = torch.zeros(OFFLOAD_BYTES // 4)  # exactly the offload size
     bad[7] = float("nan")
 
     def check(t: torch.Tensor) -> torch.Tensor:
@@ -425,7 +425,7 @@ def test_a_check_rejection_off_the_loop_is_the_streams_rejection() -> None:
 
 
 def test_a_truncated_large_tensor_is_decode_before_any_decoding() -> None:
-    parts = list(iter_message_parts(Request, {}, [torch.zeros(OFFLOAD_BYTES)], OFFLOAD_BYTES))  # 4 parts
+    parts = list(iter_message_parts(Request, {}, [torch.zeros(OFFLOAD_BYTES // 4)], OFFLOAD_BYTES // 4))  # 4 parts
     calls: list[int] = []
 
     def check(t: torch.Tensor) -> torch.Tensor:
