@@ -81,8 +81,15 @@ class StepCommit:
         """Wait until the copies of stage 0's last committed step have reached the replica holders (or failed,
         logged as `replica_failed`): every later push waits for it, so a holder never gets steps out of order."""
         push, self._replica_push = self._replica_push, None
-        if push is not None:
+        if push is None:
+            return
+        try:
             await push
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a lost copy never fails the step that follows it
+            logger.warning("the replica push of stage 0 failed: %s: %s", type(e).__name__, e)
+            self.host.metrics.loop_errors.labels(loop="driver").inc()
 
     def drop_replicas(self) -> None:
         """The driver stops: cancel a push still in flight."""

@@ -64,6 +64,7 @@ def _records(out: str) -> dict[str, dict]:
     return got
 
 
+@pytest.mark.slow  # ~17 s: three local runs and two spawned workers; the default run is near its 15 minutes
 def test_an_experiment_run_again_reuses_its_runs_and_redoes_changed_ones(tmp_path) -> None:
     o = options(tmp_path, jobs=2)  # the two failing runs at once, in two processes
     assert run_experiment(o) == 0
