@@ -23,7 +23,6 @@ from tqdm import tqdm
 
 from cfnode.config import ENGINES, PRESETS, GroupConfig
 from cfnode.errors import ConfigError
-from cfnode.experiment.localrun import run_local_record
 from cfnode.experiment.report import RunRecord, write_report
 from cfnode.experiment.resume import EXIT_INTERRUPTED, RunSpec, run_specs
 from cfnode.experiment.schedule import (
@@ -338,7 +337,6 @@ def run_experiment(options: ExperimentOptions) -> int:
     warmup: RunRecord | None = None
     schedules: dict[tuple[str, tuple[int, ...]], FailureSchedule] = {}
     started = time.time()
-    run_one = run_local_record if options.engine == "local" else run_swarm_record
     timed = options.engine == "swarm"  # the local engine's clock is virtual: its step times mean nothing
     bar = tqdm(total=total, desc="experiment", unit="run", dynamic_ncols=True)
     code = 0
@@ -357,7 +355,8 @@ def run_experiment(options: ExperimentOptions) -> int:
                 return EXIT_INTERRUPTED
         elif options.needs_measured_step_time():
             bar.set_postfix_str("warm-up")
-            warmup = run_one(options, strategy_plan("none"), None, None, options.warmup_steps, "warmup")
+            # only the swarm engine measures step times (ExperimentOptions refuses the local one here)
+            warmup = run_swarm_record(options, strategy_plan("none"), None, None, options.warmup_steps, "warmup")
             measured = mean_step_s(warmup)
             bar.update(1)
             if warmup.exit_code == EXIT_INTERRUPTED:

@@ -4,7 +4,6 @@ stage trains the same bits however the network ordered its backward passes."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,12 +19,7 @@ from cfnode.train.worker import StageWorker
 VALUES = (1e8, 1.0, -1e8, 1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def grads_of(mb: int) -> list[torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -19,13 +18,7 @@ T = 8  # shorter than CFG.seq_len keeps the tests fast; the stages are position-
 M = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny ops on a loaded machine are far faster single-threaded (the node's compute thread is too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_worker(stage_idx: int, *, lr: float = 1e-2, clip_norm: float = 1.0) -> StageWorker:
