@@ -142,6 +142,8 @@ def bootstrap(host_maddrs: tuple[str, ...], announce_maddrs: tuple[str, ...], id
               help="Local pretrained Llama checkpoint; this node trains its slice of it.")
 @click.option("--data", default=None, help="Local text file/dir/glob or a locally available datasets name.")
 @click.option("--seed", type=int, default=0, help="Data order seed.")
+@click.option("--init-seed", type=int, default=0,
+              help="Seed of the initial weights (run-wide; ignored with --model-path).")
 @click.option("--lr", type=float, default=_T.lr)
 @click.option("--microbatches", type=int, default=_T.num_microbatches, help="Microbatches per step.")
 @click.option("--microbatch-size", type=int, default=_T.microbatch_size)
@@ -245,7 +247,7 @@ def _join_config(kw: dict[str, Any]) -> NodeConfig:
             logger.info("%s is the export of run %s at step %d: training goes on from step %d with fresh Adam state "
                         "(docs/export.md, resuming)", kw["model_path"], exported["run_id"], start_step, start_step)
     else:
-        model = preset(kw["preset_name"], num_stages=kw["stages"])
+        model = preset(kw["preset_name"], num_stages=kw["stages"], init_seed=kw["init_seed"])
         start_step = 0
     if kw["export_dir"]:
         from cfnode.export import check_out_dir
@@ -486,6 +488,7 @@ def generate(log_level: str, log_format: str, **kw: Any) -> None:
 @click.option("--checkpoint-every", type=int, default=50, help="With --recovery checkpoint: save every N steps.")
 @click.option("--export-dir", default=None, help="Where the trained model is written (default: WORKDIR/export).")
 @click.option("--prompt", default="ROMEO.", help="Prompt of the sample printed at the end.")
+@click.option("--seed", type=int, default=0, help="`join --seed` and `--init-seed` of every node.")
 @click.option("--device", default="cpu", help="`join --device` of every node: auto, cpu, cuda, cuda:N or mps.")
 @click.option("--compute-dtype", type=click.Choice(list(COMPUTE_DTYPES)), default="float32",
               help="`join --compute-dtype` of every node.")
@@ -514,7 +517,8 @@ def demo(**kw: Any) -> None:
               help="Per-stage, per-step failure probabilities instead of --rates, comma-separated.")
 @click.option("--steps", type=int, default=300, help="Steps per run.")
 @click.option("--out", default="experiment", help="Directory for results.*, loss_vs_time.png, schedules.json, runs/.")
-@click.option("--seed", type=int, default=0, help="Failure schedule seed.")
+@click.option("--seed", type=int, default=0,
+              help="Seed of the failure schedule, the data order and the initial weights (`join --seed`, --init-seed).")
 @click.option("--preset", "preset_name", default="small", type=click.Choice(sorted(PRESETS)))
 @click.option("--stages", type=int, default=4, help="Transformer stages L (each run has stages 0..L).")
 @click.option("--spares", type=int, default=2, help="Spares started with each swarm.")
@@ -574,6 +578,32 @@ def experiment(**kw: Any) -> None:
         return
     sys.exit(code)
 
+
+
+@main.command("ablation-report")
+@click.argument("experiments", nargs=-1, type=click.Path(exists=True, file_okay=False))
+@click.option("--raw", "raw_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Rebuild the report from a raw.json written earlier instead of experiment directories.")
+@click.option("--out", required=True, help="Directory for raw.json, ablation.md, ablation.json, ablation.png.")
+@_with(logging_options)
+def ablation_report(experiments: tuple[str, ...], raw_path: str | None, out: str, **kw: Any) -> None:
+    """Combine `cfnode experiment` outputs of one configuration, one per --seed, into the rule ablation report
+    (means and 95 % intervals over seeds; docs/experiments.md)."""
+    from cfnode.experiment import ablation
+
+    setup_logging(kw.pop("log_level"), kw.pop("log_format"))
+    if bool(experiments) == bool(raw_path):
+        raise click.UsageError("give either experiment directories or --raw, not both or neither")
+    try:
+        if raw_path:
+            with open(raw_path, encoding="utf-8") as f:
+                raw = json.load(f)
+        else:
+            raw = ablation.read_experiments(experiments)
+    except (OSError, ValueError, KeyError) as e:
+        raise click.UsageError(f"cannot read the experiments: {e}") from e
+    for path in ablation.write(out, raw).values():
+        click.echo(path)
 
 if __name__ == "__main__":
     main()

@@ -59,6 +59,8 @@ class DemoOptions:
     """Where stage 0 writes the trained model at the end (default WORKDIR/export)."""
     prompt: str = "ROMEO."
     """The prompt of the sample printed at the end (sampled with seed 0: the same model gives the same text)."""
+    seed: int = 0
+    """Every node's data order seed and initial-weights seed (`join --seed`, `--init-seed`)."""
     device: str = "cpu"
     """`join --device` of every node (the CLI resolves `auto` once, on this machine)."""
     compute_dtype: str = "float32"
@@ -168,7 +170,7 @@ def run_flags(options: DemoOptions, workdir: str) -> list[str]:
              "--lr", str(options.lr), "--val-every", str(options.val_every),
              "--heartbeat-period", str(options.heartbeat_period),
              "--heartbeat-ttl", str(options.heartbeat_ttl), "--recovery-rule", options.recovery_rule,
-             "--recovery", options.recovery]
+             "--recovery", options.recovery, "--seed", str(options.seed), "--init-seed", str(options.seed)]
     if options.recovery == "checkpoint":
         flags += ["--checkpoint-dir", os.path.join(workdir, "checkpoints"),
                   "--checkpoint-every", str(options.checkpoint_every)]

@@ -141,7 +141,8 @@ def demo_options(options: ExperimentOptions, plan: StrategyPlan, steps: int, wor
                        heartbeat_ttl=options.heartbeat_ttl, kill=kills.kill, kill_group=kills.kill_group,
                        replicas=options.replicas, recovery_rule=plan.recovery_rule, recovery=plan.recovery,
                        checkpoint_every=options.checkpoint_every, device=options.device,
-                       compute_dtype=options.compute_dtype, wire_dtype=options.wire_dtype)
+                       compute_dtype=options.compute_dtype, wire_dtype=options.wire_dtype,
+                       seed=options.seed)
 
 
 def run_swarm(options: ExperimentOptions, plan: StrategyPlan, level: FailureLevel | None,

@@ -335,3 +335,28 @@ def test_join_device_cuda_on_this_machine_prints_one_line() -> None:
     out = run_cli("join", "--peers", PEER, "--device", "cuda", timeout_s=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert out.stderr.splitlines() == [out.stderr.strip()] and "--device cuda" in out.stderr, out.stderr
+
+
+def test_the_seed_reaches_the_initial_weights_and_data_order_of_every_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cfnode.demo
+    from cfnode.demo import DemoOptions, run_flags
+
+    seen: list = []
+    monkeypatch.setattr(cli, "_run_join", seen.append)
+    assert invoke("join", "--peers", PEER, "--preset", "tiny", "--seed", "3", "--init-seed", "5").exit_code == 0
+    assert invoke("join", "--peers", PEER, "--preset", "tiny").exit_code == 0
+    assert [(c.data.seed, c.model.init_seed) for c in seen] == [(3, 5), (0, 0)]  # the flags, then the defaults
+    flags = run_flags(DemoOptions(seed=7), "/tmp/unused")
+    assert flags[flags.index("--seed") + 1] == "7" and flags[flags.index("--init-seed") + 1] == "7"
+    monkeypatch.setattr(cfnode.demo, "run_demo", lambda options: seen.append(options) or 0)
+    assert invoke("demo", "--seed", "2", "--steps", "3").exit_code == 0
+    assert seen.pop().seed == 2
+
+
+def test_ablation_report_needs_experiments_or_raw_but_not_both(tmp_path: Any) -> None:
+    assert_usage_error(invoke("ablation-report", "--out", str(tmp_path)), "--raw")
+    raw = tmp_path / "raw.json"
+    raw.write_text("{}")
+    assert_usage_error(invoke("ablation-report", str(tmp_path), "--raw", str(raw), "--out", str(tmp_path)), "--raw")
+    bad = invoke("ablation-report", str(tmp_path), "--out", str(tmp_path / "out"))  # no results.json there
+    assert bad.exit_code == 2 and "results.json" in bad.stderr, output(bad)
