@@ -605,5 +605,35 @@ def ablation_report(experiments: tuple[str, ...], raw_path: str | None, out: str
     for path in ablation.write(out, raw).values():
         click.echo(path)
 
+
+@main.command("table2-report")
+@click.option("--curves", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="`cfnode experiment --engine local` output with none, checkfree and checkfree+ at "
+                   "--probabilities 0.0009,0.002,0.004 (repeatable: one per seed).")
+@click.option("--costs", required=True, type=click.Path(exists=True, file_okay=False),
+              help="`cfnode experiment --engine swarm` output with checkfree, checkfree+, checkpoint and redundant.")
+@click.option("--model-step-time", type=float, default=90.0, show_default=True,
+              help="Seconds one modelled step takes (the paper's 500M model: ~90 s).")
+@click.option("--target", type=float, default=None, help="Target validation loss (default: failure-free final + 2%).")
+@click.option("--out", required=True, help="Directory for table2.md and table2.json.")
+@_with(logging_options)
+def table2_report(curves: tuple[str, ...], costs: str, model_step_time: float, target: float | None, out: str,
+                  **kw: Any) -> None:
+    """The paper's Table 2 (hours to a target validation loss at 5, 10 and 16 %/h) from the local engine's loss
+    curves and the costs measured on a real swarm (docs/experiments.md, "Table 2")."""
+    from cfnode.experiment import table2
+
+    setup_logging(kw.pop("log_level"), kw.pop("log_format"))
+    try:
+        t = table2.read(curves, costs, model_step_s=model_step_time, target=target)
+    except (OSError, ValueError, KeyError) as e:
+        raise click.UsageError(f"cannot build the table: {e}") from e
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table2.json"), "w", encoding="utf-8") as f:
+        json.dump(t, f, indent=1, default=str)
+    with open(os.path.join(out, "table2.md"), "w", encoding="utf-8") as f:
+        f.write(table2.markdown(t))
+    click.echo(os.path.join(out, "table2.md"))
+
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ one small raw file and a report with 95 % intervals over seeds.
 `compact` keeps of each run only what the ablation needs (validation points, failures, rebuilds); the
 pure functions below compute from that, so the committed raw file alone reproduces the report:
 
-* final validation loss of each rule, and its paired penalty: the run's final validation loss minus the
+* final validation loss of each rule (the mean of its last five validations), and its paired penalty: the run's final validation loss minus the
   failure-free run's of the same seed (same initial weights, data order and schedule seed);
 * per-rebuild penalty: the run's validation loss just after a rebuild minus just before its failure, less
   what the failure-free run of the same seed changed between the same two steps (so training progress and
@@ -29,6 +29,7 @@ RAW_FORMAT = 1
 BASELINE = "none"
 CRITERION_RULE = "random"
 CRITERION_FACTOR = 5.0
+FINAL_POINTS = 5
 ORDER = ("none", "checkfree", "uniform-avg", "copy", "random", "checkfree+")
 """Report order; `checkfree` is CheckFree's weighted (grad-avg) rule."""
 
@@ -94,7 +95,10 @@ def mean_interval(xs: Sequence[float], confidence: float = 0.95) -> tuple[float,
 
 
 def final_val(run: Run) -> float | None:
-    return run["val"][-1][2] if run["val"] else None
+    """The mean of the last FINAL_POINTS validations: one validation swings by a few hundredths from one to the
+    next (the curve is not smooth step to step), which would otherwise dominate the seed-to-seed spread."""
+    tail = [p[2] for p in run["val"][-FINAL_POINTS:]]
+    return statistics.fmean(tail) if tail else None
 
 
 def _at_step(val: Sequence[Sequence[float]], step: float) -> float | None:

@@ -51,7 +51,16 @@ def raw_of(seeds: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
             "seeds": {str(s): runs for s, runs in seeds.items()}}
 
 
-def test_summary_pairs_each_rule_with_its_own_seeds_baseline_and_checks_the_criterion() -> None:
+def test_the_final_loss_is_the_mean_of_the_last_five_validations() -> None:
+    r = run("none", [(0, 9.0), (10, 8.0), (20, 6.0), (30, 5.0), (40, 5.2), (50, 4.8), (60, 5.0)])
+    assert ablation.final_val(r) == pytest.approx((6.0 + 5.0 + 5.2 + 4.8 + 5.0) / 5)
+    assert ablation.final_val(run("none", [(0, 9.0), (10, 8.0)])) == pytest.approx(8.5)
+    assert ablation.final_val(run("none", [])) is None
+
+
+def test_summary_pairs_each_rule_with_its_own_seeds_baseline_and_checks_the_criterion(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ablation, "FINAL_POINTS", 1)  # the last validation alone, for round figures
     # baselines end at 5.50 / 5.52 / 5.54 (SD 0.02); random ends 0.30 above its seed's baseline every time
     seeds = {}
     for s, end in enumerate((5.50, 5.52, 5.54)):
@@ -71,7 +80,8 @@ def test_summary_pairs_each_rule_with_its_own_seeds_baseline_and_checks_the_crit
     assert c["final_penalty_met"] and c["rebuild_penalty_met"]  # 0.3 and 0.5 > 5 * 0.02
 
 
-def test_the_criterion_fails_when_seeds_scatter_more_than_the_rule_costs() -> None:
+def test_the_criterion_fails_when_seeds_scatter_more_than_the_rule_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ablation, "FINAL_POINTS", 1)
     seeds = {s: [run("none", [(0, 8.0), (30, end)]), run("random", [(0, 8.0), (30, end + 0.05)])]
              for s, end in enumerate((5.0, 5.2, 5.4))}
     c = ablation.summarize(raw_of(seeds))["criterion"]
