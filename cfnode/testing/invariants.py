@@ -129,9 +129,10 @@ def trained_since(writes: list[Write]) -> float | None:
 
 
 def why_unrecoverable(cluster: Cluster, num_stages: int) -> str | None:
-    """Why this swarm could not be expected to finish (None: it could)."""
+    """Why this swarm could not be expected to finish (None: it could). A stage-0 loss after training started
+    counts only while no live node serves stage 0 again: checkfree+, redundant and checkpoint rebuild it."""
     trained = trained_since(cluster.dht.writes)
-    for h in cluster.nodes.values():
+    for h in cluster.nodes.values() if cluster.serving(0) is None else ():
         lost_at = h.lost_at(cluster.teardown_at)
         if lost_at is None or h.finished or h.stage_when_lost != 0:
             continue

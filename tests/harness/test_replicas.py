@@ -43,3 +43,21 @@ def test_replica_holders_lag_stage0_by_at_most_one_step_and_end_on_its_last(tmp_
         assert weights.keys() == final["weights"].keys()
         for name, t in final["weights"].items():
             assert torch.equal(weights[name], t), (i, name)
+
+
+def test_a_checkfree_plus_run_goes_on_after_stage0_losses_longer_ago_than_the_engines_patience(tmp_path) -> None:
+    """The local engine gives up on a swarm that stays unrecoverable for SETTLE_S (60 s virtual); a lost stage 0
+    counts only until a spare serves it again from its replica, as checkfree+ does. A slow heartbeat (ttl 24 s)
+    makes three stage-0 losses last longer than that."""
+    from cfnode.experiment.localrun import SETTLE_S, LocalKill, losses_by_step
+
+    kills = [LocalKill(stage=0, step=s) for s in (3, 6, 9)]
+    h = Harness(str(tmp_path), "stage0", stages=L, extra=("--recovery", "checkfree+"), ttl_s=24.0, period_s=6.0)
+    run = run_local(h.run_args("--max-steps", "12", "--val-every", "0", "--step-timeout", "60"), num_stages=L,
+                    spares=1, kills=kills)
+    assert run.exit_code == 0 and not run.crashes, (run.exit_code, run.crashes)
+    assert [(k["stage"], k["killed_at_step"]) for k in run.kills] == [(0, 3), (0, 6), (0, 9)]
+    assert run.virtual_s - run.kills[0]["ts"] > SETTLE_S  # the engine would have stopped before the fix
+    rebuilt = [(e["stage"], e["how"]) for e in run.events if e["event"] == "recovery_finished"]
+    assert rebuilt == [(0, "replica")] * 3, rebuilt
+    assert sorted(losses_by_step(run.events)) == list(range(1, 13))
