@@ -9,8 +9,10 @@ pure functions below compute from that, so the committed raw file alone reproduc
 * per-rebuild penalty: the run's validation loss just after a rebuild minus just before its failure, less
   what the failure-free run of the same seed changed between the same two steps (so training progress and
   the damage of earlier failures cancel);
+* second-half gap: the mean, over the validations of the run's second half, of its loss minus the failure-free
+  run's at the same step (what the failures cost while training goes on);
 * the separability criterion: the `random` rule's mean penalty against 5x the seed-to-seed standard
-  deviation of the failure-free final validation loss.
+  deviation of the failure-free run (of its final loss, or of its second-half mean for the gap).
 """
 
 from __future__ import annotations
@@ -112,6 +114,27 @@ def _at_step(val: Sequence[Sequence[float]], step: float) -> float | None:
     return pts[-1][1]
 
 
+def second_half(run: Run) -> list[Sequence[float]]:
+    """The validation points in the second half of the run's steps."""
+    if not run["val"]:
+        return []
+    last = max(p[0] for p in run["val"])
+    return [p for p in run["val"] if p[0] >= last / 2]
+
+
+def window_mean(run: Run) -> float | None:
+    """The mean validation loss over the second half of the run."""
+    pts = second_half(run)
+    return statistics.fmean(p[2] for p in pts) if pts else None
+
+
+def window_gap(run: Run, baseline: Run) -> float | None:
+    """The mean over the run's second-half validations of its loss minus the failure-free run's at the same
+    step: what the failures cost while training goes on, less noisy than one final point."""
+    gaps = [p[2] - b for p in second_half(run) if (b := _at_step(baseline["val"], p[0])) is not None]
+    return statistics.fmean(gaps) if gaps else None
+
+
 def rebuild_penalties(run: Run, baseline: Run) -> list[float]:
     """Per rebuild that has validation points on both sides (see the module's docstring)."""
     out = []
@@ -141,7 +164,7 @@ def summarize(raw: Mapping[str, Any]) -> dict[str, Any]:
                         key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s))
     rows = []
     for name in strategies:
-        finals, paired, per_rebuild, rebuilds, statuses = [], [], [], 0, []
+        finals, paired, windows, gaps, per_rebuild, rebuilds, statuses = [], [], [], [], [], 0, []
         for s, runs in seeds.items():
             for r in runs:
                 if r["strategy"] != name:
@@ -152,21 +175,31 @@ def summarize(raw: Mapping[str, Any]) -> dict[str, Any]:
                     finals.append(v)
                     if b is not None:
                         paired.append(v - b)
+                if (w := window_mean(r)) is not None:
+                    windows.append(w)
+                if name != BASELINE and (g := window_gap(r, base[s])) is not None:
+                    gaps.append(g)
                 rebuilds += len(r["rebuilds"])
                 if name != BASELINE:
                     per_rebuild.extend(rebuild_penalties(r, base[s]))
         rows.append({"strategy": name, "seeds": len(finals), "final": mean_interval(finals),
                      "final_penalty": mean_interval(paired) if name != BASELINE else None,
+                     "window": mean_interval(windows), "window_gap": mean_interval(gaps) if name != BASELINE else None,
                      "rebuild_penalty": mean_interval(per_rebuild), "rebuilds": rebuilds,
                      "measured_rebuilds": len(per_rebuild), "statuses": sorted(set(statuses))})
-    base_finals = [v for v in (final_val(r) for r in base.values()) if v is not None]
-    sd = statistics.stdev(base_finals) if len(base_finals) >= 2 else math.nan
+    def sd(xs: list[float | None]) -> float:
+        vals = [x for x in xs if x is not None]
+        return statistics.stdev(vals) if len(vals) >= 2 else math.nan
+
     by_name = {r["strategy"]: r for r in rows}
-    criterion: dict[str, Any] = {"baseline_sd": sd, "factor": CRITERION_FACTOR, "rule": CRITERION_RULE}
-    for kind in ("final_penalty", "rebuild_penalty"):
-        pen = by_name.get(CRITERION_RULE, {}).get(kind)
+    criterion: dict[str, Any] = {"factor": CRITERION_FACTOR, "rule": CRITERION_RULE,
+                                 "baseline_sd": sd([final_val(r) for r in base.values()]),
+                                 "baseline_window_sd": sd([window_mean(r) for r in base.values()])}
+    for kind, spread in (("final_penalty", "baseline_sd"), ("rebuild_penalty", "baseline_sd"),
+                         ("window_gap", "baseline_window_sd")):
+        pen, limit = by_name.get(CRITERION_RULE, {}).get(kind), criterion[spread]
         criterion[kind] = pen[0] if pen else None
-        criterion[f"{kind}_met"] = bool(pen and math.isfinite(sd) and pen[0] > CRITERION_FACTOR * sd)
+        criterion[f"{kind}_met"] = bool(pen and math.isfinite(limit) and pen[0] > CRITERION_FACTOR * limit)
     return {"rows": rows, "criterion": criterion}
 
 
@@ -195,19 +228,24 @@ def _pm(x: tuple[float, float] | None, fmt: str) -> str:
 
 def markdown(summary: Mapping[str, Any], settings: Mapping[str, Any], seeds: Sequence[str]) -> str:
     c = summary["criterion"]
-    lines = ["| rule | seeds | final val loss | vs failure-free (same seed) | per-rebuild penalty | rebuilds "
-             "(measured) | status |", "|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["| rule | seeds | final val loss | final − failure-free | second half: mean val loss | second half: "
+             "mean gap to failure-free | per-rebuild penalty | rebuilds (measured) | status |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in summary["rows"]:
         lines.append(f"| {r['strategy']} | {r['seeds']} | {_pm(r['final'], '.4f')} | "
-                     f"{_pm(r['final_penalty'], '+.4f')} | {_pm(r['rebuild_penalty'], '+.4f')} | "
-                     f"{r['rebuilds']} ({r['measured_rebuilds']}) | {', '.join(r['statuses'])} |")
-    sd = c["baseline_sd"]
-    lines += ["", f"Seeds {', '.join(seeds)}; intervals: 95 % Student t over seeds (final loss) or over all "
-              "measured rebuilds (per-rebuild penalty).", "",
-              f"Criterion: `{c['rule']}`'s mean penalty > {c['factor']:g} × the seed-to-seed SD of the failure-free "
-              f"final val loss ({sd:.4f}, so > {c['factor'] * sd:.4f}): final-loss penalty "
-              f"{_fmt(c['final_penalty'])} ({'met' if c['final_penalty_met'] else 'not met'}), per-rebuild "
-              f"penalty {_fmt(c['rebuild_penalty'])} ({'met' if c['rebuild_penalty_met'] else 'not met'}).", "",
+                     f"{_pm(r['final_penalty'], '+.4f')} | {_pm(r['window'], '.4f')} | {_pm(r['window_gap'], '+.4f')} | "
+                     f"{_pm(r['rebuild_penalty'], '+.4f')} | {r['rebuilds']} ({r['measured_rebuilds']}) | "
+                     f"{', '.join(r['statuses'])} |")
+    sd, wsd = c["baseline_sd"], c["baseline_window_sd"]
+    verdict = {True: "met", False: "not met"}
+    lines += ["", f"Seeds {', '.join(seeds)}; ± is the 95 % Student t half-width over seeds (per-rebuild penalty: "
+              "over all measured rebuilds). Final val loss: the mean of the last five validations.", "",
+              f"Criterion (`{c['rule']}`'s mean penalty > {c['factor']:g} × the failure-free run's seed-to-seed SD): "
+              f"final − failure-free {_fmt(c['final_penalty'])} against {c['factor'] * sd:.4f} "
+              f"({verdict[c['final_penalty_met']]}); per-rebuild penalty {_fmt(c['rebuild_penalty'])} against "
+              f"{c['factor'] * sd:.4f} ({verdict[c['rebuild_penalty_met']]}); second-half mean gap "
+              f"{_fmt(c['window_gap'])} against {c['factor'] * wsd:.4f} (SD of the failure-free second-half mean "
+              f"{wsd:.4f}; {verdict[c['window_gap_met']]}).", "",
               "Settings: " + ", ".join(f"{k} {v}" for k, v in sorted(settings.items())
                                        if k in ("preset_name", "stages", "steps", "probabilities", "microbatches",
                                                 "microbatch_size", "lr", "val_every", "min_gap", "engine"))]

@@ -46,6 +46,15 @@ def test_a_rebuild_without_validation_on_one_side_or_without_its_failure_is_not_
     assert ablation.rebuild_penalties(orphan, base) == []
 
 
+def test_the_second_half_gap_averages_the_distance_to_the_failure_free_curve() -> None:
+    base = run("none", [(0, 8.0), (10, 7.0), (20, 6.0), (30, 5.0), (40, 4.0)])
+    r = run("copy", [(0, 8.0), (10, 7.1), (20, 6.2), (30, 5.3), (40, 4.1)])
+    # steps >= 20: gaps 0.2, 0.3, 0.1
+    assert ablation.window_gap(r, base) == pytest.approx(0.2)
+    assert ablation.window_mean(base) == pytest.approx(5.0)
+    assert ablation.window_gap(run("copy", []), base) is None
+
+
 def raw_of(seeds: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     return {"format": ablation.RAW_FORMAT, "settings": {"probabilities": [0.02]},
             "seeds": {str(s): runs for s, runs in seeds.items()}}
@@ -78,6 +87,9 @@ def test_summary_pairs_each_rule_with_its_own_seeds_baseline_and_checks_the_crit
     c = summary["criterion"]
     assert c["baseline_sd"] == pytest.approx(0.02)
     assert c["final_penalty_met"] and c["rebuild_penalty_met"]  # 0.3 and 0.5 > 5 * 0.02
+    # second halves (steps >= 15): the baselines' means 5.75 / 5.76 / 5.77 (SD 0.01), random's gap (0.5 + 0.3) / 2
+    assert c["baseline_window_sd"] == pytest.approx(0.01)
+    assert rows["random"]["window_gap"][0] == pytest.approx(0.4) and c["window_gap_met"]
 
 
 def test_the_criterion_fails_when_seeds_scatter_more_than_the_rule_costs(monkeypatch: pytest.MonkeyPatch) -> None:
