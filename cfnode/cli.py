@@ -579,7 +579,6 @@ def experiment(**kw: Any) -> None:
     sys.exit(code)
 
 
-
 @main.command("ablation-report")
 @click.argument("experiments", nargs=-1, type=click.Path(exists=True, file_okay=False))
 @click.option("--raw", "raw_path", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -634,6 +633,7 @@ def table2_report(curves: tuple[str, ...], costs: str, model_step_time: float, t
     with open(os.path.join(out, "table2.md"), "w", encoding="utf-8") as f:
         f.write(table2.markdown(t))
     click.echo(os.path.join(out, "table2.md"))
+
 
 if __name__ == "__main__":
     main()

@@ -4,8 +4,9 @@ one small raw file and a report with 95 % intervals over seeds.
 `compact` keeps of each run only what the ablation needs (validation points, failures, rebuilds); the
 pure functions below compute from that, so the committed raw file alone reproduces the report:
 
-* final validation loss of each rule (the mean of its last five validations), and its paired penalty: the run's final validation loss minus the
-  failure-free run's of the same seed (same initial weights, data order and schedule seed);
+* final validation loss of each rule (the mean of its last five validations), and its paired penalty: the
+  run's final validation loss minus the failure-free run's of the same seed (same initial weights, data order
+  and schedule seed);
 * per-rebuild penalty: the run's validation loss just after a rebuild minus just before its failure, less
   what the failure-free run of the same seed changed between the same two steps (so training progress and
   the damage of earlier failures cancel);
@@ -105,13 +106,9 @@ def final_val(run: Run) -> float | None:
 
 def _at_step(val: Sequence[Sequence[float]], step: float) -> float | None:
     """The validation loss interpolated linearly at `step` (None outside the points)."""
-    pts = sorted((p[0], p[2]) for p in val)
-    if not pts or step < pts[0][0] or step > pts[-1][0]:
-        return None
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 <= step <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (step - x0) / (x1 - x0)
-    return pts[-1][1]
+    from cfnode.experiment.report import interpolate
+
+    return interpolate(sorted((p[0], p[2]) for p in val), step)
 
 
 def second_half(run: Run) -> list[Sequence[float]]:
@@ -139,7 +136,7 @@ def rebuild_penalties(run: Run, baseline: Run) -> list[float]:
     """Per rebuild that has validation points on both sides (see the module's docstring)."""
     out = []
     fails = sorted(run["failures"], key=lambda f: f[1])
-    for step, t, stage, _how in run["rebuilds"]:
+    for _step, t, stage, _how in run["rebuilds"]:
         failure = [f for f in fails if f[1] <= t and f[2] == stage]
         if not failure:
             continue

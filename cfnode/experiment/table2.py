@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -40,7 +40,7 @@ CHECKPOINT_INTERVALS = (10, 50, 100)
 BASE = "checkfree"
 
 
-def _median_step_s(run: RunRecord, skip: set[int] = frozenset()) -> float:
+def _median_step_s(run: RunRecord, skip: Collection[int] = ()) -> float:
     xs = [float(s["step_s"]) for s in run.steps[1:] if s.get("step_s") and int(s["step"]) not in skip]
     if not xs:
         raise ValueError(f"run {run.strategy} has no timed steps")
