@@ -56,8 +56,11 @@ def test_steps_needed_uses_each_rules_curve_and_the_failure_free_one_for_the_exa
     free = timed("none", [1.0] * 40, val={10: 6.0, 20: 5.0, 30: 4.0, 40: 3.5})
     cf = {rate: [timed("checkfree", [1.0] * 40, val={10: 6.0, 20: 5.0, 40: 4.0})] for rate in (5.0, 10.0)}
     cf[16.0] = [timed("checkfree", [1.0] * 40, val={10: 6.0, 40: 4.5})]  # never reaches 4.0
-    steps = table2.steps_needed({"checkfree": cf}, free, 4.0, ["checkfree", "checkpoint/50", "redundant"])
+    steps = table2.steps_needed({"checkfree": cf}, [free], 4.0, ["checkfree", "checkpoint/50", "redundant"])
     assert steps["checkpoint/50"] == steps["redundant"] == {5.0: 30.0, 10.0: 30.0, 16.0: 30.0}
+    other_seed = timed("none", [1.0] * 40, val={10: 6.0, 20: 4.0})  # reaches 4.0 at step 20
+    both = table2.steps_needed({}, [free, other_seed], 4.0, ["redundant"])
+    assert both["redundant"] == {5.0: 25.0, 10.0: 25.0, 16.0: 25.0}  # the mean over the seeds
     assert steps["checkfree"] == {5.0: 40.0, 10.0: 40.0, 16.0: None}
 
 
@@ -68,7 +71,7 @@ def test_build_puts_hours_and_ratios_beside_the_papers() -> None:
     swarm = [timed(name, steps, kill_at=2.5, back_at=3.5) for name, steps in (
         ("checkfree", [1.0] * 6), ("checkfree+", [1.0] * 6), ("checkpoint", [1.0, 2.0, 1.0, 2.0, 1.0, 1.0]),
         ("redundant", [2.0] * 6))]
-    t = table2.build(curves, free, swarm, swarm_checkpoint_every=2, model_step_s=90.0, nodes=5, target=4.0)
+    t = table2.build(curves, [free], swarm, swarm_checkpoint_every=2, model_step_s=90.0, nodes=5, target=4.0)
     assert t["ratios"]["checkpoint/50"] == {5.0: 1.0, 10.0: 1.0, 16.0: 1.0}
     cf = t["costs"]["checkfree"]
     expected = wall_time_s(t["steps"]["checkfree"][16.0], StrategyCosts(**{k: cf[k] for k in (
