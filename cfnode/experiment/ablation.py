@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,11 @@ def read_experiments(dirs: Sequence[str]) -> dict[str, Any]:
 
 
 # -- statistics ----------------------------------------------------------------------------------------------
+
+
+def _ordered(names: Iterable[str]) -> list[str]:
+    """Rules in report order (ORDER first, any other after, by name)."""
+    return sorted(names, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s))
 
 
 def mean_interval(xs: Sequence[float], confidence: float = 0.95) -> tuple[float, float] | None:
@@ -157,8 +162,7 @@ def summarize(raw: Mapping[str, Any]) -> dict[str, Any]:
     half-width), rebuild count; and the criterion."""
     seeds = raw["seeds"]
     base = {s: next(r for r in runs if r["strategy"] == BASELINE) for s, runs in seeds.items()}
-    strategies = sorted({r["strategy"] for runs in seeds.values() for r in runs},
-                        key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s))
+    strategies = _ordered({r["strategy"] for runs in seeds.values() for r in runs})
     rows = []
     for name in strategies:
         finals, paired, windows, gaps, per_rebuild, rebuilds, statuses = [], [], [], [], [], 0, []
@@ -262,7 +266,7 @@ def plot(path: str, raw: Mapping[str, Any]) -> None:
     import matplotlib.pyplot as plt
 
     curves = mean_curves(raw)
-    names = sorted(curves, key=lambda s: (ORDER.index(s) if s in ORDER else len(ORDER), s))
+    names = _ordered(curves)
     palette = matplotlib.colormaps["tab10"].colors
     fig, (ax, zoom) = plt.subplots(1, 2, figsize=(13, 4.8))
     for i, name in enumerate(names):

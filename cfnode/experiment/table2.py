@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from cfnode.experiment.report import RunRecord, downtimes, val_points
+from cfnode.experiment.report import DEFAULT_TARGET_MARGIN, RunRecord, default_target, downtimes, val_points
 from cfnode.experiment.timemodel import (
     PAPER_RATES_PCT,
     StrategyCosts,
@@ -83,10 +83,7 @@ def model_costs(measured_: Mapping[str, Any], *, model_step_s: float,
         return max(0.0, d - row["step_factor"] * base) / model_step_s + row["step_factor"]
 
     out = {name: StrategyCosts(step_factor=figures[name]["step_factor"], downtime_steps=downtime_steps(figures[name]))
-           for name in ("checkfree", "checkfree+") if name in figures}
-    if "redundant" in figures:
-        out["redundant"] = StrategyCosts(step_factor=figures["redundant"]["step_factor"],
-                                         downtime_steps=downtime_steps(figures["redundant"]))
+           for name in ("checkfree", "checkfree+", "redundant") if name in figures}
     if "checkpoint" in figures:
         row = figures["checkpoint"]
         for n in intervals:
@@ -105,29 +102,26 @@ def steps_needed(curves: Mapping[str, Mapping[float, Sequence[RunRecord]]], fail
     paper's p (mean over the seeds given; None if any seed misses the target); checkpointing and redundant
     computation lose nothing a rollback or the shadow does not restore exactly, so they follow the failure-free
     curves (their time costs are in the model): the mean over the seeds' failure-free runs."""
-    got_free = [steps_to_target(curve(r), target) for r in failure_free]
-    free = None if not got_free or None in got_free else statistics.fmean(got_free)
-    out: dict[str, dict[float, float | None]] = {}
-    for name in names:
-        out[name] = {}
-        for rate in PAPER_RATES_PCT:
-            if name in curves:
-                got = [steps_to_target(curve(r), target) for r in curves[name].get(rate, ())]
-                out[name][rate] = None if not got or None in got else statistics.fmean(got)
-            else:
-                out[name][rate] = free
-    return out
+    def mean_steps(runs: Sequence[RunRecord]) -> float | None:
+        got = [steps_to_target(curve(r), target) for r in runs]
+        return None if not got or None in got else statistics.fmean(got)
+
+    free = mean_steps(failure_free)
+    return {name: {rate: mean_steps(curves[name].get(rate, ())) if name in curves else free
+                   for rate in PAPER_RATES_PCT}
+            for name in names}
 
 
 def build(curves: Mapping[str, Mapping[float, Sequence[RunRecord]]], failure_free: Sequence[RunRecord],
           swarm_runs: Sequence[RunRecord], *, swarm_checkpoint_every: int, model_step_s: float, nodes: int,
-          target: float | None = None, margin: float = 0.02) -> dict[str, Any]:
+          target: float | None = None, margin: float = DEFAULT_TARGET_MARGIN) -> dict[str, Any]:
     """Everything Table 2 needs: measured figures, modelled costs, steps and hours to the target, ratios to
     checkpointing every 50 steps (the paper's middle interval) and the paper's ratios. The first failure-free
     run sets the default target."""
-    pts = val_points(failure_free[0])
     if target is None:
-        target = pts[-1][2] * (1 + margin)
+        target = default_target(failure_free[:1], margin)
+        if target is None:
+            raise ValueError("the failure-free run has no validation loss to set a target from")
     figures = measured(swarm_runs, swarm_checkpoint_every)
     costs = model_costs(figures, model_step_s=model_step_s)
     steps = steps_needed(curves, failure_free, target, list(costs))
