@@ -60,10 +60,13 @@ def replica_meta(host: CopyHost, *, step: int, grad_norm: float, grad_norm_raw: 
 
 
 async def push_copies(host: CopyHost, state: dict[str, torch.Tensor], meta: dict[str, Any],
-                      peers: dict[int, str] | None = None) -> list[tuple[int, BaseException]]:
-    """Stream this stage's weights (as of its last commit) to every stage that keeps a copy; returns failures."""
+                      peers: dict[int, str] | None = None,
+                      to: tuple[int, ...] | None = None) -> list[tuple[int, BaseException]]:
+    """Stream this stage's weights (as of its last commit) to the stages `to` (default: every stage that keeps a
+    copy); returns failures."""
     assert host.stage is not None and host.client is not None
-    targets = replica_targets(host.stage, host.config.model.num_stages, host.config.recovery.mode)
+    targets = to if to is not None else replica_targets(host.stage, host.config.model.num_stages,
+                                                        host.config.recovery.mode)
     failures: list[tuple[int, BaseException]] = []
     calls, idxs = [], []
     for idx in targets:

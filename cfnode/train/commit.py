@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cfnode.errors import AttemptAborted, PeerUnavailableError, RejectedError
 from cfnode.recovery import copies, store
-from cfnode.recovery.replicas import replica_targets
+from cfnode.recovery.replicas import replica_targets, replica_turn
 from cfnode.train.averaging import AveragingError
 from cfnode.train.worker import NonFiniteGradient
 
 if TYPE_CHECKING:
+    import torch
+
     from cfnode.net.records import SwarmView
     from cfnode.train.paths import AttemptPaths
     from cfnode.train.schedule import AttemptKey
@@ -74,15 +76,28 @@ class StepCommit:
         """Per transformer stage: (steps committed, post-clip norm, raw norm) as it reported them when preparing
         its last committed step. A rebuild weights its donors by these, not by what the donors claim."""
         self._replica_push: asyncio.Future[Any] | None = None
-        """checkfree+: the stream of stage 0's weights at its last committed step to the replica holders, off the
-        step's critical path (the next step trains meanwhile); at most one in flight."""
+        """checkfree+: the stream of stage 0's weights at its last committed step to that step's replica holder
+        (`replica_turn`), off the step's critical path (the next step trains meanwhile); at most one in flight."""
+        self._last_copy: tuple[dict[str, torch.Tensor], dict[str, Any], dict[int, str], tuple[int, ...]] | None = None
+        """The last push: (weights, meta, peers, the holders it went to), for `replicas_delivered(everywhere)`."""
 
-    async def replicas_delivered(self) -> None:
-        """Wait until the copies of stage 0's last committed step have reached the replica holders (or failed,
-        logged as `replica_failed`): every later push waits for it, so a holder never gets steps out of order."""
+    async def replicas_delivered(self, *, everywhere: bool = False) -> None:
+        """Wait until the copy of stage 0's last committed step has reached its holder (or failed, logged as
+        `replica_failed`): every later push waits for it, so a holder never gets steps out of order. With
+        `everywhere` (a hold, the end of the run) the holders whose turn it was not get that copy too, so that
+        every holder keeps exactly the last step."""
         push, self._replica_push = self._replica_push, None
-        if push is None:
-            return
+        if push is not None:
+            await self._settle(push)
+        if everywhere and self._last_copy is not None:
+            state, meta, peers, sent = self._last_copy
+            rest = tuple(i for i in replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode)
+                         if i not in sent)
+            self._last_copy = (state, meta, peers, sent + rest)
+            if rest:
+                await self._settle(asyncio.ensure_future(copies.push_copies(self.host, state, meta, peers, to=rest)))
+
+    async def _settle(self, push: asyncio.Future[Any]) -> None:
         try:
             await push
         except asyncio.CancelledError:
@@ -178,8 +193,9 @@ class StepCommit:
         """Phase 2: stage 0 applies first, then every stage, each retried until it confirmed or is no longer its
         stage's owner (then it is lost, and its rebuild starts from its neighbours, which applied). A stage that
         could not apply while staying owner is `behind` at the next step and steps down (node/commits.py): never
-        a skipped update. Under checkfree+ stage 0 then streams its new weights to the replica holders in the
-        background (`replicas_delivered`): a holder's copy is of the last committed step or the one before."""
+        a skipped update. Under checkfree+ stage 0 then streams its new weights to this step's replica holder in the
+        background (`replicas_delivered`; stages 1 and L take turns): the fresher of the two holders' copies is of
+        the last committed step or the one before, the other one step older still."""
         host, worker = self.host, self.host.worker
         assert worker is not None and host.client is not None
         norm, raw = await host.compute(worker.apply, key, skip=prepared.skip)
@@ -198,9 +214,12 @@ class StepCommit:
                 self.commit_norms[idx] = (key.step + 1, *prepared.norms[idx])
         if snapshot is not None:
             state = await snapshot
-            await self.replicas_delivered()  # the previous step's copies: in long ago, unless a holder is slow
-            self._replica_push = asyncio.ensure_future(copies.push_copies(host, state, copies.replica_meta(
-                host, step=worker.step, grad_norm=norm, grad_norm_raw=raw), prepared.leads))
+            await self.replicas_delivered()  # the previous step's copy: in long ago, unless its holder is slow
+            copy_meta = copies.replica_meta(host, step=worker.step, grad_norm=norm, grad_norm_raw=raw)
+            turn = replica_turn(0, self.cfg.model.num_stages, self.cfg.recovery.mode, worker.step)
+            self._last_copy = (state, copy_meta, prepared.leads, turn)
+            self._replica_push = asyncio.ensure_future(copies.push_copies(host, state, copy_meta, prepared.leads,
+                                                                          to=turn))
         await self._checkpoint(failed=any(r is None for r in results), results=list(results))
 
     async def _apply_on(self, idx: int, peer: str, key: AttemptKey, meta: dict[str, Any]) -> dict[str, Any] | None:

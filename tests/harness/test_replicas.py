@@ -1,7 +1,9 @@
 """CheckFree+'s stage-0 replicas are streamed off the step's critical path (train/commit.py, `apply_all`): the
-next step trains while they travel. What a holder keeps is then stage 0's last committed step or the one before
-(never older, never out of order), and at a hold and at the end of a run exactly the last step. Run on the
-local engine (the real nodes in one process, virtual time), so the interleaving is replayable."""
+next step trains while they travel, and its two holders take turns (`replica_turn`: even steps to stage 1, odd
+steps to stage L). The fresher of the two copies is then stage 0's last committed step or the one before, the
+other one step older (never older than that, never out of order), and at a hold and at the end of a run both are
+exactly the last step. Run on the local engine (the real nodes in one process, virtual time), so the
+interleaving is replayable."""
 
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ from typing import Any
 import torch
 
 from cfnode.experiment.localrun import run_local
+from cfnode.recovery.replicas import replica_turn
 from tests.support.swarm import Harness
 
 L, STEPS = 4, 8
 HOLDERS = (1, L)
 
 
-def test_replica_holders_lag_stage0_by_at_most_one_step_and_end_on_its_last(tmp_path) -> None:
+def test_replica_holders_take_turns_lag_stage0_by_one_and_two_steps_and_end_on_its_last(tmp_path) -> None:
     seen: list[tuple[int, dict[int, int]]] = []
     final: dict[str, Any] = {}
 
@@ -35,10 +38,12 @@ def test_replica_holders_lag_stage0_by_at_most_one_step_and_end_on_its_last(tmp_
                     observers=[observe])
     assert run.exit_code == 0 and not run.crashes, (run.exit_code, run.crashes)
     assert [s for s, _ in seen] == list(range(1, STEPS + 1))
-    for step, held in seen:  # as stage 0 reports step s, its copies of s are on their way, s - 1 is in
-        assert held == {i: step - 1 if step > 1 else -1 for i in HOLDERS}, (step, held)
+    for step, held in seen:  # as stage 0 reports step s, its copy of s is on its way, s - 1 and s - 2 are in
+        want = {replica_turn(0, L, "checkfree+", s)[0]: s if s >= 1 else -1 for s in (step - 2, step - 1)}
+        assert held == want, (step, held)
+    assert {replica_turn(0, L, "checkfree+", s)[0] for s in (1, 2)} == set(HOLDERS)  # they do take turns
     assert final["step"] == STEPS
-    for i, (step, weights) in final["held"].items():  # the run's end waited for the last copies
+    for i, (step, weights) in final["held"].items():  # the run's end sent the last copy to both, and waited
         assert step == STEPS, i
         assert weights.keys() == final["weights"].keys()
         for name, t in final["weights"].items():
