@@ -467,16 +467,30 @@ def max_loss_diff(a: list[float], b: list[float]) -> float | None:
     return max(abs(x - y) for x, y in zip(a, b, strict=True))
 
 
-def checkfree_plus_cost(plain: Result, plus: Result) -> dict[str, float]:
-    """Side-by-side cost of CheckFree+ (swapped routes + stage-0 replicas) over plain CheckFree."""
+def checkfree_plus_cost(plain: Result, plus: Result, plain_rounds: list[Result] | None = None,
+                        plus_rounds: list[Result] | None = None) -> dict[str, Any]:
+    """Side-by-side cost of CheckFree+ (swapped routes + stage-0 replicas) over plain CheckFree: the best rounds'
+    ratio and, with several rounds, the ratio within each round (the two setups ran back to back, so a slow
+    spell of the machine hits both) with its median and mean ± a 95 % Student-t interval."""
     b_plain = sum(plain.extra.get("bytes_sent_per_step", {}).values())
     b_plus = sum(plus.extra.get("bytes_sent_per_step", {}).values())
     assert plain.step_s and plus.step_s
-    return {"step_s_ratio": plus.step_s / plain.step_s,
-            "median_step_s_ratio": plus.extra["median_step_s"] / plain.extra["median_step_s"],
-            "bytes_plain": int(b_plain), "bytes_plus": int(b_plus),
-            "bytes_ratio": b_plus / b_plain if b_plain else float("nan"),
-            "replica_bytes": int(plus.extra.get("bytes_sent_per_step", {}).get("replica", 0))}
+    cost: dict[str, Any] = {
+        "step_s_ratio": plus.step_s / plain.step_s,
+        "median_step_s_ratio": plus.extra["median_step_s"] / plain.extra["median_step_s"],
+        "bytes_plain": int(b_plain), "bytes_plus": int(b_plus),
+        "bytes_ratio": b_plus / b_plain if b_plain else float("nan"),
+        "replica_bytes": int(plus.extra.get("bytes_sent_per_step", {}).get("replica", 0))}
+    paired = [b.step_s / a.step_s for a, b in zip(plain_rounds or [], plus_rounds or [], strict=False)
+              if a.step_s and b.step_s]
+    if len(paired) >= 2:
+        from scipy import stats
+
+        mean = statistics.fmean(paired)
+        half = stats.t.ppf(0.975, len(paired) - 1) * statistics.stdev(paired) / len(paired) ** 0.5
+        cost.update(paired_step_s_ratios=[round(r, 4) for r in paired], paired_median=statistics.median(paired),
+                    paired_mean=mean, paired_ci95=half)
+    return cost
 
 
 def print_table(results: list[Result], base: Result | None) -> None:
@@ -557,7 +571,8 @@ def main() -> int:
     runs: dict[str, list[Result]] = {name: [] for name in names if name in setups}
     failed = False
     for round_idx in range(args.repeat):
-        for name in runs:
+        order = list(runs) if round_idx % 2 == 0 else list(runs)[::-1]  # ABBA: a drifting machine favours neither
+        for name in order:
             if args.wait_quiet > 0:
                 waited = wait_until_quiet(args.wait_quiet)
                 print(f"waited {waited:.0f}s for an idle machine", flush=True)
@@ -605,11 +620,14 @@ def main() -> int:
     print_table(results, base)
     plain = next((r for r in results if r.setup.startswith("(b)") and r.step_s), None)
     plus = next((r for r in results if r.setup.startswith("(b+)") and r.step_s), None)
-    if plain and plus:
-        cost = checkfree_plus_cost(plain, plus)
+    cost = checkfree_plus_cost(plain, plus, runs.get("swarm"), runs.get("swarm+")) if plain and plus else None
+    if cost is not None:
         print(f"checkfree+ vs checkfree: step time {cost['step_s_ratio']:.3f}x (median {cost['median_step_s_ratio']:.3f}x)"
               f", bytes sent per step {cost['bytes_ratio']:.3f}x "
               f"({cost['bytes_plain']:,} -> {cost['bytes_plus']:,}; replica {cost['replica_bytes']:,})")
+        if "paired_mean" in cost:
+            print(f"  within each round: {', '.join(f'{r:.3f}x' for r in cost['paired_step_s_ratios'])}; median "
+                  f"{cost['paired_median']:.3f}x, mean {cost['paired_mean']:.3f}x ± {cost['paired_ci95']:.3f} (95 %)")
     print("median: tokens/s of the median timed step; cores: CPU cores the setup kept busy over the timed steps; "
           "tok/CPU-s: tokens per CPU-second the setup used; other: cores busy with anything else on the machine "
           "meanwhile (noise)")
@@ -625,7 +643,7 @@ def main() -> int:
                       "max_in_flight": train.max_in_flight, "lr": train.lr, "clip_norm": train.clip_norm},
             "warmup_steps": args.warmup, "timed_steps": args.steps, "tokens_per_step": tokens_step,
             "threads_single": args.threads, "rounds": args.repeat, "join_flags": args.join_flags,
-            "checkfree_plus_cost": checkfree_plus_cost(plain, plus) if plain and plus else None,
+            "checkfree_plus_cost": cost,
             "results": [{**asdict(r),
                          "ratio_vs_single": (r.tokens_per_s / base.tokens_per_s
                                              if base and r.tokens_per_s else None),

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 COMMIT_RETRY_S = 0.2
+EVERYWHERE_TRIES = 2
+"""Tries of the push that brings every replica holder to the last step at a hold or at the end of a run."""
 
 
 class GroupDiverged(AttemptAborted):
@@ -87,24 +89,33 @@ class StepCommit:
         `everywhere` (a hold, the end of the run) the holders whose turn it was not get that copy too, so that
         every holder keeps exactly the last step."""
         push, self._replica_push = self._replica_push, None
-        if push is not None:
-            await self._settle(push)
-        if everywhere and self._last_copy is not None:
-            state, meta, peers, sent = self._last_copy
-            rest = tuple(i for i in replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode)
-                         if i not in sent)
-            self._last_copy = (state, meta, peers, sent + rest)
-            if rest:
-                await self._settle(asyncio.ensure_future(copies.push_copies(self.host, state, meta, peers, to=rest)))
+        missed: set[int] = set()
+        if push is not None and self._last_copy is not None:
+            missed = await self._settle(push, self._last_copy[3])
+        if not everywhere or self._last_copy is None:
+            return
+        state, meta, peers, sent = self._last_copy
+        holders = replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode)
+        rest = tuple(i for i in holders if i not in sent or i in missed)
+        for _ in range(EVERYWHERE_TRIES):  # a stream cut short (hivemind under load) gets one more try
+            if not rest:
+                break
+            missed = await self._settle(asyncio.ensure_future(copies.push_copies(self.host, state, meta, peers,
+                                                                                 to=rest)), rest)
+            rest = tuple(i for i in rest if i in missed)
+        self._last_copy = (state, meta, peers, tuple(i for i in holders if i not in rest))
 
-    async def _settle(self, push: asyncio.Future[Any]) -> None:
+    async def _settle(self, push: asyncio.Future[Any], to: tuple[int, ...]) -> set[int]:
+        """Wait for a push to the holders `to`; returns those it did not reach."""
         try:
-            await push
+            failures = await push
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a lost copy never fails the step that follows it
             logger.warning("the replica push of stage 0 failed: %s: %s", type(e).__name__, e)
             self.host.metrics.loop_errors.labels(loop="driver").inc()
+            return set(to)
+        return {idx for idx, _ in failures}
 
     def drop_replicas(self) -> None:
         """The driver stops: cancel a push still in flight."""

@@ -66,3 +66,38 @@ def test_a_checkfree_plus_run_goes_on_after_stage0_losses_longer_ago_than_the_en
     rebuilt = [(e["stage"], e["how"]) for e in run.events if e["event"] == "recovery_finished"]
     assert rebuilt == [(0, "replica")] * 3, rebuilt
     assert sorted(losses_by_step(run.events)) == list(range(1, 13))
+
+
+def test_a_push_cut_short_at_the_end_is_sent_again_so_both_holders_end_on_the_last_step(tmp_path) -> None:
+    """At the end of a run stage 0 brings the holder whose turn it was not to the last step; a stream cut short
+    then (seen with hivemind under load) gets one more try."""
+    cuts: list[int] = []
+    final: dict[str, Any] = {}
+
+    def cut_once(phase: str, call: Any, *, victim: str) -> None:
+        if phase == "before" and call.method == "replica" and call.dst == victim and not cuts:
+            cuts.append(call.seq)
+            raise ConnectionError("stream cut short (injected)")
+
+    def observe(cluster: Any, h: Any, event: str, fields: dict[str, Any]) -> None:
+        if h.node.driver is None:
+            return
+        if event == "step" and int(fields["step"]) == STEPS:  # the last step: its copy goes to stage 1, not L
+            victim = cluster.serving(L).peer_id
+            cluster.net.hooks.append(lambda phase, call: cut_once(phase, call, victim=victim))
+        if event == "training_finished":
+            final.update(weights=h.node.worker.snapshot(),
+                         held={i: (cluster.serving(i).node.worker.replica_step,
+                                   dict(cluster.serving(i).node.worker.held[0])) for i in HOLDERS})
+
+    assert replica_turn(0, L, "checkfree+", STEPS) == (1,)
+    h = Harness(str(tmp_path), "replicas-cut", stages=L, extra=("--recovery", "checkfree+"))
+    run = run_local(h.run_args("--max-steps", str(STEPS), "--val-every", "0"), num_stages=L, spares=0,
+                    observers=[observe])
+    assert run.exit_code == 0 and not run.crashes, (run.exit_code, run.crashes)
+    assert len(cuts) == 1  # the fault fired
+    assert [e["to_stage"] for e in run.events if e["event"] == "replica_failed"] == [L]
+    for i, (step, weights) in final["held"].items():
+        assert step == STEPS, i
+        for name, t in final["weights"].items():
+            assert torch.equal(weights[name], t), (i, name)
