@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from machine import system_busy_s, wait_until_quiet  # bench/machine.py
 from revision import git_revision  # bench/revision.py (bench/ is on sys.path when a script runs)
+from scipy import stats
 from torch import nn
 
 from cfnode.config import ModelConfig, TrainConfig, preset
@@ -484,8 +485,6 @@ def checkfree_plus_cost(plain: Result, plus: Result, plain_rounds: list[Result] 
     paired = [b.step_s / a.step_s for a, b in zip(plain_rounds or [], plus_rounds or [], strict=False)
               if a.step_s and b.step_s]
     if len(paired) >= 2:
-        from scipy import stats
-
         mean = statistics.fmean(paired)
         half = stats.t.ppf(0.975, len(paired) - 1) * statistics.stdev(paired) / len(paired) ** 0.5
         cost.update(paired_step_s_ratios=[round(r, 4) for r in paired], paired_median=statistics.median(paired),

@@ -332,7 +332,7 @@ class StageServicer(ServicerBase):
     async def rpc_replica(self, requests: AsyncIterator[runtime_pb2.ExpertRequest],
                           context: P2PContext) -> runtime_pb2.ExpertResponse:
         """A stage pushes its weights after each commit to the stages that keep a copy of it (checkfree+: stage
-        0 to stages 1 and L; redundant: every stage to its predecessor), to rebuild it from."""
+        0 to stages 1 and L in turn; redundant: every stage to its predecessor), to rebuild it from."""
         peer_id = context.remote_id.to_base58()
         host, limits = self.host, self.limits
         refused = self._admit("replica", peer_id, self.replica_slots)

@@ -1,8 +1,8 @@
 """Who keeps a copy of whose weights (pure). A copy is pushed by its stage after every commit (`rpc_replica`).
 
 * `checkfree+`: stages 1 and L keep stage 0 (embedding, final norm, LM head): stage 0 becomes recoverable. They
-  take turns: the copy of an even step goes to stage 1, of an odd step to stage L (`replica_turn`), which halves
-  the bytes; the freshest copy of the two is still of stage 0's last step or the one before.
+  take turns (`replica_turn`: stage 1, stage L, stage 1, ...), which halves the bytes; the fresher copy of the
+  two is still of stage 0's last step or the one before.
 * `redundant` (the Bamboo-style baseline): every stage keeps its ring successor, i -> i-1 (stage 1's copy on
   stage 0, stage 0's on stage L), and runs the successor's forward redundantly.
 * `checkfree`, `checkpoint`: nobody.
@@ -20,12 +20,13 @@ def replica_targets(stage: int, num_stages: int, mode: str) -> tuple[int, ...]:
     return ()
 
 
-def replica_turn(stage: int, num_stages: int, mode: str, step: int) -> tuple[int, ...]:
-    """The keepers that get `stage`'s copy of its step `step` pushed: under checkfree+ stage 0's two keepers
-    alternate by the step's parity; otherwise every keeper."""
+def replica_turn(stage: int, num_stages: int, mode: str, after: int | None) -> tuple[int, ...]:
+    """The keepers that get `stage`'s next copy: under checkfree+ stage 0's two keepers take turns (the one that
+    did not get the previous copy, `after`; stage 1 first), so a skipped step does not break the alternation;
+    otherwise every keeper."""
     holders = replica_targets(stage, num_stages, mode)
     if mode == "checkfree+" and len(holders) > 1:
-        return (holders[step % len(holders)],)
+        return (holders[(holders.index(after) + 1) % len(holders)] if after in holders else holders[0],)
     return holders
 
 

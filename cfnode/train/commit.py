@@ -15,21 +15,18 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cfnode.errors import AttemptAborted, PeerUnavailableError, RejectedError
 from cfnode.recovery import copies, store
-from cfnode.recovery.replicas import replica_targets, replica_turn
+from cfnode.recovery.replicas import replica_targets
 from cfnode.train.averaging import AveragingError
+from cfnode.train.replica_stream import ReplicaStream
 from cfnode.train.worker import NonFiniteGradient
 
 if TYPE_CHECKING:
-    import torch
-
     from cfnode.net.records import SwarmView
     from cfnode.train.paths import AttemptPaths
     from cfnode.train.schedule import AttemptKey
 
 logger = logging.getLogger(__name__)
 COMMIT_RETRY_S = 0.2
-EVERYWHERE_TRIES = 2
-"""Tries of the push that brings every replica holder to the last step at a hold or at the end of a run."""
 
 
 class GroupDiverged(AttemptAborted):
@@ -77,51 +74,8 @@ class StepCommit:
         self.commit_norms: dict[int, tuple[int, float, float]] = {}
         """Per transformer stage: (steps committed, post-clip norm, raw norm) as it reported them when preparing
         its last committed step. A rebuild weights its donors by these, not by what the donors claim."""
-        self._replica_push: asyncio.Future[Any] | None = None
-        """checkfree+: the stream of stage 0's weights at its last committed step to that step's replica holder
-        (`replica_turn`), off the step's critical path (the next step trains meanwhile); at most one in flight."""
-        self._last_copy: tuple[dict[str, torch.Tensor], dict[str, Any], dict[int, str], tuple[int, ...]] | None = None
-        """The last push: (weights, meta, peers, the holders it went to), for `replicas_delivered(everywhere)`."""
-
-    async def replicas_delivered(self, *, everywhere: bool = False) -> None:
-        """Wait until the copy of stage 0's last committed step has reached its holder (or failed, logged as
-        `replica_failed`): every later push waits for it, so a holder never gets steps out of order. With
-        `everywhere` (a hold, the end of the run) the holders whose turn it was not get that copy too, so that
-        every holder keeps exactly the last step."""
-        push, self._replica_push = self._replica_push, None
-        missed: set[int] = set()
-        if push is not None and self._last_copy is not None:
-            missed = await self._settle(push, self._last_copy[3])
-        if not everywhere or self._last_copy is None:
-            return
-        state, meta, peers, sent = self._last_copy
-        holders = replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode)
-        rest = tuple(i for i in holders if i not in sent or i in missed)
-        for _ in range(EVERYWHERE_TRIES):  # a stream cut short (hivemind under load) gets one more try
-            if not rest:
-                break
-            missed = await self._settle(asyncio.ensure_future(copies.push_copies(self.host, state, meta, peers,
-                                                                                 to=rest)), rest)
-            rest = tuple(i for i in rest if i in missed)
-        self._last_copy = (state, meta, peers, tuple(i for i in holders if i not in rest))
-
-    async def _settle(self, push: asyncio.Future[Any], to: tuple[int, ...]) -> set[int]:
-        """Wait for a push to the holders `to`; returns those it did not reach."""
-        try:
-            failures = await push
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a lost copy never fails the step that follows it
-            logger.warning("the replica push of stage 0 failed: %s: %s", type(e).__name__, e)
-            self.host.metrics.loop_errors.labels(loop="driver").inc()
-            return set(to)
-        return {idx for idx, _ in failures}
-
-    def drop_replicas(self) -> None:
-        """The driver stops: cancel a push still in flight."""
-        push, self._replica_push = self._replica_push, None
-        if push is not None and not push.done():
-            push.cancel()
+        self.replicas = ReplicaStream(host)
+        """checkfree+: stage 0's copies to the replica holders, streamed while the next step trains."""
 
     def commit_meta(self, key: AttemptKey, phase: str, *, skip: bool = False) -> dict[str, Any]:
         return {"run": self.host.run_id, "step": key.step, "attempt": key.attempt, "phase": phase, "skip": skip,
@@ -205,8 +159,8 @@ class StepCommit:
         stage's owner (then it is lost, and its rebuild starts from its neighbours, which applied). A stage that
         could not apply while staying owner is `behind` at the next step and steps down (node/commits.py): never
         a skipped update. Under checkfree+ stage 0 then streams its new weights to this step's replica holder in the
-        background (`replicas_delivered`; stages 1 and L take turns): the fresher of the two holders' copies is of
-        the last committed step or the one before, the other one step older still."""
+        background (`train/replica_stream.py`; stages 1 and L take turns): the fresher of the two holders' copies
+        is of the last committed step or the one before, the other one step older still."""
         host, worker = self.host, self.host.worker
         assert worker is not None and host.client is not None
         norm, raw = await host.compute(worker.apply, key, skip=prepared.skip)
@@ -225,12 +179,9 @@ class StepCommit:
                 self.commit_norms[idx] = (key.step + 1, *prepared.norms[idx])
         if snapshot is not None:
             state = await snapshot
-            await self.replicas_delivered()  # the previous step's copy: in long ago, unless its holder is slow
-            copy_meta = copies.replica_meta(host, step=worker.step, grad_norm=norm, grad_norm_raw=raw)
-            turn = replica_turn(0, self.cfg.model.num_stages, self.cfg.recovery.mode, worker.step)
-            self._last_copy = (state, copy_meta, prepared.leads, turn)
-            self._replica_push = asyncio.ensure_future(copies.push_copies(host, state, copy_meta, prepared.leads,
-                                                                          to=turn))
+            await self.replicas.delivered()  # the previous step's copy: in long ago, unless its holder is slow
+            self.replicas.start(state, copies.replica_meta(host, step=worker.step, grad_norm=norm, grad_norm_raw=raw),
+                                prepared.leads)
         await self._checkpoint(failed=any(r is None for r in results), results=list(results))
 
     async def _apply_on(self, idx: int, peer: str, key: AttemptKey, meta: dict[str, Any]) -> dict[str, Any] | None:

@@ -282,7 +282,7 @@ class Driver:
         try:
             await self._train()
         finally:  # stopped (fenced, shutting down): a replica push still in flight is dropped
-            self.commit.drop_replicas()
+            self.commit.replicas.drop()
         self.host.events.emit("training_finished", step=worker.step, **self.stats)
 
     async def _train(self) -> None:
@@ -291,7 +291,7 @@ class Driver:
         assert worker is not None
         while train.max_steps is None or worker.step < train.max_steps:
             if train.debug_hold_at_step is not None and worker.step >= train.debug_hold_at_step:
-                await self.commit.replicas_delivered(everywhere=True)  # every holder keeps this very step
+                await self.commit.replicas.catch_up()  # every holder keeps this very step
                 logger.warning("holding before step %d (--debug-hold-at-step); still serving RPCs", worker.step)
                 self.host.events.emit("held", step=worker.step)
                 await asyncio.Event().wait()
@@ -335,7 +335,7 @@ class Driver:
                 record["val_loss"] = await self.validate()
             self.history.append(record)
             self.host.events.emit("step", **record)
-        await self.commit.replicas_delivered(everywhere=True)  # the last step on every holder, before the run ends
+        await self.commit.replicas.catch_up()  # the last step on every holder, before the run ends
 
     async def run_attempt(self, step: int) -> tuple[float, str] | None:
         """One try at step `step`; returns the mean loss and a fingerprint of the step's batch (so a run's data

@@ -1,6 +1,6 @@
 """CheckFree+'s stage-0 replicas are streamed off the step's critical path (train/commit.py, `apply_all`): the
-next step trains while they travel, and its two holders take turns (`replica_turn`: even steps to stage 1, odd
-steps to stage L). The fresher of the two copies is then stage 0's last committed step or the one before, the
+next step trains while they travel, and its two holders take turns (`replica_turn`: step 1 to stage 1, step 2 to
+stage L, ...). The fresher of the two copies is then stage 0's last committed step or the one before, the
 other one step older (never older than that, never out of order), and at a hold and at the end of a run both are
 exactly the last step. Run on the local engine (the real nodes in one process, virtual time), so the
 interleaving is replayable."""
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 
 from cfnode.experiment.localrun import run_local
@@ -17,6 +18,14 @@ from tests.support.swarm import Harness
 
 L, STEPS = 4, 8
 HOLDERS = (1, L)
+
+
+def holder_of(step: int) -> int:
+    """Who gets the copy of `step` in a run without skipped steps: stage 1 first, then they take turns."""
+    after = None
+    for _ in range(step):
+        [after] = replica_turn(0, L, "checkfree+", after)
+    return after
 
 
 def test_replica_holders_take_turns_lag_stage0_by_one_and_two_steps_and_end_on_its_last(tmp_path) -> None:
@@ -39,9 +48,8 @@ def test_replica_holders_take_turns_lag_stage0_by_one_and_two_steps_and_end_on_i
     assert run.exit_code == 0 and not run.crashes, (run.exit_code, run.crashes)
     assert [s for s, _ in seen] == list(range(1, STEPS + 1))
     for step, held in seen:  # as stage 0 reports step s, its copy of s is on its way, s - 1 and s - 2 are in
-        want = {replica_turn(0, L, "checkfree+", s)[0]: s if s >= 1 else -1 for s in (step - 2, step - 1)}
+        want = {i: -1 for i in HOLDERS} | {holder_of(s): s for s in (step - 2, step - 1) if s >= 1}
         assert held == want, (step, held)
-    assert {replica_turn(0, L, "checkfree+", s)[0] for s in (1, 2)} == set(HOLDERS)  # they do take turns
     assert final["step"] == STEPS
     for i, (step, weights) in final["held"].items():  # the run's end sent the last copy to both, and waited
         assert step == STEPS, i
@@ -68,9 +76,14 @@ def test_a_checkfree_plus_run_goes_on_after_stage0_losses_longer_ago_than_the_en
     assert sorted(losses_by_step(run.events)) == list(range(1, 13))
 
 
-def test_a_push_cut_short_at_the_end_is_sent_again_so_both_holders_end_on_the_last_step(tmp_path) -> None:
-    """At the end of a run stage 0 brings the holder whose turn it was not to the last step; a stream cut short
-    then (seen with hivemind under load) gets one more try."""
+@pytest.mark.parametrize("whose", ["turn", "other"])
+def test_a_push_cut_short_at_the_end_is_sent_again_so_both_holders_end_on_the_last_step(tmp_path,
+                                                                                       whose: str) -> None:
+    """At the end of a run stage 0 brings every holder to the last step: the one whose turn it was not, and one
+    whose own push of it was cut short (seen with hivemind under load); a catch-up push cut short gets one more
+    try."""
+    turn = holder_of(STEPS)
+    victim_stage = turn if whose == "turn" else next(i for i in HOLDERS if i != turn)
     cuts: list[int] = []
     final: dict[str, Any] = {}
 
@@ -82,21 +95,21 @@ def test_a_push_cut_short_at_the_end_is_sent_again_so_both_holders_end_on_the_la
     def observe(cluster: Any, h: Any, event: str, fields: dict[str, Any]) -> None:
         if h.node.driver is None:
             return
-        if event == "step" and int(fields["step"]) == STEPS:  # the last step: its copy goes to stage 1, not L
-            victim = cluster.serving(L).peer_id
+        if event == "step" and int(fields["step"]) == STEPS:  # the last step's copy is on its way to `turn`
+            victim = cluster.serving(victim_stage).peer_id
             cluster.net.hooks.append(lambda phase, call: cut_once(phase, call, victim=victim))
         if event == "training_finished":
             final.update(weights=h.node.worker.snapshot(),
                          held={i: (cluster.serving(i).node.worker.replica_step,
                                    dict(cluster.serving(i).node.worker.held[0])) for i in HOLDERS})
 
-    assert replica_turn(0, L, "checkfree+", STEPS) == (1,)
     h = Harness(str(tmp_path), "replicas-cut", stages=L, extra=("--recovery", "checkfree+"))
     run = run_local(h.run_args("--max-steps", str(STEPS), "--val-every", "0"), num_stages=L, spares=0,
                     observers=[observe])
     assert run.exit_code == 0 and not run.crashes, (run.exit_code, run.crashes)
     assert len(cuts) == 1  # the fault fired
-    assert [e["to_stage"] for e in run.events if e["event"] == "replica_failed"] == [L]
+    assert [(e["to_stage"], e["step"]) for e in run.events if e["event"] == "replica_failed"] == [
+        (victim_stage, STEPS)]
     for i, (step, weights) in final["held"].items():
         assert step == STEPS, i
         for name, t in final["weights"].items():

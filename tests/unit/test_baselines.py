@@ -27,9 +27,9 @@ def test_redundant_every_stage_is_kept_by_its_ring_predecessor(num: int) -> None
 
 def test_checkfree_plus_only_stage_zero_has_copies_on_one_and_l() -> None:
     assert replica_targets(0, 4, "checkfree+") == (1, 4)
-    assert [replica_turn(0, 4, "checkfree+", step) for step in range(4)] == [(1,), (4,), (1,), (4,)]
-    assert replica_turn(2, 4, "redundant", 7) == replica_targets(2, 4, "redundant") == (1,)
-    assert replica_turn(1, 4, "checkfree+", 3) == ()
+    assert [replica_turn(0, 4, "checkfree+", after) for after in (None, 1, 4)] == [(1,), (4,), (1,)]
+    assert replica_turn(2, 4, "redundant", None) == replica_targets(2, 4, "redundant") == (1,)
+    assert replica_turn(1, 4, "checkfree+", None) == ()
     assert [replica_targets(i, 4, "checkfree+") for i in range(1, 5)] == [()] * 4
     assert [replica_of(i, 4, "checkfree+") for i in range(5)] == [None, 0, None, None, 0]
     for mode in ("checkfree", "checkpoint"):
