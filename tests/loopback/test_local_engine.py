@@ -40,7 +40,9 @@ def test_the_local_engine_matches_a_real_swarm_step_for_step(make_harness: Calla
     # 9 processes share 2 cores. Stage 0 (it polls the ring while a stage is missing) beats every second, the
     # transformer stages every 2 s (a lost one is reported by stage 0, not by its record expiring), the spares
     # every 0.5 s: a spare's claim waits up to one period twice, so it takes the lost stage sooner.
-    h = make_harness("local-eq", stages=L, period_s=1.0, extra=("--recovery", "checkfree+", "--microbatches", "2"))
+    # (no validation passes: the comparison is of the training losses)
+    h = make_harness("local-eq", stages=L, period_s=1.0,
+                     extra=("--recovery", "checkfree+", "--microbatches", "2", "--val-every", "0"))
     h.start_bootstrap()
     victims = {k.stage: ("--debug-kill-mid-step", str(k.step)) for k in KILLS}
     slow = ("--heartbeat-period", "2.0", "--heartbeat-ttl", "6.0")
