@@ -37,6 +37,7 @@ from cfnode.train.commit import GroupDiverged, Prepared, StepCommit
 from cfnode.train.origin import OriginRuns
 from cfnode.train.paths import AttemptPaths
 from cfnode.train.reroute import Reroutes
+from cfnode.train.ring import RingWait
 from cfnode.train.schedule import AttemptKey, launch_order, route_for, tokens_per_step
 from cfnode.train.suspects import Suspects
 
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 ATTEMPT_COUNTER_BITS = 32
 TAKEOVER_SKIP = 2**20
 """Attempts a new lead of stage 0's group skips past the last one it saw (its lead cannot have started more)."""
-RING_POLL_S = 0.25
-"""How often stage 0 reads the DHT while a stage has no live owner (a read costs a few ms of CPU)."""
 
 
 def batch_fingerprint(batch: torch.Tensor) -> str:
@@ -89,8 +88,6 @@ class Driver:
         self._losses: dict[int, float] = {}
         self._failure: tuple[str, str] | None = None
         self._last_attempt_id = 0
-        self._waiting_logged: set[int] = set()
-        self._lost_logged_at: dict[int, float] = {}
         self.train_tokens: torch.Tensor | None = None
         self.val_tokens: torch.Tensor | None = None
         self.runs = OriginRuns(host)
@@ -102,6 +99,7 @@ class Driver:
         self.suspects = Suspects(host, self.paths, self.commit)
         self.reroutes = Reroutes(self)
         self.rollback = CheckpointRollback(host)
+        self.ring = RingWait(host)
 
     async def prepare(self) -> None:
         """Load the corpus and tokenize it (cached on disk) on the compute thread."""
@@ -241,43 +239,6 @@ class Driver:
 
     # -- the loop ----------------------------------------------------------------------------------------
 
-    def missing_stages(self) -> list[int]:
-        out = []
-        for idx in range(1, self.cfg.model.num_stages + 1):
-            try:
-                self.host.route(idx)
-            except PeerUnavailableError:
-                out.append(idx)
-        return out
-
-    async def wait_for_ring(self) -> None:
-        """Block until every stage has a live owner, polling the DHT every RING_POLL_S (or heartbeat period, if
-        shorter): a rebuilt stage announces itself ONLINE at once, and every poll saved is downtime saved."""
-        while True:
-            missing = self.missing_stages()
-            if not missing:
-                if self._waiting_logged:
-                    self.host.events.emit("ring_complete")
-                self._waiting_logged.clear()
-                return
-            for idx in missing:
-                if idx not in self._waiting_logged:
-                    self._waiting_logged.add(idx)
-                    addr = self.host.join_addr or "<addr>"
-                    if self.host.worker is not None and self.host.worker.step > 0:
-                        # One warning per loss: a new holder that flaps right after its rebuild (e.g. a
-                        # libp2p dial backoff) is the same incident, so it is only counted as an event.
-                        now = self.host.clock.monotonic()
-                        if now - self._lost_logged_at.get(idx, -math.inf) > 3 * self.cfg.heartbeat.ttl_s:
-                            logger.warning("stage %d lost; waiting for a node to rebuild it "
-                                           "(cfnode join --peers %s)", idx, addr)
-                        self._lost_logged_at[idx] = now
-                    else:
-                        logger.info("stage %d has no node yet; waiting for one (cfnode join --peers %s)", idx, addr)
-                    self.host.events.emit("waiting_for_stage", stage=idx)
-            await asyncio.sleep(min(RING_POLL_S, self.cfg.heartbeat.period_s))
-            await self.host.refresh_view()
-
     async def run(self) -> None:
         worker = self.host.worker
         assert worker is not None
@@ -298,7 +259,7 @@ class Driver:
                 logger.warning("holding before step %d (--debug-hold-at-step); still serving RPCs", worker.step)
                 self.host.events.emit("held", step=worker.step)
                 await asyncio.Event().wait()
-            await self.wait_for_ring()
+            await self.ring.complete()
             if self.cfg.recovery.mode == "checkpoint" and not await self.rollback.if_needed(self._last_attempt_id):
                 continue
             await self.admissions.serve(worker.step)
