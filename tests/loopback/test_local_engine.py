@@ -18,7 +18,7 @@ import torch
 from cfnode.experiment.localrun import LocalKill, losses_by_step, run_local
 from tests.support.swarm import Harness, wait_until
 
-pytestmark = [pytest.mark.loopback, pytest.mark.fault]  # ~60-70 s here: 9 processes start on 2 cores
+pytestmark = [pytest.mark.loopback, pytest.mark.fault]  # ~45-55 s here: 9 processes start on 2 cores
 
 L, STEPS = 5, 40
 KILLS = (LocalKill(stage=3, step=10), LocalKill(stage=5, step=25))
