@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cfnode.errors import AttemptAborted, PeerUnavailableError, RejectedError
 from cfnode.recovery import copies, store
-from cfnode.recovery.replicas import replica_targets
 from cfnode.train.averaging import AveragingError
 from cfnode.train.replica_stream import ReplicaStream
 from cfnode.train.worker import NonFiniteGradient
@@ -166,7 +165,7 @@ class StepCommit:
         norm, raw = await host.compute(worker.apply, key, skip=prepared.skip)
         host.after_commit(worker.grad_norm, worker.grad_norm_raw)
         meta = self.commit_meta(key, "apply", skip=prepared.skip)
-        replicate = replica_targets(0, self.cfg.model.num_stages, self.cfg.recovery.mode) and not prepared.skip
+        replicate = bool(self.replicas.holders) and not prepared.skip
         snapshot = asyncio.ensure_future(host.compute(worker.snapshot)) if replicate else None
         calls = [(idx, peer) for idx, members in prepared.peers.items() for peer in members if peer != host.peer_id]
         meta0 = meta  # stage 0's followers keep the norms too, to take over as the lead
